@@ -1,0 +1,407 @@
+"""Configuration: one dataclass per stage plus the run, loaded from YAML with `key=value` overrides.
+
+Every field is documented in its class docstring. Errors name the file, the line and the dotted key
+(`configs/arithmetic.yaml:12: actor.lr: expected a float, got 'fast'`), and unknown keys are errors,
+not silently ignored: a typo in a config must never train a different model than the one asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, override or value. The message names where it came from."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Task configs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArithmeticConfig:
+    """The built-in task: a chain of operations mod `modulus`, one operation per line.
+
+    Fields:
+        n_ops_min: fewest operations in a problem.
+        n_ops_max: most operations in a problem.
+        max_operand: operands are drawn uniformly from 0..max_operand.
+        modulus: all results are taken mod this number (10 keeps every number one digit).
+        operators: the operators to draw from, a string of characters among "+-*".
+        flaw_prob: probability that a demonstration gets a *flaw-case* step wrong. A flaw case is a
+            "+" step whose running value plus operand is at least `flaw_min_sum`; the demonstration
+            then writes the result plus one (a spurious carry). Above 0.5 this makes the SFT
+            model's most likely step wrong exactly there, which greedy decoding shows.
+        flaw_min_sum: the smallest running value + operand that makes a "+" step a flaw case.
+        noise_prob: probability of a random +-1 error on any other step of a demonstration.
+        n_train: number of training problems.
+        n_test: number of test problems.
+        test_fraction: share of the problem space reserved for the test split (by a hash of the
+            problem text, so train and test never overlap whatever the seed or sizes).
+        n_demos: number of flawed demonstrations generated for the bootstrap SFT.
+        seed: seed of the problem and demonstration generators.
+    """
+
+    n_ops_min: int = 3
+    n_ops_max: int = 4
+    max_operand: int = 9
+    modulus: int = 10
+    operators: str = "+-"
+    flaw_prob: float = 0.6
+    flaw_min_sum: int = 12
+    noise_prob: float = 0.02
+    n_train: int = 2000
+    n_test: int = 1000
+    test_fraction: float = 0.2
+    n_demos: int = 60000
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(1 <= self.n_ops_min <= self.n_ops_max, "n_ops_min", "need 1 <= n_ops_min <= n_ops_max")
+        _check(self.modulus >= 2, "modulus", "must be >= 2")
+        _check(0 <= self.max_operand, "max_operand", "must be >= 0")
+        _check(self.operators != "" and set(self.operators) <= set("+-*"), "operators",
+               "a non-empty string of characters among '+-*'")
+        for name in ("flaw_prob", "noise_prob"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
+        _check(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
+        for name in ("n_train", "n_test", "n_demos"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+
+
+@dataclass
+class TaskConfig:
+    """Which task to run and its settings.
+
+    Fields:
+        name: the task, one of `stepdapo.tasks.TASKS` ("arithmetic" is built in).
+        arithmetic: settings of the built-in arithmetic task.
+    """
+
+    name: str = "arithmetic"
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+
+    def validate(self) -> None:
+        from stepdapo.tasks import TASKS
+
+        _check(self.name in TASKS, "name", f"unknown task {self.name!r}; known: {sorted(TASKS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, bootstrap, sampling and evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture of the tiny Llama that `stepdapo bootstrap` creates (a real HF LlamaConfig).
+
+    Fields:
+        hidden_size: width of the residual stream.
+        num_layers: number of decoder layers.
+        num_heads: attention heads (hidden_size must be divisible by it).
+        intermediate_size: width of the MLP.
+        max_length: maximum sequence length (prompt + solution) in tokens.
+    """
+
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_length: int = 96
+
+    def validate(self) -> None:
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+
+
+@dataclass
+class BootstrapConfig:
+    """SFT of the tiny model on the task's (flawed) demonstrations: the "SFT model" DAPO improves.
+
+    Fields:
+        epochs: passes over the demonstrations.
+        batch_size: sequences per optimizer step.
+        lr: peak learning rate (AdamW, linear warmup then cosine decay).
+        warmup_ratio: share of the steps spent warming up.
+        weight_decay: AdamW weight decay.
+        model: the tiny model's architecture.
+    """
+
+    epochs: float = 1.0
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    model: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def validate(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: greedy pass@1 (the paper's metric) and sampled metrics at a temperature.
+
+    Fields:
+        split: which split to evaluate on.
+        limit: evaluate on the first `limit` problems of the split (null: all).
+        samples: samples per problem at `temperature` for sampled pass@1, pass@k and maj@k
+            (0 skips the sampled metrics).
+        temperature: temperature of the sampled metrics.
+        top_p: nucleus sampling threshold of the sampled metrics.
+        k: the k of pass@k and maj@k (at most `samples`; 1 reports only sampled pass@1).
+        max_new_tokens: longest solution generated.
+        batch_size: prompts per generation batch.
+    """
+
+    split: str = "test"
+    limit: int | None = None
+    samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    k: int = 4
+    max_new_tokens: int = 64
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        _check(self.limit is None or self.limit >= 1, "limit", "must be >= 1 or null")
+        _check(self.samples >= 0, "samples", "must be >= 0")
+        _check(self.temperature > 0, "temperature", "must be > 0 (greedy is always reported)")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(self.k >= 1 and (self.samples == 0 or self.k <= self.samples), "k",
+               "must be >= 1 and <= samples")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the task, the starting model and every stage's settings.
+
+    Fields:
+        seed: the run's seed (sampling, training order, initialisation).
+        model: path of the starting policy (an HF model directory); null bootstraps the tiny model.
+        threads: torch CPU threads (2 is fastest on a 2-core machine).
+        task: the task and its settings.
+        bootstrap: SFT of the tiny model, used when `model` is null.
+        eval: evaluation settings.
+    """
+
+    seed: int = 0
+    model: str | None = None
+    threads: int = 2
+    task: TaskConfig = field(default_factory=TaskConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        _check(self.threads >= 1, "threads", "must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# ----------------------------------------------------------------------------------------------
+
+
+class _FieldError(Exception):
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field_name = field_name
+        self.message = message
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(field_name, message)
+
+
+def _compose_with_lines(text: str, source: str) -> tuple[dict, dict[str, int]]:
+    """Parse YAML into plain data and remember the line of every dotted key."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    lines: dict[str, int] = {}
+    if node is None:
+        return {}, lines
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{source}:{node.start_mark.line + 1}: the top level must be a mapping")
+
+    def walk(n: yaml.Node, prefix: str) -> Any:
+        if isinstance(n, yaml.MappingNode):
+            out = {}
+            for k, v in n.value:
+                key = prefix + str(k.value)
+                lines[key] = k.start_mark.line + 1
+                out[str(k.value)] = walk(v, key + ".")
+            return out
+        return yaml.safe_load(yaml.serialize(n))
+
+    return walk(node, ""), lines
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotated type `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. operators: 12 is odd but unambiguous
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _apply(obj: Any, data: dict, prefix: str, where_of) -> None:
+    """Set the fields of dataclass `obj` from nested dict `data`; unknown keys are errors."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = prefix + key
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{where_of(dotted)}: unknown key {dotted!r} (known here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where_of(dotted)}: {dotted} must be a mapping, got {value!r}")
+            _apply(current, value, dotted + ".", where_of)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where_of(dotted) + f": {dotted}"))
+
+
+def _validate(obj: Any, prefix: str, where_of) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _validate(v, prefix + f.name + ".", where_of)
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except _FieldError as e:
+            dotted = prefix + e.field_name
+            raise ConfigError(f"{where_of(dotted)}: {dotted}: {e.message} "
+                              f"(got {getattr(obj, e.field_name)!r})") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`actor.lr=1e-4` -> ("actor.lr", 1e-4); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: Any = None) -> Any:
+    """Build a config: defaults <- YAML file <- `key=value` overrides, then validate everything.
+
+    `base` is the dataclass instance to fill (a fresh RunConfig by default).
+    """
+    cfg = base if base is not None else RunConfig()
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        source = str(p)
+        data, lines = _compose_with_lines(p.read_text(), source)
+        _apply(cfg, data, "", lambda k: f"{source}:{lines.get(k, '?')}")
+    origin_of: dict[str, str] = {}
+    for ov in overrides:
+        key, value = parse_override(ov)
+        origin_of[key] = f"override {ov!r}"
+        _apply(cfg, _nest(key, value), "", lambda k, ov=ov: f"override {ov!r}")
+
+    def where_of(dotted: str) -> str:
+        if dotted in origin_of:
+            return origin_of[dotted]
+        if dotted in lines:
+            return f"{source}:{lines[dotted]}"
+        return source
+
+    _validate(cfg, "", where_of)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls: type = RunConfig) -> Any:
+    """Rebuild a config saved with `to_dict` (used when resuming a run directory)."""
+    cfg = cls()
+    _apply(cfg, data, "", lambda k: "<saved config>")
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

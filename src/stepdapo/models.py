@@ -1,0 +1,79 @@
+"""Loading policies and critics, and the tiny model's factory and character-level tokenizer.
+
+The tiny model is a real `LlamaForCausalLM` with a real `PreTrainedTokenizerFast`, saved and loaded
+with `save_pretrained` / `from_pretrained`, so the tiny model and a real LM take one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+
+from stepdapo.config import TinyModelConfig
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# Every character the built-in task writes; anything else maps to <unk>.
+CHARSET = "0123456789+-*=?A\n "
+
+
+def char_tokenizer(charset: str = CHARSET) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer: one token per character, BOS prepended like Llama's."""
+    specials = list(SPECIAL_TOKENS.values())
+    vocab = {tok: i for i, tok in enumerate(specials + list(dict.fromkeys(charset)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **SPECIAL_TOKENS)
+
+
+def tiny_llama(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig, seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_length,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """A clear error for a model path that is not a loadable HF directory."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model path not found: {p}")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} is not a Hugging Face model directory (no config.json)")
+    return p
+
+
+def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load an HF causal LM and its tokenizer from a directory, with left padding for generation."""
+    p = check_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,109 @@
+"""`stepdapo bootstrap`: make the "SFT model" that DAPO improves, when the user brings none.
+
+A tiny Llama with a character tokenizer is trained by supervised fine-tuning (loss on the solution
+tokens only) on the task's flawed demonstrations, with `transformers.Trainer`, and saved with
+`save_pretrained`. The output directory appears only when the model is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from stepdapo.config import RunConfig, to_dict
+from stepdapo.models import char_tokenizer, tiny_llama
+from stepdapo.tasks import get_task
+
+
+class _SFTCollator:
+    """Right-pads (prompt + solution + EOS) and masks the prompt and padding out of the loss."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        T = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), T), -100, dtype=torch.long)
+        attn = torch.zeros((len(examples), T), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n, p = len(e["input_ids"]), e["prompt_len"]
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            attn[i, :n] = 1
+            labels[i, p:n] = ids[i, p:n]
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def sft_examples(task, tokenizer, n: int | None = None, seed: int | None = None) -> list[dict]:
+    out = []
+    for problem, solution in task.demonstrations(n, seed):
+        prompt = tokenizer(task.prompt(problem, tokenizer))["input_ids"]
+        completion = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        out.append({"input_ids": prompt + completion + [tokenizer.eos_token_id], "prompt_len": len(prompt)})
+    return out
+
+
+def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train the tiny SFT model and save it to `out_dir`; returns a summary (also saved there)."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "stepdapo_bootstrap.json").is_file():
+        return json.loads((out / "stepdapo_bootstrap.json").read_text())  # finished before
+    if cfg.task.name != "arithmetic":
+        raise ValueError(f"bootstrap trains the tiny model on the built-in task only; task "
+                         f"{cfg.task.name!r} needs a starting model (set model=PATH)")
+    t0 = time.perf_counter()
+    task = get_task(cfg.task)
+    tokenizer = char_tokenizer()
+    model = tiny_llama(tokenizer, cfg.bootstrap.model, seed=cfg.seed)
+    train = sft_examples(task, tokenizer)
+    b = cfg.bootstrap
+    steps = math.ceil(len(train) / b.batch_size * b.epochs)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = TrainingArguments(
+        output_dir=str(tmp / "trainer"),
+        per_device_train_batch_size=b.batch_size,
+        max_steps=steps,
+        learning_rate=b.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(b.warmup_ratio * steps),
+        weight_decay=b.weight_decay,
+        adam_beta2=0.98,
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train,
+                      data_collator=_SFTCollator(tokenizer.pad_token_id))
+    result = trainer.train()
+    model.eval()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    summary = {
+        "seconds": time.perf_counter() - t0,
+        "train_loss": result.training_loss,
+        "steps": steps,
+        "demonstrations": len(train),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": to_dict(cfg.bootstrap),
+        "task": to_dict(cfg.task),
+        "seed": cfg.seed,
+    }
+    (tmp / "stepdapo_bootstrap.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the model directory appears only once it is complete
+    return summary

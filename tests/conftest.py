@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory):
+    """A quickly bootstrapped tiny model (a few seconds of SFT): writes well-formed multi-step
+    solutions, which the generation tests need; not as accurate as the default bootstrap."""
+    from stepdapo.config import load_config
+    from stepdapo.stages.bootstrap import bootstrap
+
+    out = tmp_path_factory.mktemp("models") / "small"
+    cfg = load_config(None, ["task.arithmetic.n_demos=10000", "bootstrap.batch_size=64"])
+    bootstrap(cfg, out, progress=False)
+    return out

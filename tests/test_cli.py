@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "stepdapo.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_evaluate_writes_the_eval_contract(small_model_dir, tmp_path):
+    out = tmp_path / "ev.json"
+    r = run("evaluate", "--model", str(small_model_dir), "--task", "arithmetic", "--limit", "30",
+            "--out", str(out), "eval.samples=2", "eval.k=2")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(out.read_text())["eval"]
+    assert ev["n"] == 30 and 0 <= ev["accuracy"] <= 1
+    assert ev["ci95"][0] <= ev["accuracy"] <= ev["ci95"][1]
+    assert "sampled_accuracy" in ev and "pass@2" in ev and "maj@2" in ev
+    assert "greedy pass@1" in r.stderr  # the table
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["evaluate", "--model", "MODEL", "--task", "nosuchtask"], "unknown task 'nosuchtask'"),
+    (["evaluate", "--model", "MODEL", "eval.limt=3"], "unknown key 'eval.limt'"),
+    (["evaluate", "--model", "MODEL", "eval.temperature=hot"], "eval.temperature: expected a number"),
+    (["evaluate", "--model", "MODEL", "badoverride"], "expected key=value"),
+    (["evaluate", "--model", "/no/such/model"], "model path not found: /no/such/model"),
+    (["bootstrap", "--out", "OUT", "--config", "/no/such.yaml"], "config file not found"),
+])
+def test_bad_input_is_a_clear_error(small_model_dir, tmp_path, args, needle):
+    args = [a.replace("MODEL", str(small_model_dir)).replace("OUT", str(tmp_path / "o")) for a in args]
+    r = run(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_model_directory(tmp_path):
+    r = run("evaluate", "--model", str(tmp_path))
+    assert r.returncode == 2 and "not a Hugging Face model directory" in r.stderr

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from stepdapo.config import ArithmeticConfig
+from stepdapo.generation import HFGenerator, SamplingParams, _choose, encode_prompts
+from stepdapo.logprobs import batched_sequence_logprobs
+from stepdapo.models import load_policy
+from stepdapo.tasks.arithmetic import ArithmeticTask
+
+
+@pytest.fixture(scope="module")
+def setup(small_model_dir):
+    model, tok = load_policy(small_model_dir)
+    task = ArithmeticTask(ArithmeticConfig(n_test=40))
+    problems = task.problems("test")
+    prompts = encode_prompts(tok, [task.prompt(p) for p in problems])
+    return model, tok, task, problems, prompts
+
+
+def test_one_step_stopping_returns_exactly_one_step(setup):
+    model, tok, task, problems, prompts = setup
+    gen = HFGenerator(model, tok, "\n", batch_size=64, progress=False)
+    # from the prompt and from deeper states (prompt + first steps of a clean solution)
+    states = list(prompts)
+    for p, ids in zip(problems, prompts):
+        steps = task.demonstration(p).split("\n")
+        states.append(ids + tok("\n".join(steps[:2]) + "\n", add_special_tokens=False)["input_ids"])
+    out = gen.generate(states, 4, SamplingParams(stop="step", max_new_tokens=30, seed=0))
+    n_step = 0
+    for samples in out:
+        for s in samples:
+            assert s.finish in ("step", "eos")
+            if s.finish == "step":
+                n_step += 1
+                assert s.text.count("\n") == 1 and s.text.endswith("\n")
+                assert tok.decode(s.token_ids[-1:]) == "\n"
+            else:
+                assert "\n" not in s.text and s.token_ids[-1] == tok.eos_token_id
+    assert n_step > len(states)  # most samples are intermediate steps
+    # full solutions, by contrast, have several steps
+    full = gen.generate(prompts, 1, SamplingParams(stop="solution", max_new_tokens=64, seed=0))
+    assert sum(f[0].text.count("\n") >= 2 for f in full) > 0.9 * len(full)
+
+
+@pytest.mark.parametrize("stop,temperature,top_p", [("solution", 1.0, 1.0), ("step", 1.0, 1.0),
+                                                    ("solution", 0.0, 1.0), ("solution", 0.7, 0.9)])
+def test_logprobs_equal_a_separate_forward_pass(setup, stop, temperature, top_p):
+    model, tok, task, problems, prompts = setup
+    # prompts of different lengths in one batch exercise the left padding
+    gen = HFGenerator(model, tok, "\n", batch_size=24, progress=False)
+    out = gen.generate(prompts, 3, SamplingParams(temperature=temperature, top_p=top_p, stop=stop,
+                                                  max_new_tokens=40, seed=5))
+    flat_p = [p for p, samples in zip(prompts, out) for _ in samples]
+    flat_s = [s for samples in out for s in samples]
+    ref = batched_sequence_logprobs(model, flat_p, [s.token_ids for s in flat_s], tok.pad_token_id)
+    got = [s.logprob for s in flat_s]
+    assert torch.allclose(torch.tensor(got), torch.tensor(ref), atol=1e-3, rtol=1e-4)
+
+
+def test_same_seed_same_samples(setup):
+    model, tok, task, problems, prompts = setup
+    gen = HFGenerator(model, tok, "\n", batch_size=64, progress=False)
+    a = gen.generate(prompts, 4, SamplingParams(seed=11))
+    b = gen.generate(prompts, 4, SamplingParams(seed=11))
+    c = gen.generate(prompts, 4, SamplingParams(seed=12))
+    key = lambda out: [[s.token_ids for s in ss] for ss in out]
+    assert key(a) == key(b)
+    assert key(a) != key(c)
+
+
+def test_greedy_is_argmax_and_independent_of_batching(setup):
+    model, tok, task, problems, prompts = setup
+    g1 = HFGenerator(model, tok, "\n", batch_size=64, progress=False)
+    g2 = HFGenerator(model, tok, "\n", batch_size=5, progress=False)
+    a = g1.generate(prompts, 1, SamplingParams(temperature=0))
+    b = g2.generate(prompts, 1, SamplingParams(temperature=0))
+    assert [x[0].text for x in a] == [x[0].text for x in b]
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    seen = {int(_choose(logits, SamplingParams(top_p=0.7), gen)) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 alone is below 0.7; 0.5 + 0.3 reaches it
+    seen = {int(_choose(logits, SamplingParams(top_p=0.1), gen)) for _ in range(50)}
+    assert seen == {0}
+    seen = {int(_choose(logits, SamplingParams(temperature=0), gen)) for _ in range(5)}
+    assert seen == {0}

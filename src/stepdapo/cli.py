@@ -61,6 +61,87 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _print_summary(name: str, summary: dict) -> None:
+    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    print(json.dumps({name: flat}, indent=2))
+
+
+def cmd_states(args) -> int:
+    from stepdapo.models import set_threads
+    from stepdapo.stages.states import run_states
+    from stepdapo.tasks import get_task
+
+    cfg = _load(args)
+    set_threads(cfg.threads)
+    _print_summary("states", run_states(cfg, args.model, args.out, get_task(cfg.task)))
+    return 0
+
+
+def cmd_label(args) -> int:
+    from stepdapo.models import set_threads
+    from stepdapo.stages.labels import run_labels
+    from stepdapo.tasks import get_task
+
+    cfg = _load(args)
+    set_threads(cfg.threads)
+    _print_summary("labels", run_labels(cfg, args.model, args.states, args.out, get_task(cfg.task)))
+    return 0
+
+
+def cmd_critic(args) -> int:
+    from stepdapo.models import set_threads
+    from stepdapo.stages.critic import run_critic
+    from stepdapo.tasks import get_task
+
+    cfg = _load(args)
+    set_threads(cfg.threads)
+    summary = run_critic(cfg, args.model, args.labels, args.out, get_task(cfg.task))
+    q = summary["heldout"]
+    print(f"critic on {q['n']} held-out states: BCE {q['bce']:.4f} (constant {q['bce_constant']:.4f}), "
+          f"Brier {q['brier']:.4f} ({q['brier_constant']:.4f}), ECE {q['ece']:.4f} ({q['ece_constant']:.4f}), "
+          f"AUC {q['auc_mc0_vs_positive'] or float('nan'):.3f} (0.5)")
+    if q.get("step_ranking"):
+        print(f"right step scored above wrong step: {q['step_ranking']['right_above_wrong']} "
+              f"over {q['step_ranking']['pairs']} pairs")
+    return 0
+
+
+def cmd_advantages(args) -> int:
+    from transformers import AutoTokenizer
+
+    from stepdapo.models import set_threads
+    from stepdapo.stages.advantages import run_advantages
+    from stepdapo.tasks import get_task
+
+    cfg = _load(args)
+    set_threads(cfg.threads)
+    tok = AutoTokenizer.from_pretrained(args.model) if args.model else None
+    _print_summary("advantages", run_advantages(cfg, args.critic, args.labels, args.out, get_task(cfg.task),
+                                                tokenizer=tok))
+    return 0
+
+
+def cmd_actor(args) -> int:
+    from stepdapo.models import set_threads
+    from stepdapo.stages.actor import run_actor
+
+    cfg = _load(args)
+    set_threads(cfg.threads)
+    _print_summary("actor", run_actor(cfg, args.model, args.advantages, args.out))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from stepdapo.pipeline import run
+
+    cfg = load_config(args.config, list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else []))
+    out = args.out or f"runs/{Path(args.config).stem}-seed{cfg.seed}"
+    report = run(cfg, out)
+    accs = ", ".join(f"iter {it['iteration']}: {100 * it['eval']['accuracy']:.1f}%" for it in report["iterations"])
+    print(f"greedy test accuracy: {accs}\nreport: {out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepdapo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +159,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write {'eval': {...}} JSON here (default: stdout)")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("states", help="stage 1: sample solutions, keep a balanced set, cut into steps")
+    p.add_argument("--model", required=True, help="the policy (pi_ref), an HF model directory")
+    p.add_argument("--out", required=True, help="output stage directory")
+    _common(p)
+    p.set_defaults(func=cmd_states)
+
+    p = sub.add_parser("label", help="stage 2: Monte-Carlo value labels and candidate actions")
+    p.add_argument("--model", required=True, help="the policy (pi_ref) that made the states")
+    p.add_argument("--states", required=True, help="the states stage directory")
+    p.add_argument("--out", required=True, help="output stage directory")
+    _common(p)
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("critic", help="stage 3: train the value model on the Monte-Carlo labels")
+    p.add_argument("--model", required=True, help="initialisation: the policy or a previous critic")
+    p.add_argument("--labels", required=True, help="the labels stage directory")
+    p.add_argument("--out", required=True, help="output critic directory")
+    _common(p)
+    p.set_defaults(func=cmd_critic)
+
+    p = sub.add_parser("advantages", help="stage 4: advantages of the candidate actions")
+    p.add_argument("--critic", help="the critic directory (advantages.source=critic)")
+    p.add_argument("--model", help="the policy (its tokenizer is needed for advantages.source=mc)")
+    p.add_argument("--labels", required=True, help="the labels stage directory")
+    p.add_argument("--out", required=True, help="output stage directory")
+    _common(p)
+    p.set_defaults(func=cmd_advantages)
+
+    p = sub.add_parser("actor", help="stage 5: train the policy with the DAPO loss")
+    p.add_argument("--model", required=True, help="pi_ref, the policy the advantages were computed for")
+    p.add_argument("--advantages", required=True, help="the advantages stage directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    _common(p)
+    p.set_defaults(func=cmd_actor)
+
+    p = sub.add_parser("run", help="the whole pipeline: [bootstrap] -> evaluate -> [states -> label -> critic "
+                                   "-> advantages -> actor -> evaluate] x iterations -> report")
+    p.add_argument("config", help="YAML config, e.g. configs/arithmetic.yaml")
+    p.add_argument("--out", help="run directory (default runs/<config>-seed<N>)")
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
@@ -86,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # ArtifactError is a ValueError
         print(f"stepdapo {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -188,6 +188,186 @@ class EvalConfig:
 
 
 @dataclass
+class StatesConfig:
+    """Stage 1: pi_ref samples solutions to training problems; kept solutions are cut into steps.
+
+    Fields:
+        n_problems: training problems to use (null: all of the task's training split).
+        samples_per_problem: solutions sampled per problem (the paper's n1 = 32).
+        keep_per_problem: solutions kept per problem (the paper's n = 6), correct and incorrect
+            balanced as far as possible; every prefix of a kept solution is a state.
+        temperature: sampling temperature.
+        max_new_tokens: longest solution.
+        batch_size: sequences per generation batch.
+    """
+
+    n_problems: int | None = 1000
+    samples_per_problem: int = 8
+    keep_per_problem: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 512
+
+    def validate(self) -> None:
+        _check(self.n_problems is None or self.n_problems >= 1, "n_problems", "must be >= 1 or null")
+        _check(self.samples_per_problem >= 1, "samples_per_problem", "must be >= 1")
+        _check(1 <= self.keep_per_problem <= self.samples_per_problem, "keep_per_problem",
+               "must be in [1, samples_per_problem]")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+
+
+@dataclass
+class LabelConfig:
+    """Stage 2: Monte-Carlo value labels. From every state pi_ref samples `rollouts` completions;
+    MC(s) is the fraction that end correct. Their first steps are the actor's candidate actions.
+
+    Fields:
+        rollouts: completions per state (the paper's m = 16).
+        temperature: sampling temperature of the rollouts.
+        max_new_tokens: longest completion.
+        batch_size: sequences (states x rollouts) per generation batch.
+        shard_size: states per shard; a killed run resumes at the first missing shard.
+    """
+
+    rollouts: int = 16
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 512
+    shard_size: int = 1024
+
+    def validate(self) -> None:
+        _check(self.rollouts >= 1, "rollouts", "must be >= 1")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(self.shard_size >= 1, "shard_size", "must be >= 1")
+
+
+@dataclass
+class CriticConfig:
+    """Stage 3: the critic V(s) = sigmoid(scalar head on the policy's backbone), trained with
+    binary cross-entropy on the soft Monte-Carlo targets.
+
+    Fields:
+        epochs: passes over the training states.
+        lr: peak learning rate (AdamW, linear warmup and decay).
+        batch_size: states per optimizer step.
+        warmup_ratio: share of steps spent warming up.
+        weight_decay: AdamW weight decay.
+        heldout_fraction: share of problems whose states are held out to measure the critic.
+        action_states: also train on the action-extended states s+a where the critic is queried
+            for advantages, with the outcomes of the rollouts that began with a as their label
+            (pooled with the rollouts from s+a itself when it is also a state).
+        rollout_prefixes: also train on every later step boundary of every rollout (each rollout
+            is an unbiased one-sample estimate of the value of each of its prefixes, pooled with
+            all other samples of the same prefix): many more, and more varied, examples for free.
+            Includes the action-extended states.
+        init: "policy" initialises the backbone from the current policy (the paper); "previous"
+            continues from the last iteration's critic when there is one.
+    """
+
+    epochs: float = 2.0
+    lr: float = 1e-3
+    batch_size: int = 64
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    heldout_fraction: float = 0.1
+    action_states: bool = True
+    rollout_prefixes: bool = True
+    init: str = "previous"
+
+    def validate(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(0 < self.heldout_fraction < 1, "heldout_fraction", "must be in (0, 1)")
+        _check(self.init in ("policy", "previous"), "init", "must be 'policy' or 'previous'")
+
+
+@dataclass
+class AdvantagesConfig:
+    """Stage 4: advantages of the candidate actions (see stages/advantages.py).
+
+    Fields:
+        source: "critic" (the method) or "mc" (Monte-Carlo values of s+a, an ablation).
+        weighting: "count" weights each distinct action by how often it was sampled (keeps the
+            advantages of a state summing to zero); "unique" keeps each once, as the paper does.
+        min_gap: keep a state only if max advantage - min advantage is at least this.
+    """
+
+    source: str = "critic"
+    weighting: str = "count"
+    min_gap: float = 0.1
+
+    def validate(self) -> None:
+        _check(self.source in ("critic", "mc"), "source", "must be 'critic' or 'mc'")
+        _check(self.weighting in ("count", "unique"), "weighting", "must be 'count' or 'unique'")
+        _check(self.min_gap >= 0, "min_gap", "must be >= 0")
+
+
+@dataclass
+class ActorConfig:
+    """Stage 5: the DAPO actor, trained with `dapo_loss` against the frozen pi_ref.
+
+    Fields:
+        beta: KL strength; the loss regresses log pi/pi_ref onto advantage / beta.
+        lr: peak learning rate (AdamW, betas (0.9, 0.95), no weight decay, linear schedule).
+        epochs: passes over the kept states.
+        states_per_batch: states per micro-batch; all actions of a state share its batch.
+        grad_accum: micro-batches per optimizer step.
+        warmup_ratio: share of the steps spent warming up.
+        max_grad_norm: gradient clipping norm.
+        lora_r: LoRA rank (0: full fine-tuning). LoRA weights are merged into the saved model, so
+            the next iteration's pi_ref is a plain HF model.
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: LoRA dropout.
+    """
+
+    beta: float = 0.3
+    lr: float = 1e-4
+    epochs: float = 3.0
+    states_per_batch: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+
+    def validate(self) -> None:
+        _check(self.beta > 0, "beta", "must be > 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.states_per_batch >= 1, "states_per_batch", "must be >= 1")
+        _check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        _check(self.lora_r >= 0, "lora_r", "must be >= 0")
+
+
+@dataclass
+class BaselineConfig:
+    """Outcome-level DPO on (correct, incorrect) solution pairs from stage 1, from the same pi_ref
+    and the same samples, to compare with DAPO at equal data (first iteration only).
+
+    Fields:
+        dpo: train and evaluate the DPO baseline.
+        beta: DPO's beta.
+        lr: learning rate (AdamW, same schedule as the actor).
+        epochs: passes over the pairs.
+        pairs_per_problem: most (correct, incorrect) pairs formed per problem.
+        batch_size: pairs per optimizer step.
+    """
+
+    dpo: bool = True
+    beta: float = 0.1
+    lr: float = 1e-4
+    epochs: float = 3.0
+    pairs_per_problem: int = 4
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        _check(self.beta > 0, "beta", "must be > 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.pairs_per_problem >= 1, "pairs_per_problem", "must be >= 1")
+
+
+@dataclass
 class RunConfig:
     """A whole run: the task, the starting model and every stage's settings.
 
@@ -198,6 +378,13 @@ class RunConfig:
         task: the task and its settings.
         bootstrap: SFT of the tiny model, used when `model` is null.
         eval: evaluation settings.
+        states: stage 1, solutions and states.
+        label: stage 2, Monte-Carlo value labels and candidate actions.
+        critic: stage 3, the value model.
+        advantages: stage 4, advantages of candidate actions.
+        actor: stage 5, the DAPO actor.
+        baseline: the outcome-level DPO baseline on the same samples.
+        iterations: DAPO iterations (pi_ref <- the last actor each time; the paper runs 2).
     """
 
     seed: int = 0
@@ -206,9 +393,17 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    states: StatesConfig = field(default_factory=StatesConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    advantages: AdvantagesConfig = field(default_factory=AdvantagesConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    iterations: int = 2
 
     def validate(self) -> None:
         _check(self.threads >= 1, "threads", "must be >= 1")
+        _check(self.iterations >= 0, "iterations", "must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------

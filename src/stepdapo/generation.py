@@ -48,15 +48,19 @@ class SamplingParams:
 class Sample:
     """One completion. `token_ids` include the token that ended it (EOS or the delimiter's token);
     `text` is their decoding without special tokens; `logprob` is the sum of log pi(token) over
-    `token_ids` under the model at temperature 1."""
+    `token_ids` under the model at temperature 1 (`token_logprobs` holds the terms)."""
 
     token_ids: list[int]
     text: str
     logprob: float
     finish: Literal["eos", "step", "length"]
+    token_logprobs: list[float]
 
 
 class Generator(Protocol):
+    tokenizer: object  # the policy's tokenizer (prompts are encoded with it)
+    is_delim: torch.Tensor  # vocabulary mask: tokens that end a step
+
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
                  desc: str = "sampling") -> list[list[Sample]]:
         """n samples for each prompt (token ids); result[i][j] is sample j of prompt i."""
@@ -70,6 +74,16 @@ def delimiter_token_mask(tokenizer, delimiter: str) -> torch.Tensor:
         if delimiter in tokenizer.decode([tok_id]):
             mask[tok_id] = True
     return mask
+
+
+def split_steps(token_ids: list[int], is_delim: torch.Tensor) -> list[int]:
+    """End offsets of the steps of a token sequence: a step ends after each token that contains the
+    delimiter; whatever follows the last delimiter (the answer line and EOS, or a truncated tail)
+    is the last step."""
+    ends = [i + 1 for i, t in enumerate(token_ids) if is_delim[t]]
+    if not ends or ends[-1] != len(token_ids):
+        ends.append(len(token_ids))
+    return ends
 
 
 def _choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
@@ -163,7 +177,7 @@ class HFGenerator:
         if self.max_positions:
             max_new = max(1, min(max_new, self.max_positions - L))
         out_tokens: list[list[int]] = [[] for _ in range(rows)]
-        out_logp = [0.0] * rows
+        out_logp: list[list[float]] = [[] for _ in range(rows)]
         out_finish: list[str] = ["length"] * rows
         row_of = torch.arange(rows)  # current batch position -> original row
         is_delim, eos_ids = self.is_delim.to(device), self.eos_ids.to(device)
@@ -175,7 +189,7 @@ class HFGenerator:
             tok_l, lp_l, ended_l, eos_l = tok.tolist(), lp.tolist(), ended.tolist(), ended_eos.tolist()
             for j, r in enumerate(row_of.tolist()):
                 out_tokens[r].append(tok_l[j])
-                out_logp[r] += lp_l[j]
+                out_logp[r].append(lp_l[j])
                 if ended_l[j]:
                     out_finish[r] = "eos" if eos_l[j] else "step"
             if ended.all() or step == max_new - 1:
@@ -190,7 +204,8 @@ class HFGenerator:
 
         samples = [Sample(token_ids=out_tokens[r],
                           text=self.tokenizer.decode(out_tokens[r], skip_special_tokens=True),
-                          logprob=out_logp[r], finish=out_finish[r]) for r in range(rows)]  # type: ignore[arg-type]
+                          logprob=sum(out_logp[r]), finish=out_finish[r],  # type: ignore[arg-type]
+                          token_logprobs=out_logp[r]) for r in range(rows)]
         return [samples[i * n:(i + 1) * n] for i in range(B)]
 
 

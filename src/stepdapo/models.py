@@ -74,6 +74,22 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """Identifies a model directory's weights (names, sizes, modification times) for stage
+    fingerprints: a stage resumed against different weights must not mix results."""
+    import hashlib
+
+    p = Path(path)
+    if not p.exists():  # e.g. a scripted test policy, named rather than stored
+        return str(path)
+    h = hashlib.sha1(str(p.resolve()).encode())
+    for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+        if f.suffix in (".safetensors", ".bin", ".gguf", ".json"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

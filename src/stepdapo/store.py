@@ -36,3 +36,141 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: corrupt JSON at line {e.lineno}: {e.msg}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded parquet stages
+# ------------------------------------------------------------------------------------------------
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """A missing, corrupt or mismatched artifact; the message names the file."""
+
+
+class ShardedStage:
+    """A stage's output directory: parquet shards written atomically, then a manifest.
+
+    - A shard file exists only once it is complete (written to a temporary name, then renamed), so
+      a killed run leaves either a whole shard or none, and a rerun redoes only missing shards.
+    - `fingerprint` (the settings and inputs that determine the output) is recorded when the stage
+      starts; resuming with different settings is an error instead of a silent mix.
+    - The stage is complete only when `manifest.json` lists every shard with its row count; readers
+      check that list, so a half-written stage is never read as complete.
+    """
+
+    def __init__(self, directory: str | os.PathLike, name: str, schema: pa.Schema, fingerprint: dict):
+        self.dir = Path(directory)
+        self.name = name
+        self.schema = schema
+        self.fingerprint = fingerprint
+
+    # -- state -----------------------------------------------------------------------------------
+    def is_complete(self) -> bool:
+        m = self.dir / MANIFEST
+        if not m.is_file():
+            return False
+        manifest = read_json(m)
+        if manifest.get("fingerprint") != self.fingerprint:
+            raise ArtifactError(f"{m}: this {self.name} stage was produced with different settings "
+                                f"or inputs; use a new output directory or delete {self.dir}")
+        return bool(manifest.get("complete"))
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        started = self.dir / "started.json"
+        if started.is_file():
+            if read_json(started).get("fingerprint") != self.fingerprint:
+                raise ArtifactError(f"{started}: an interrupted {self.name} stage with different "
+                                    f"settings or inputs is here; use a new directory or delete {self.dir}")
+        else:
+            write_json(started, {"stage": self.name, "fingerprint": self.fingerprint})
+
+    def shard_path(self, index: int) -> Path:
+        return self.dir / f"shard-{index:05d}.parquet"
+
+    def has_shard(self, index: int) -> bool:
+        p = self.shard_path(index)
+        if not p.is_file():
+            return False
+        self._check_file(p)
+        return True
+
+    def _check_file(self, p: Path) -> int:
+        try:
+            meta = pq.read_metadata(p)
+            schema = pq.read_schema(p)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise ArtifactError(f"{p}: corrupt parquet shard ({e}); delete it to recompute it") from None
+        if not schema.remove_metadata().equals(self.schema):
+            raise ArtifactError(f"{p}: schema mismatch: expected {self.schema.names}, found {schema.names}"
+                                f" (written by another version?); delete {self.dir} to recompute")
+        return meta.num_rows
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write_shard(self, index: int, rows: dict[str, list]) -> None:
+        table = pa.table(rows, schema=self.schema)
+        p = self.shard_path(index)
+        tmp = p.with_name(f".{p.name}.tmp")
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    def finish(self, n_shards: int, summary: dict) -> None:
+        shards = []
+        for i in range(n_shards):
+            p = self.shard_path(i)
+            if not p.is_file():
+                raise ArtifactError(f"{p}: missing shard; cannot finish the {self.name} stage")
+            shards.append({"file": p.name, "rows": self._check_file(p)})
+        write_json(self.dir / "summary.json", summary)
+        write_json(self.dir / MANIFEST, {"stage": self.name, "complete": True, "fingerprint": self.fingerprint,
+                                         "schema": self.schema.names, "shards": shards})
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read_shards(self, n_shards: int) -> pa.Table:
+        """All shards of a stage whose manifest is not written yet (checked one by one)."""
+        tables = []
+        for i in range(n_shards):
+            p = self.shard_path(i)
+            if not p.is_file():
+                raise ArtifactError(f"{p}: missing shard")
+            self._check_file(p)
+            tables.append(pq.read_table(p))
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+
+    def read(self) -> pa.Table:
+        return read_stage(self.dir, self.name, self.schema)
+
+
+def read_stage(directory: str | os.PathLike, name: str, schema: pa.Schema | None = None) -> pa.Table:
+    """Read a complete stage; every problem is an ArtifactError naming the file."""
+    d = Path(directory)
+    m = d / MANIFEST
+    if not m.is_file():
+        raise ArtifactError(f"{m}: missing: the {name} stage in {d} is not complete (rerun it)")
+    manifest = read_json(m)
+    if not manifest.get("complete") or manifest.get("stage") != name:
+        raise ArtifactError(f"{m}: not a complete {name} stage")
+    tables = []
+    for s in manifest["shards"]:
+        p = d / s["file"]
+        if not p.is_file():
+            raise ArtifactError(f"{p}: missing shard listed in {m}")
+        try:
+            t = pq.read_table(p)
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"{p}: corrupt parquet shard ({e})") from None
+        if t.num_rows != s["rows"]:
+            raise ArtifactError(f"{p}: has {t.num_rows} rows, manifest says {s['rows']}")
+        if schema is not None and not t.schema.remove_metadata().equals(schema):
+            raise ArtifactError(f"{p}: schema mismatch: expected {schema.names}, found {t.schema.names}")
+        tables.append(t)
+    if not tables:
+        return (schema or pa.schema([])).empty_table()
+    return pa.concat_tables(tables)

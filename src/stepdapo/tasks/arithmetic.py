@@ -176,6 +176,24 @@ class ArithmeticTask:
             return Verdict(True, answer, "correct")
         return Verdict(False, answer, f"wrong answer {answer} (expected {problem.answer})")
 
+    def step_is_correct(self, problem: Problem, prefix: str, step: str) -> bool:
+        """Is `step` (one line, delimiter optional) the right next step after the solution text
+        `prefix`, judged from what `prefix` wrote (so it can be right after an earlier error)?"""
+        chain = self.chain_of(problem)
+        done = [line for line in prefix.split("\n") if line]
+        r = chain.first % self.cfg.modulus
+        if done:
+            m = _STEP_RE.match(done[-1])
+            if not m:
+                return False
+            r = int(m.group(4)) % self.cfg.modulus
+        line = step.rstrip("\n")
+        i = len(done)
+        if i < len(chain.ops):
+            op, x = chain.ops[i]
+            return line == f"{r}{op}{x}={self.apply(op, r, x)}"
+        return i == len(chain.ops) and line == f"A={r}"
+
     def analyze(self, problem: Problem, completion: str) -> dict[str, int]:
         """Step-level diagnostics of one completion: how many steps were right, split into flaw
         cases and the rest. A step is judged given the line before it (is this step's arithmetic and

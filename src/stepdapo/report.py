@@ -1,0 +1,125 @@
+"""report.json, report.md and the plots of a run (see pipeline.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from stepdapo.store import atomic_write_text, write_json
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(ev: dict, key: str) -> str:
+    ci = ev.get(key)
+    return "" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    its = report["iterations"]
+    xs = [it["iteration"] for it in its]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for key, ci_key, label in (("accuracy", "ci95", "greedy pass@1"), ("sampled_accuracy", "sampled_ci95",
+                                                                        "sampled pass@1 (T=1)")):
+        ys = [it["eval"].get(key) for it in its]
+        if any(y is None for y in ys):
+            continue
+        lo = [y - it["eval"][ci_key][0] for y, it in zip(ys, its)]
+        hi = [it["eval"][ci_key][1] - y for y, it in zip(ys, its)]
+        ax.errorbar(xs, [100 * y for y in ys], yerr=[[100 * v for v in lo], [100 * v for v in hi]],
+                    marker="o", capsize=3, label=label)
+    dpo = next((it["dpo"] for it in its if "dpo" in it), None)
+    if dpo:
+        ax.errorbar([1.08], [100 * dpo["eval"]["accuracy"]], yerr=[[100 * (dpo["eval"]["accuracy"] - dpo["eval"]["ci95"][0])],
+                    [100 * (dpo["eval"]["ci95"][1] - dpo["eval"]["accuracy"])]], marker="s", color="gray",
+                    capsize=3, linestyle="none", label="DPO baseline, greedy")
+    ax.set_xticks(xs)
+    ax.set_xlabel("DAPO iteration (0 = starting model)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    made.append("accuracy.png")
+
+    for it in its[1:]:
+        k = it["iteration"]
+        src = out / f"iter-{k}" / "critic" / "reliability.png"
+        if src.is_file():
+            shutil.copy(src, out / f"critic-reliability-iter-{k}.png")
+            made.append(f"critic-reliability-iter-{k}.png")
+        sc = it.get("actor", {}).get("scatter")
+        if sc and sc["target"]:
+            fig, ax = plt.subplots(figsize=(4.5, 4))
+            ax.scatter(sc["target"], sc["log_ratio"], s=4, alpha=0.3)
+            lim = max(abs(min(sc["target"])), abs(max(sc["target"])))
+            ax.plot([-lim, lim], [-lim, lim], "k--", lw=1, label="log-ratio = A/beta (loss minimum)")
+            ax.set_xlabel("A(s,a) / beta")
+            ax.set_ylabel("log pi(a|s) - log pi_ref(a|s) after training")
+            corr = it["actor"].get("final_corr_log_ratio_target")
+            ax.set_title(f"iteration {k}: corr {corr:.2f}" if corr is not None else f"iteration {k}", fontsize=9)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out / f"log-ratio-iter-{k}.png", dpi=110)
+            plt.close(fig)
+            made.append(f"log-ratio-iter-{k}.png")
+    return made
+
+
+def write_report(report: dict, out: Path) -> None:
+    """report.json (the contract: iterations[k].eval.accuracy / .n), report.md and plots."""
+    slim = {**report, "iterations": [
+        {k: ({kk: vv for kk, vv in v.items() if kk not in ("log", "scatter")} if k == "actor" else v)
+         for k, v in it.items()} for it in report["iterations"]]}
+    write_json(out / "report.json", slim)
+    plots = _plots(report, out)
+    its = report["iterations"]
+    md = ["# stepdapo run report", "",
+          f"Task `{report['config']['task']['name']}`, {len(its) - 1} DAPO iteration(s), seed {report['config']['seed']}. "
+          f"Final model: `{report['final_model']}`.", "", "## Test accuracy", "",
+          "| model | greedy pass@1 % | 95% CI | sampled pass@1 % (T=1) | 95% CI | flaw-case steps right (greedy) % | n |",
+          "|---|---|---|---|---|---|---|"]
+
+    def acc_row(name, ev):
+        return (f"| {name} | {_pct(ev['accuracy'])} | {_ci(ev, 'ci95')} | {_pct(ev.get('sampled_accuracy'))} | "
+                f"{_ci(ev, 'sampled_ci95')} | {_pct(ev.get('greedy_flaw_step_accuracy'))} | {ev['n']} |")
+
+    for it in its:
+        md.append(acc_row("starting model" if it["iteration"] == 0 else f"DAPO iteration {it['iteration']}", it["eval"]))
+        if "dpo" in it:
+            md.append(acc_row("DPO baseline (same samples as iteration 1)", it["dpo"]["eval"]))
+    if len(its) > 1:
+        md += ["", "## Per iteration", "",
+               "| iteration | states | MC=0 / 0<MC<1 / MC=1 | critic BCE (const) | Brier (const) | ECE (const) | AUC | right>wrong step | states kept (gap) | mean abs A | actor corr(log-ratio, A/beta) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for it in its[1:]:
+            lab, q, adv, act = it["labels"], it["critic"]["heldout"], it["advantages"], it["actor"]
+            sr = (q.get("step_ranking") or {}).get("right_above_wrong")
+            auc = q.get("auc_mc0_vs_positive")
+            corr = act.get("final_corr_log_ratio_target")
+            md.append(
+                f"| {it['iteration']} | {lab['states']} | {lab['fraction_mc_0']:.2f} / {lab['fraction_mc_between']:.2f} / "
+                f"{lab['fraction_mc_1']:.2f} | {q['bce']:.3f} ({q['bce_constant']:.3f}) | {q['brier']:.3f} "
+                f"({q['brier_constant']:.3f}) | {q['ece']:.3f} ({q['ece_constant']:.3f}) | "
+                f"{'–' if auc is None else f'{auc:.3f}'} | {'–' if sr is None else f'{sr:.2f}'} | "
+                f"{adv['states_kept']} ({adv['fraction_kept']:.2f}) | {adv['advantage_abs_mean']:.3f} | "
+                f"{'–' if corr is None else f'{corr:.2f}'} |")
+    md += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
+    md += [f"| **total** | {sum(report['timings'].values()):.1f} |", "", "## Plots", ""]
+    md += [f"![{p}]({p})" for p in plots]
+    md += ["", "Metrics: greedy pass@1 is the paper's metric (Wilson interval); sampled pass@1 averages "
+           f"{report['config']['eval']['samples']} samples per problem at temperature "
+           f"{report['config']['eval']['temperature']} (bootstrap interval over problems). The critic is measured "
+           "on states of held-out problems against the constant prediction (the training mean); AUC separates "
+           "MC=0 states from MC>0 ones; 'right>wrong step' is how often it scores a right next step above a wrong "
+           "one at the same state."]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")

@@ -1,0 +1,288 @@
+"""`stepdapo actor` (stage 5): train the policy with the DAPO loss against the frozen pi_ref.
+
+    L(theta) = 1/2 * E_{s,a} [ (A(s,a)/beta - (log pi_theta(a|s) - log pi_ref(a|s)))^2 ]
+
+- log pi(a|s) is summed over the action's tokens, computed on exactly the sampled token ids;
+- log pi_ref(a|s) is computed ONCE, before training, with the same batched forward pass as the
+  policy's (so the log-ratio is exactly 0 at the start), and cached in `ref_logprobs.json`;
+- a training item is a whole state: every action of a state lands in the same batch;
+- AdamW with betas (0.9, 0.95) and no weight decay, linear schedule, gradient accumulation, all by
+  `transformers.Trainer` (and so by accelerate: `accelerate launch` runs it multi-process);
+- full fine-tuning or LoRA (peft); LoRA is merged into the saved model.
+
+Logged metrics (Trainer logs, also in `actor_log.json`):
+  loss          the DAPO loss of the batch;
+  log_ratio     mean log pi_theta(a|s) - log pi_ref(a|s) (0 at the start; should grow toward A/beta);
+  target        mean |A/beta| of the batch (the scale the log-ratios are regressed onto);
+  corr          Pearson correlation between log-ratio and A/beta across the batch (rises from 0 as
+                the policy moves mass toward high-advantage steps);
+  grad_norm     the gradient norm before clipping.
+The DPO baseline (`train_dpo`) reuses this trainer with the outcome-level DPO loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+
+from stepdapo.config import ActorConfig, RunConfig, to_dict
+from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
+from stepdapo.losses import dapo_loss, dpo_loss
+from stepdapo.models import load_policy, model_fingerprint
+from stepdapo.stages.advantages import read_advantages
+from stepdapo.store import read_json, write_json
+
+SUMMARY = "stepdapo_actor.json"
+
+
+def group_by_state(adv_rows: list[dict]) -> list[dict]:
+    """One training item per state: its prefix and all its kept actions."""
+    items: dict[int, dict] = {}
+    for r in adv_rows:
+        it = items.setdefault(r["state_index"], {"state_ids": r["state_ids"], "actions": []})
+        it["actions"].append({k: r[k] for k in ("action_ids", "advantage", "weight", "ref_logprob")})
+    return list(items.values())
+
+
+class _StateCollator:
+    """Flattens a batch of states into (state, action) rows, keeping each state's actions together."""
+
+    def __call__(self, states: list[dict]) -> dict:
+        rows = [(s["state_ids"], a) for s in states for a in s["actions"]]
+        return {
+            "prompts": [p for p, _ in rows],
+            "completions": [a["action_ids"] for _, a in rows],
+            "advantages": torch.tensor([a["advantage"] for _, a in rows], dtype=torch.float),
+            "weights": torch.tensor([a["weight"] for _, a in rows], dtype=torch.float),
+            "ref_logps": torch.tensor([a["ref_logprob"] for _, a in rows], dtype=torch.float),
+        }
+
+
+class DAPOTrainer(Trainer):
+    """A Trainer whose loss is `dapo_loss` on summed action log-probs."""
+
+    def __init__(self, *args, beta: float, pad_id: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta = beta
+        self.pad_id = pad_id
+        self._metrics: dict[str, list[float]] = {}
+        self.history: list[dict] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id)
+        ref, adv, w = (inputs[k].to(logps.device) for k in ("ref_logps", "advantages", "weights"))
+        loss = dapo_loss(logps, ref, adv, self.beta, w)
+        with torch.no_grad():
+            ratio, target = (logps - ref).float(), adv / self.beta
+            self._record(loss=loss.item(), log_ratio=ratio.mean().item(), target=target.abs().mean().item(),
+                         corr=_corr(ratio, target))
+        return loss
+
+    def _record(self, **kw):
+        for k, v in kw.items():
+            if v is not None and not math.isnan(v):
+                self._metrics.setdefault(k, []).append(v)
+
+    def log(self, logs: dict, *args, **kwargs):
+        for k, v in self._metrics.items():  # the means since the last log, like TRL's trainers
+            logs[f"train/{k}"] = float(np.mean(v))
+        self._metrics = {}
+        self.history.append(dict(logs))
+        super().log(logs, *args, **kwargs)
+
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset
+
+
+def _corr(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+
+
+def _training_args(out: Path, c, n_items: int, batch: int, seed: int, progress: bool) -> TrainingArguments:
+    accum = getattr(c, "grad_accum", 1)
+    steps = max(1, math.ceil(n_items / (batch * accum) * c.epochs))
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum, max_steps=steps, learning_rate=c.lr,
+        lr_scheduler_type="linear", warmup_steps=int(getattr(c, "warmup_ratio", 0.0) * steps),
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=getattr(c, "max_grad_norm", 1.0),
+        logging_steps=max(1, steps // 20), save_strategy="steps", save_steps=max(1, steps // 4),
+        save_total_limit=1, report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed,
+        data_seed=seed, disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0)
+
+
+def _with_lora(model, c: ActorConfig):
+    if c.lora_r == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def _save(model, tok, final: Path, work: Path, summary: dict) -> None:
+    """Merge LoRA if any, save as a plain HF model, and make `final` appear only when complete."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    write_json(tmp / SUMMARY, summary)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    ckpts = sorted((work / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def fingerprint(cfg: RunConfig, policy: str | Path, adv_dir: str | Path) -> dict:
+    return {"policy": model_fingerprint(policy), "advantages": read_json(Path(adv_dir) / "manifest.json")["fingerprint"],
+            "actor": to_dict(cfg.actor), "seed": cfg.seed}
+
+
+def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: str | Path,
+              progress: bool = True) -> dict:
+    """Train pi_theta from pi_ref = `policy` on the advantages; save the new policy to `out_dir`."""
+    out = Path(out_dir)
+    fp = fingerprint(cfg, policy, adv_dir)
+    if (out / SUMMARY).is_file():
+        summary = read_json(out / SUMMARY)
+        if summary.get("fingerprint") != fp:
+            raise ValueError(f"{out / SUMMARY}: this actor was trained with different settings or inputs; "
+                             f"use a new output directory or delete {out}")
+        return summary
+    t0 = time.perf_counter()
+    c = cfg.actor
+    work = out.with_name(out.name + ".work")  # checkpoints and the ref cache survive a kill
+    work.mkdir(parents=True, exist_ok=True)
+    rows = read_advantages(adv_dir).to_pylist()
+    if not rows:
+        raise ValueError(f"{adv_dir}: no state passed the advantage-gap filter; nothing to train on "
+                         f"(lower advantages.min_gap or check the critic)")
+    model, tok = load_policy(policy)
+
+    ref_cache = work / "ref_logprobs.json"  # computed once per iteration, before any update
+    if ref_cache.is_file() and read_json(ref_cache).get("fingerprint") == fp:
+        ref = read_json(ref_cache)["ref_logprobs"]
+    else:
+        ref = batched_sequence_logprobs(model, [r["state_ids"] for r in rows], [r["action_ids"] for r in rows],
+                                        tok.pad_token_id)
+        write_json(ref_cache, {"fingerprint": fp, "ref_logprobs": ref})
+    for r, lp in zip(rows, ref):
+        r["ref_logprob"] = lp
+    items = group_by_state(rows)
+
+    model.train()
+    model = _with_lora(model, c)
+    args = _training_args(work, c, len(items), c.states_per_batch, cfg.seed, progress)
+    trainer = DAPOTrainer(model=model, args=args, train_dataset=items, data_collator=_StateCollator(),
+                          beta=c.beta, pad_id=tok.pad_token_id)
+    result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
+    model.eval()
+
+    # where the log-ratios ended, against their targets A/beta (for the report's scatter plot)
+    final = batched_sequence_logprobs(model, [r["state_ids"] for r in rows], [r["action_ids"] for r in rows],
+                                      tok.pad_token_id)
+    ratio = np.array(final) - np.array(ref)
+    target = np.array([r["advantage"] for r in rows]) / c.beta
+    summary = {
+        "fingerprint": fp,
+        "policy": str(policy),
+        "states": len(items),
+        "actions": len(rows),
+        "steps": args.max_steps,
+        "train_loss": result.training_loss,
+        "final_log_ratio_mean": float(ratio.mean()),
+        "final_corr_log_ratio_target": float(np.corrcoef(ratio, target)[0, 1]) if len(rows) > 1 and ratio.std() > 0 else None,
+        "final_loss": float(0.5 * np.mean((target - ratio) ** 2)),
+        "log": trainer.history,
+        "scatter": {"target": target.round(4).tolist()[:5000], "log_ratio": ratio.round(4).tolist()[:5000]},
+        "lora": c.lora_r > 0,
+        "seconds": time.perf_counter() - t0,
+    }
+    _save(model, tok, out, work, summary)
+    return summary
+
+
+# -- the outcome-level DPO baseline ----------------------------------------------------------------
+
+def dpo_pairs(solutions, max_per_problem: int) -> list[dict]:
+    """(correct, incorrect) pairs of kept solutions of the same problem, in a fixed order."""
+    by_problem: dict[str, dict[bool, list]] = {}
+    for r in solutions.to_pylist():
+        by_problem.setdefault(r["problem_id"], {True: [], False: []})[r["correct"]].append(r)
+    pairs = []
+    for groups in by_problem.values():
+        good, bad = groups[True], groups[False]
+        n = 0
+        for i in range(max(len(good), len(bad))):
+            if n >= max_per_problem or not good or not bad:
+                break
+            g, b = good[i % len(good)], bad[i % len(bad)]
+            pairs.append({"prompt": g["prompt_ids"], "chosen": g["solution_ids"], "rejected": b["solution_ids"]})
+            n += 1
+    return pairs
+
+
+class _PairCollator:
+    def __call__(self, pairs: list[dict]) -> dict:
+        return {"prompts": [p["prompt"] for p in pairs] * 2,
+                "completions": [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                "ref_logps": torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs])}
+
+
+class DPOTrainer(DAPOTrainer):
+    """The same trainer with the outcome-level DPO loss on (chosen, rejected) solutions."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id)
+        ref = inputs["ref_logps"].to(logps.device)
+        n = len(logps) // 2
+        loss = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
+        with torch.no_grad():
+            margin = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).mean().item()
+        self._record(loss=loss.item(), log_ratio_margin=margin)
+        return loss
+
+
+def train_dpo(cfg: RunConfig, policy: str | Path, solutions, out_dir: str | Path, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    if (out / SUMMARY).is_file():
+        return read_json(out / SUMMARY)
+    t0 = time.perf_counter()
+    b = cfg.baseline
+    work = out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    pairs = dpo_pairs(solutions, b.pairs_per_problem)
+    if not pairs:
+        raise ValueError("no (correct, incorrect) solution pairs for the DPO baseline")
+    model, tok = load_policy(policy)
+    prompts = [p["prompt"] for p in pairs]
+    rc = batched_sequence_logprobs(model, prompts, [p["chosen"] for p in pairs], tok.pad_token_id)
+    rr = batched_sequence_logprobs(model, prompts, [p["rejected"] for p in pairs], tok.pad_token_id)
+    for p, a, r in zip(pairs, rc, rr):
+        p["ref_chosen"], p["ref_rejected"] = a, r
+    model.train()
+    args = _training_args(work, b, len(pairs), b.batch_size, cfg.seed, progress)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
+                         beta=b.beta, pad_id=tok.pad_token_id)
+    result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
+    model.eval()
+    summary = {"pairs": len(pairs), "steps": args.max_steps, "train_loss": result.training_loss,
+               "log": trainer.history, "seconds": time.perf_counter() - t0, "config": to_dict(b)}
+    _save(model, tok, out, work, summary)
+    return summary

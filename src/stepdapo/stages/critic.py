@@ -1,0 +1,304 @@
+"""`stepdapo critic` (stage 3): the value model V(s) = sigmoid(scalar head on the backbone).
+
+The critic is an `AutoModelForSequenceClassification(num_labels=1)` initialised from the policy (or
+from the previous iteration's critic), trained with `critic_loss` (BCE against the soft MC targets)
+by a `transformers.Trainer`, and saved as a standard HF artifact: one `from_pretrained` call reloads
+it. Training examples are the labelled states and, with `action_states`, the action-extended states
+s+a where the advantage stage queries the critic: their label pools the outcomes of the rollouts that
+began with a (and the rollouts from s+a itself when it is also a state), all unbiased samples of
+V^{pi_ref}(s+a).
+
+Quality is measured on states of held-out problems, each metric next to the constant predictor
+(the training mean): BCE, Brier score, expected calibration error with a reliability plot, AUC for
+telling MC = 0 states from MC > 0 ones, and, where the task can judge single steps, how often the
+critic scores a right next step above a wrong one at the same state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+from stepdapo.config import RunConfig, to_dict
+from stepdapo.generation import delimiter_token_mask, split_steps
+from stepdapo.losses import critic_loss
+from stepdapo.models import check_model_dir, model_fingerprint
+from stepdapo.stages.labels import read_labels
+from stepdapo.store import read_json, write_json
+
+SUMMARY = "stepdapo_critic.json"
+
+
+def heldout(problem_id: str, fraction: float) -> bool:
+    return int(hashlib.sha1(problem_id.encode()).hexdigest()[:8], 16) / 16**8 < fraction
+
+
+def critic_examples(labels, action_states: bool, rollout_prefixes: bool, is_delim) -> list[dict]:
+    """Unique token sequences with pooled Monte-Carlo targets (see the module docstring)."""
+    pooled: dict[tuple, list] = {}
+    cols = {n: labels.column(n).to_pylist() for n in
+            ("problem_id", "ids", "n_correct", "outcome", "action_ids", "action_terminal", "rollout_ids")}
+    for pid, ids, n_correct, outcome, acts, terms, rollouts in zip(*cols.values()):
+        entry = pooled.setdefault(tuple(ids), [0, 0, pid, False])
+        entry[0] += n_correct
+        entry[1] += len(outcome)
+        entry[3] = True
+        for a, term, ok, full in zip(acts, terms, outcome, rollouts):
+            if term:
+                continue  # a finished solution is scored by the verifier, never by the critic
+            if rollout_prefixes:  # every step boundary of the rollout before its last step
+                ends = split_steps(full, is_delim)[:-1]
+            else:
+                ends = [len(a)] if action_states else []
+            for e in ends:
+                x = pooled.setdefault(tuple(ids + full[:e]), [0, 0, pid, False])
+                x[0] += ok
+                x[1] += 1
+    return [{"input_ids": list(k), "target": s / n, "weight": n, "problem_id": pid, "is_state": st}
+            for k, (s, n, pid, st) in pooled.items()]
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        T = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(examples), T), dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            attn[i, :len(e["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": attn,
+                "targets": torch.tensor([e["target"] for e in examples], dtype=torch.float)}
+
+
+class CriticTrainer(Trainer):
+    """A Trainer whose loss is `critic_loss` on the scalar head's logit."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs.pop("targets")
+        outputs = model(**inputs)
+        loss = critic_loss(outputs.logits.squeeze(-1), targets)
+        return (loss, outputs) if return_outputs else loss
+
+
+@torch.no_grad()
+def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: int = 512) -> list[float]:
+    """V(s) = sigmoid(logit) for each token sequence, batched by length."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = [0.0] * len(sequences)
+    collate = _Collator(pad_id)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = collate([{"input_ids": sequences[i], "target": 0.0} for i in idx])
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits.squeeze(-1)
+        for i, v in zip(idx, torch.sigmoid(logits.float()).tolist()):
+            out[i] = v
+    return out
+
+
+def load_critic(path: str | Path):
+    p = check_model_dir(path)
+    return AutoModelForSequenceClassification.from_pretrained(p).eval(), AutoTokenizer.from_pretrained(p)
+
+
+# -- quality metrics ------------------------------------------------------------------------------
+
+def bce(pred, target) -> float:
+    p = np.clip(np.asarray(pred, float), 1e-6, 1 - 1e-6)
+    t = np.asarray(target, float)
+    return float(-(t * np.log(p) + (1 - t) * np.log(1 - p)).mean())
+
+
+def brier(pred, target) -> float:
+    return float(((np.asarray(pred, float) - np.asarray(target, float)) ** 2).mean())
+
+
+def calibration_bins(pred, target, n_bins: int = 10) -> list[dict]:
+    p, t = np.asarray(pred, float), np.asarray(target, float)
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    return [{"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": int((bins == b).sum()),
+             "mean_pred": float(p[bins == b].mean()) if (bins == b).any() else None,
+             "mean_target": float(t[bins == b].mean()) if (bins == b).any() else None}
+            for b in range(n_bins)]
+
+
+def ece(pred, target, n_bins: int = 10) -> float:
+    n = len(pred)
+    return float(sum(b["n"] / n * abs(b["mean_pred"] - b["mean_target"])
+                     for b in calibration_bins(pred, target, n_bins) if b["n"]))
+
+
+def auc(scores, positive) -> float | None:
+    """Area under the ROC curve (ties count one half): P(score of a positive > score of a negative)."""
+    s, y = np.asarray(scores, float), np.asarray(positive, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def quality(pred, target, baseline: float) -> dict:
+    """Each metric for the critic and for the constant prediction `baseline`."""
+    const = [baseline] * len(target)
+    positive = [t > 0 for t in target]
+    return {
+        "n": len(target),
+        "bce": bce(pred, target), "bce_constant": bce(const, target),
+        "brier": brier(pred, target), "brier_constant": brier(const, target),
+        "ece": ece(pred, target), "ece_constant": ece(const, target),
+        "auc_mc0_vs_positive": auc(pred, positive), "auc_constant": 0.5,
+        "calibration": calibration_bins(pred, target),
+    }
+
+
+def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -> dict | None:
+    """At held-out states with both a right and a wrong non-terminal next step among the sampled
+    actions (as the task judges single steps): how often V(s+right) > V(s+wrong) (ties: 1/2)."""
+    if not hasattr(task, "step_is_correct"):
+        return None
+    pairs_right, pairs_wrong = [], []
+    cols = {n: labels.column(n).to_pylist() for n in
+            ("problem_id", "ids", "prompt_len", "action_ids", "action_terminal", "action_text")}
+    for pid, ids, plen, acts, terms, texts in zip(*cols.values()):
+        if pid not in examples_held:
+            continue
+        prefix = tok.decode(ids[plen:], skip_special_tokens=True)
+        right, wrong = {}, {}
+        for a, term, text in zip(acts, terms, texts):
+            if term:
+                continue
+            (right if task.step_is_correct(problems[pid], prefix, text) else wrong)[tuple(a)] = ids + a
+        for r in right.values():
+            for w in wrong.values():
+                pairs_right.append(r)
+                pairs_wrong.append(w)
+    if not pairs_right:
+        return {"pairs": 0, "right_above_wrong": None}
+    v = critic_values(model, pairs_right + pairs_wrong, tok.pad_token_id)
+    vr, vw = np.array(v[:len(pairs_right)]), np.array(v[len(pairs_right):])
+    return {"pairs": len(pairs_right),
+            "right_above_wrong": float(((vr > vw) + 0.5 * (vr == vw)).mean()),
+            "mean_gap": float((vr - vw).mean())}
+
+
+def plot_reliability(q: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in q["calibration"] if b["n"]]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(4.5, 5.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    ax.plot([b["mean_pred"] for b in bins], [b["mean_target"] for b in bins], "o-", label="critic")
+    ax.set_ylabel("mean Monte-Carlo value")
+    ax.set_title(f"{title}\nECE {q['ece']:.3f} (constant {q['ece_constant']:.3f})", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    ax2.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["n"] for b in bins], width=0.09)
+    ax2.set_xlabel("predicted V(s)")
+    ax2.set_ylabel("states")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+def fingerprint(cfg: RunConfig, init: str | Path, labels_dir: str | Path) -> dict:
+    return {"init": model_fingerprint(init), "labels": read_json(Path(labels_dir) / "manifest.json")["fingerprint"],
+            "critic": to_dict(cfg.critic), "seed": cfg.seed}
+
+
+def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir: str | Path, task,
+               progress: bool = True) -> dict:
+    """Train the critic from `init` (a policy or a previous critic) on the labels; save to `out_dir`."""
+    out = Path(out_dir)
+    fp = fingerprint(cfg, init, labels_dir)
+    if (out / SUMMARY).is_file():
+        summary = read_json(out / SUMMARY)
+        if summary.get("fingerprint") != fp:
+            raise ValueError(f"{out / SUMMARY}: this critic was trained with different settings or "
+                             f"inputs; use a new output directory or delete {out}")
+        return summary
+    t0 = time.perf_counter()
+    c = cfg.critic
+    labels = read_labels(labels_dir)
+    tok = AutoTokenizer.from_pretrained(check_model_dir(init))
+    examples = critic_examples(labels, c.action_states, c.rollout_prefixes,
+                               delimiter_token_mask(tok, task.step_delimiter))
+    train = [e for e in examples if not heldout(e["problem_id"], c.heldout_fraction)]
+    held = [e for e in examples if heldout(e["problem_id"], c.heldout_fraction) and e["is_state"]]
+    if not train:
+        raise ValueError(f"{labels_dir}: no training states for the critic")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.id2label, model.config.label2id = {0: "value_logit"}, {"value_logit": 0}
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    steps = max(1, math.ceil(len(train) / c.batch_size * c.epochs))
+    args = TrainingArguments(
+        output_dir=str(tmp / "trainer"), per_device_train_batch_size=c.batch_size, max_steps=steps,
+        learning_rate=c.lr, lr_scheduler_type="linear", warmup_steps=int(c.warmup_ratio * steps),
+        weight_decay=c.weight_decay, logging_steps=max(1, steps // 10), save_strategy="no",
+        report_to="none", use_cpu=not torch.cuda.is_available(), seed=cfg.seed, data_seed=cfg.seed,
+        disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0)
+    trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_Collator(tok.pad_token_id))
+    result = trainer.train()
+    train_seconds = time.perf_counter() - t0
+
+    baseline = float(np.mean([e["target"] for e in train if e["is_state"]]))
+    pred = critic_values(model, [e["input_ids"] for e in held], tok.pad_token_id)
+    q = quality(pred, [e["target"] for e in held], baseline)
+    held_problems = {e["problem_id"] for e in held}
+    problems = {p.id: p for p in task.problems("train")}
+    q["step_ranking"] = step_ranking(model, tok, labels, task, problems, held_problems)
+    tr_sample = [e for e in train if e["is_state"]][:2000]
+    q_train = quality(critic_values(model, [e["input_ids"] for e in tr_sample], tok.pad_token_id),
+                      [e["target"] for e in tr_sample], baseline)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    plot_reliability(q, tmp / "reliability.png", "critic on held-out states")
+    summary = {
+        "fingerprint": fp,
+        "init": str(init),
+        "train_examples": len(train),
+        "train_states": sum(e["is_state"] for e in train),
+        "heldout_states": len(held),
+        "constant_prediction": baseline,
+        "train_loss": result.training_loss,
+        "steps": steps,
+        "heldout": q,
+        "train_subset": {k: v for k, v in q_train.items() if k != "calibration"},
+        "seconds": time.perf_counter() - t0,
+        "train_seconds": train_seconds,
+    }
+    write_json(tmp / SUMMARY, summary)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return summary

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 import random
 
-import torch
-
 from stepdapo.generation import Sample, delimiter_token_mask
 from stepdapo.tasks.arithmetic import _STEP_RE
 

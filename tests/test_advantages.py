@@ -1,8 +1,8 @@
 from collections import defaultdict
 
 import pytest
-
 from scripted import ScriptedArithmeticPolicy
+
 from stepdapo.config import load_config
 from stepdapo.models import char_tokenizer
 from stepdapo.stages.advantages import read_advantages, run_advantages

@@ -42,3 +42,18 @@ def test_bad_input_is_a_clear_error(small_model_dir, tmp_path, args, needle):
 def test_not_a_model_directory(tmp_path):
     r = run("evaluate", "--model", str(tmp_path))
     assert r.returncode == 2 and "not a Hugging Face model directory" in r.stderr
+
+
+def test_run_with_bad_config_is_a_clear_error(tmp_path):
+    r = run("run", "/no/such.yaml", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "config file not found: /no/such.yaml" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("actor:\n  beta: -1\n")
+    r = run("run", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "bad.yaml:2: actor.beta: must be > 0" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_stage_commands_report_missing_inputs(tmp_path):
+    r = run("critic", "--model", str(tmp_path), "--labels", str(tmp_path / "nolabels"), "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and "manifest.json" in r.stderr and "Traceback" not in r.stderr

@@ -1,5 +1,4 @@
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -8,12 +7,17 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from scripted import ScriptedArithmeticPolicy
-from stepdapo.config import ArithmeticConfig, load_config
+
+from stepdapo.config import load_config
 from stepdapo.models import char_tokenizer
 from stepdapo.stages.labels import read_labels, run_labels
-from stepdapo.stages.states import read_solutions, run_states, select_balanced, unique_states
+from stepdapo.stages.states import (
+    read_solutions,
+    run_states,
+    select_balanced,
+    unique_states,
+)
 from stepdapo.tasks.arithmetic import ArithmeticTask
 
 

@@ -248,7 +248,11 @@ class CriticConfig:
 
     Fields:
         epochs: passes over the training states.
-        lr: peak learning rate (AdamW, linear warmup and decay).
+        lr: peak learning rate (AdamW).
+        lr_scheduler: a transformers scheduler name. The default keeps the rate constant after
+            warmup: on the built-in task the critic sits on a plateau (depth-only features) for
+            about two epochs before it learns to check the arithmetic, and a decaying rate often
+            never leaves it; 1e-3 and up, or batches of 16, never leave it either (bench notes).
         batch_size: states per optimizer step.
         warmup_ratio: share of steps spent warming up.
         weight_decay: AdamW weight decay.
@@ -264,8 +268,9 @@ class CriticConfig:
             continues from the last iteration's critic when there is one.
     """
 
-    epochs: float = 2.0
-    lr: float = 1e-3
+    epochs: float = 5.0
+    lr: float = 3e-4
+    lr_scheduler: str = "constant_with_warmup"
     batch_size: int = 64
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
@@ -277,6 +282,8 @@ class CriticConfig:
     def validate(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.lr_scheduler in ("constant_with_warmup", "linear", "cosine", "constant"), "lr_scheduler",
+               "one of constant_with_warmup, linear, cosine, constant")
         _check(0 < self.heldout_fraction < 1, "heldout_fraction", "must be in (0, 1)")
         _check(self.init in ("policy", "previous"), "init", "must be 'policy' or 'previous'")
 

@@ -9,12 +9,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` via a temporary file in the same directory and an atomic rename."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -174,3 +178,11 @@ def read_stage(directory: str | os.PathLike, name: str, schema: pa.Schema | None
     if not tables:
         return (schema or pa.schema([])).empty_table()
     return pa.concat_tables(tables)
+
+
+def stage_fingerprint(directory: str | os.PathLike, name: str) -> dict:
+    """The fingerprint of a complete upstream stage (an error naming the file if it is not)."""
+    m = Path(directory) / MANIFEST
+    if not m.is_file():
+        raise ArtifactError(f"{m}: missing: the {name} stage in {directory} is not complete (run it first)")
+    return read_json(m)["fingerprint"]

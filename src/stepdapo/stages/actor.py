@@ -22,7 +22,6 @@ The DPO baseline (`train_dpo`) reuses this trainer with the outcome-level DPO lo
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -37,7 +36,7 @@ from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
 from stepdapo.losses import dapo_loss, dpo_loss
 from stepdapo.models import load_policy, model_fingerprint
 from stepdapo.stages.advantages import read_advantages
-from stepdapo.store import read_json, write_json
+from stepdapo.store import read_json, stage_fingerprint, write_json
 
 SUMMARY = "stepdapo_actor.json"
 
@@ -150,7 +149,7 @@ def _last_checkpoint(work: Path) -> str | None:
 
 
 def fingerprint(cfg: RunConfig, policy: str | Path, adv_dir: str | Path) -> dict:
-    return {"policy": model_fingerprint(policy), "advantages": read_json(Path(adv_dir) / "manifest.json")["fingerprint"],
+    return {"policy": model_fingerprint(policy), "advantages": stage_fingerprint(adv_dir, "advantages"),
             "actor": to_dict(cfg.actor), "seed": cfg.seed}
 
 

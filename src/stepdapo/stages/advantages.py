@@ -29,7 +29,7 @@ from stepdapo.models import model_fingerprint
 from stepdapo.stages.critic import critic_examples, critic_values, load_critic
 from stepdapo.stages.labels import read_labels
 from stepdapo.stages.states import IDS, read_summary
-from stepdapo.store import ShardedStage, read_json, read_stage
+from stepdapo.store import ShardedStage, read_stage, stage_fingerprint
 
 SCHEMA = pa.schema([
     ("state_index", pa.int32()),
@@ -55,7 +55,7 @@ def state_advantages(values: list[float]) -> list[float]:
 
 def fingerprint(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Path) -> dict:
     return {"critic": model_fingerprint(critic) if critic else None,
-            "labels": read_json(Path(labels_dir) / "manifest.json")["fingerprint"],
+            "labels": stage_fingerprint(labels_dir, "labels"),
             "advantages": to_dict(cfg.advantages)}
 
 

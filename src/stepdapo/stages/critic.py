@@ -24,14 +24,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+)
 
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.generation import delimiter_token_mask, split_steps
 from stepdapo.losses import critic_loss
 from stepdapo.models import check_model_dir, model_fingerprint
 from stepdapo.stages.labels import read_labels
-from stepdapo.store import read_json, write_json
+from stepdapo.store import read_json, stage_fingerprint, write_json
 
 SUMMARY = "stepdapo_critic.json"
 
@@ -226,7 +231,7 @@ def plot_reliability(q: dict, path: Path, title: str) -> None:
 # -- the stage ------------------------------------------------------------------------------------
 
 def fingerprint(cfg: RunConfig, init: str | Path, labels_dir: str | Path) -> dict:
-    return {"init": model_fingerprint(init), "labels": read_json(Path(labels_dir) / "manifest.json")["fingerprint"],
+    return {"init": model_fingerprint(init), "labels": stage_fingerprint(labels_dir, "labels"),
             "critic": to_dict(cfg.critic), "seed": cfg.seed}
 
 
@@ -262,7 +267,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     steps = max(1, math.ceil(len(train) / c.batch_size * c.epochs))
     args = TrainingArguments(
         output_dir=str(tmp / "trainer"), per_device_train_batch_size=c.batch_size, max_steps=steps,
-        learning_rate=c.lr, lr_scheduler_type="linear", warmup_steps=int(c.warmup_ratio * steps),
+        learning_rate=c.lr, lr_scheduler_type=c.lr_scheduler, warmup_steps=int(c.warmup_ratio * steps),
         weight_decay=c.weight_decay, logging_steps=max(1, steps // 10), save_strategy="no",
         report_to="none", use_cpu=not torch.cuda.is_available(), seed=cfg.seed, data_seed=cfg.seed,
         disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0)

@@ -25,8 +25,14 @@ import pyarrow.parquet as pq
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.generation import Generator, HFGenerator, SamplingParams, split_steps
 from stepdapo.models import load_policy, model_fingerprint
-from stepdapo.stages.states import IDS, read_solutions, read_summary, shard_seed, unique_states
-from stepdapo.store import ShardedStage, read_json, read_stage
+from stepdapo.stages.states import (
+    IDS,
+    read_solutions,
+    read_summary,
+    shard_seed,
+    unique_states,
+)
+from stepdapo.store import ShardedStage, read_stage, stage_fingerprint
 
 SCHEMA = pa.schema([
     ("state_index", pa.int32()),
@@ -76,7 +82,7 @@ def label_shard(states: list[dict], problems: dict, task, gen: Generator, rollou
 
 
 def fingerprint(cfg: RunConfig, policy: str | Path, states_dir: str | Path) -> dict:
-    return {"policy": model_fingerprint(policy), "states": read_json(Path(states_dir) / "manifest.json")["fingerprint"],
+    return {"policy": model_fingerprint(policy), "states": stage_fingerprint(states_dir, "states"),
             "label": to_dict(cfg.label), "seed": cfg.seed}
 
 

@@ -16,7 +16,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from stepdapo.config import RunConfig, to_dict
-from stepdapo.generation import Generator, HFGenerator, SamplingParams, encode_prompts, split_steps
+from stepdapo.generation import (
+    Generator,
+    HFGenerator,
+    SamplingParams,
+    encode_prompts,
+    split_steps,
+)
 from stepdapo.models import load_policy, model_fingerprint
 from stepdapo.store import ShardedStage, read_stage
 

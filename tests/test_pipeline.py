@@ -1,0 +1,64 @@
+"""End to end: a reduced `stepdapo run` of the built-in task (a few minutes on 2 cores).
+
+It must finish, write the report contract, resume as a no-op, and improve the model: the critic
+must beat the constant predictor on held-out states and rank right steps above wrong ones, and
+DAPO must not lower greedy accuracy (in practice it raises it by tens of points)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+REDUCED = ["task.arithmetic.n_demos=40000", "eval.limit=400", "eval.samples=2", "eval.k=2",
+           "states.n_problems=500", "label.rollouts=8", "iterations=1", "baseline.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "arith"
+    r = subprocess.run([sys.executable, "-m", "stepdapo.cli", "run", "configs/arithmetic.yaml", "--out", str(out),
+                        *REDUCED], capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_report_contract(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    its = report["iterations"]
+    assert [it["iteration"] for it in its] == [0, 1]
+    for it in its:
+        assert 0 <= it["eval"]["accuracy"] <= 1 and it["eval"]["n"] == 400
+    md = (run_dir / "report.md").read_text()
+    assert "DAPO iteration 1" in md and "DPO baseline" in md
+    for png in ("accuracy.png", "critic-reliability-iter-1.png", "log-ratio-iter-1.png"):
+        assert (run_dir / png).stat().st_size > 1000
+
+
+def test_critic_beats_the_constant_predictor(run_dir):
+    q = json.loads((run_dir / "report.json").read_text())["iterations"][1]["critic"]["heldout"]
+    assert q["bce"] < q["bce_constant"] - 0.03
+    assert q["brier"] < q["brier_constant"] - 0.02
+    assert q["auc_mc0_vs_positive"] > 0.75
+    assert q["step_ranking"]["pairs"] > 20 and q["step_ranking"]["right_above_wrong"] > 0.7
+
+
+def test_dapo_improves_greedy_accuracy(run_dir):
+    its = json.loads((run_dir / "report.json").read_text())["iterations"]
+    base, dapo = its[0]["eval"], its[1]["eval"]
+    assert dapo["accuracy"] >= base["accuracy"]  # the must; in practice far more:
+    assert dapo["accuracy"] > base["ci95"][1]
+    assert dapo["greedy_flaw_step_accuracy"] > base["greedy_flaw_step_accuracy"] + 0.2
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(run_dir):
+    before = (run_dir / "report.json").read_text()
+    r = subprocess.run([sys.executable, "-m", "stepdapo.cli", "run", "configs/arithmetic.yaml", "--out", str(run_dir),
+                        *REDUCED], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert "iter-1/actor" in timings
+    assert json.loads((run_dir / "report.json").read_text())["iterations"] == json.loads(before)["iterations"]
+    r = subprocess.run([sys.executable, "-m", "stepdapo.cli", "run", "configs/arithmetic.yaml", "--out", str(run_dir),
+                        *REDUCED, "actor.beta=0.5"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "different config" in r.stderr and "actor.beta" in r.stderr

@@ -10,8 +10,11 @@ import sys
 
 import pytest
 
+# Smaller than the default where it does not starve the critic: with 500 problems its ~4k examples
+# were too few (it overfit: held-out BCE above the constant's), so the states keep their 1000
+# problems and the rollouts are halved instead.
 REDUCED = ["task.arithmetic.n_demos=40000", "eval.limit=400", "eval.samples=2", "eval.k=2",
-           "states.n_problems=500", "label.rollouts=8", "iterations=1", "baseline.epochs=1"]
+           "label.rollouts=8", "iterations=1", "baseline.epochs=1"]
 
 
 @pytest.fixture(scope="module")

@@ -45,15 +45,22 @@ def cmd_evaluate(args) -> int:
     from stepdapo.store import write_json
     from stepdapo.tasks import get_task
 
-    extra = [f"task.name={args.task}", f"eval.split={args.split}"]
-    if args.limit is not None:
-        extra.append(f"eval.limit={args.limit}")
+    extra = [f"task.name={args.task}"] if args.task else []
+    extra += [f"eval.split={args.split}"] if args.split else []
+    extra += [f"eval.limit={args.limit}"] if args.limit is not None else []
     cfg = _load(args, extra)
+    model_path = args.model or cfg.model
+    if model_path is None:
+        raise ConfigError("evaluate: no model; pass --model or set `model` in the config")
     set_threads(cfg.threads)
     task = get_task(cfg.task)
-    model, tokenizer = load_policy(args.model)
+    import time
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_policy(model_path)
     ev = evaluate(model, tokenizer, task, cfg.eval, seed=cfg.seed)
-    Console(stderr=True).print(format_table(ev, title=f"{args.model} on {cfg.task.name}/{cfg.eval.split}"))
+    ev["seconds"] = time.perf_counter() - t0  # model loading included
+    Console(stderr=True).print(format_table(ev, title=f"{model_path} on {cfg.task.name}/{cfg.eval.split}"))
     if args.out:
         write_json(args.out, {"eval": ev})
     else:
@@ -152,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("evaluate", help="greedy and sampled pass@1 of a model on a task")
-    p.add_argument("--model", required=True, help="HF model directory")
-    p.add_argument("--task", default="arithmetic", help="task name (default: arithmetic)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--model", help="HF model directory or GGUF file (default: the config's `model`)")
+    p.add_argument("--task", help="task name (default: the config's, else arithmetic)")
+    p.add_argument("--split", help="split to evaluate (default: the config's eval.split)")
     p.add_argument("--limit", type=int, help="first N problems only")
     p.add_argument("--out", help="write {'eval': {...}} JSON here (default: stdout)")
     _common(p)
@@ -207,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may come before or after options (`run CONFIG --out D k=v` and `run CONFIG k=v --out D`)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:  # ArtifactError is a ValueError

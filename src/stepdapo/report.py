@@ -31,14 +31,15 @@ def _plots(report: dict, out: Path) -> list[str]:
         ys = [it["eval"].get(key) for it in its]
         if any(y is None for y in ys):
             continue
-        lo = [y - it["eval"][ci_key][0] for y, it in zip(ys, its)]
-        hi = [it["eval"][ci_key][1] - y for y, it in zip(ys, its)]
+        # max(0, .): at 100% the Wilson bound can sit a rounding error below the estimate
+        lo = [max(0.0, y - it["eval"][ci_key][0]) for y, it in zip(ys, its)]
+        hi = [max(0.0, it["eval"][ci_key][1] - y) for y, it in zip(ys, its)]
         ax.errorbar(xs, [100 * y for y in ys], yerr=[[100 * v for v in lo], [100 * v for v in hi]],
                     marker="o", capsize=3, label=label)
     dpo = next((it["dpo"] for it in its if "dpo" in it), None)
     if dpo:
-        ax.errorbar([1.08], [100 * dpo["eval"]["accuracy"]], yerr=[[100 * (dpo["eval"]["accuracy"] - dpo["eval"]["ci95"][0])],
-                    [100 * (dpo["eval"]["ci95"][1] - dpo["eval"]["accuracy"])]], marker="s", color="gray",
+        ax.errorbar([1.08], [100 * dpo["eval"]["accuracy"]], yerr=[[100 * max(0.0, dpo["eval"]["accuracy"] - dpo["eval"]["ci95"][0])],
+                    [100 * max(0.0, dpo["eval"]["ci95"][1] - dpo["eval"]["accuracy"])]], marker="s", color="gray",
                     capsize=3, linestyle="none", label="DPO baseline, greedy")
     ax.set_xticks(xs)
     ax.set_xlabel("DAPO iteration (0 = starting model)")
@@ -74,6 +75,10 @@ def _plots(report: dict, out: Path) -> list[str]:
     return made
 
 
+def _num(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
 def write_report(report: dict, out: Path) -> None:
     """report.json (the contract: iterations[k].eval.accuracy / .n), report.md and plots."""
     slim = {**report, "iterations": [
@@ -107,11 +112,11 @@ def write_report(report: dict, out: Path) -> None:
             corr = act.get("final_corr_log_ratio_target")
             md.append(
                 f"| {it['iteration']} | {lab['states']} | {lab['fraction_mc_0']:.2f} / {lab['fraction_mc_between']:.2f} / "
-                f"{lab['fraction_mc_1']:.2f} | {q['bce']:.3f} ({q['bce_constant']:.3f}) | {q['brier']:.3f} "
-                f"({q['brier_constant']:.3f}) | {q['ece']:.3f} ({q['ece_constant']:.3f}) | "
-                f"{'–' if auc is None else f'{auc:.3f}'} | {'–' if sr is None else f'{sr:.2f}'} | "
+                f"{lab['fraction_mc_1']:.2f} | {_num(q['bce'])} ({_num(q['bce_constant'])}) | {_num(q['brier'])} "
+                f"({_num(q['brier_constant'])}) | {_num(q['ece'])} ({_num(q['ece_constant'])}) | "
+                f"{_num(auc)} | {_num(sr, 2)} | "
                 f"{adv['states_kept']} ({adv['fraction_kept']:.2f}) | {adv['advantage_abs_mean']:.3f} | "
-                f"{'–' if corr is None else f'{corr:.2f}'} |")
+                f"{_num(corr, 2)} |")
     md += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
     md += [f"| **total** | {sum(report['timings'].values()):.1f} |", "", "## Plots", ""]

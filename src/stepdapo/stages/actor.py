@@ -106,7 +106,8 @@ def _corr(x: torch.Tensor, y: torch.Tensor) -> float | None:
     return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
 
 
-def _training_args(out: Path, c, n_items: int, batch: int, seed: int, progress: bool) -> TrainingArguments:
+def _training_args(out: Path, c, n_items: int, batch: int, seed: int, progress: bool,
+                   bf16: bool = False) -> TrainingArguments:
     accum = getattr(c, "grad_accum", 1)
     steps = max(1, math.ceil(n_items / (batch * accum) * c.epochs))
     return TrainingArguments(
@@ -115,7 +116,7 @@ def _training_args(out: Path, c, n_items: int, batch: int, seed: int, progress: 
         lr_scheduler_type="linear", warmup_steps=int(getattr(c, "warmup_ratio", 0.0) * steps),
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=getattr(c, "max_grad_norm", 1.0),
         logging_steps=max(1, steps // 20), save_strategy="steps", save_steps=max(1, steps // 4),
-        save_total_limit=1, report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed,
+        save_total_limit=1, report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed, bf16=bf16,
         data_seed=seed, disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0)
 
 
@@ -187,7 +188,7 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
 
     model.train()
     model = _with_lora(model, c)
-    args = _training_args(work, c, len(items), c.states_per_batch, cfg.seed, progress)
+    args = _training_args(work, c, len(items), c.states_per_batch, cfg.seed, progress, cfg.bf16)
     trainer = DAPOTrainer(model=model, args=args, train_dataset=items, data_collator=_StateCollator(),
                           beta=c.beta, pad_id=tok.pad_token_id)
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
@@ -259,14 +260,20 @@ class DPOTrainer(DAPOTrainer):
 
 
 def train_dpo(cfg: RunConfig, policy: str | Path, solutions, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train the outcome-level DPO baseline from `policy` on pairs of the stage-1 `solutions`."""
     out = Path(out_dir)
-    if (out / SUMMARY).is_file():
-        return read_json(out / SUMMARY)
-    t0 = time.perf_counter()
     b = cfg.baseline
+    pairs = dpo_pairs(solutions, b.pairs_per_problem)
+    fp = {"policy": model_fingerprint(policy), "baseline": to_dict(b), "seed": cfg.seed, "pairs": len(pairs)}
+    if (out / SUMMARY).is_file():
+        summary = read_json(out / SUMMARY)
+        if summary.get("fingerprint") != fp:
+            raise ValueError(f"{out / SUMMARY}: this DPO baseline was trained with different settings or inputs; "
+                             f"use a new output directory or delete {out}")
+        return summary
+    t0 = time.perf_counter()
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    pairs = dpo_pairs(solutions, b.pairs_per_problem)
     if not pairs:
         raise ValueError("no (correct, incorrect) solution pairs for the DPO baseline")
     model, tok = load_policy(policy)
@@ -276,12 +283,12 @@ def train_dpo(cfg: RunConfig, policy: str | Path, solutions, out_dir: str | Path
     for p, a, r in zip(pairs, rc, rr):
         p["ref_chosen"], p["ref_rejected"] = a, r
     model.train()
-    args = _training_args(work, b, len(pairs), b.batch_size, cfg.seed, progress)
+    args = _training_args(work, b, len(pairs), b.batch_size, cfg.seed, progress, cfg.bf16)
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
                          beta=b.beta, pad_id=tok.pad_token_id)
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
     model.eval()
-    summary = {"pairs": len(pairs), "steps": args.max_steps, "train_loss": result.training_loss,
+    summary = {"fingerprint": fp, "pairs": len(pairs), "steps": args.max_steps, "train_loss": result.training_loss,
                "log": trainer.history, "seconds": time.perf_counter() - t0, "config": to_dict(b)}
     _save(model, tok, out, work, summary)
     return summary

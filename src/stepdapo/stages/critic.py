@@ -58,11 +58,10 @@ def critic_examples(labels, action_states: bool, rollout_prefixes: bool, is_deli
         for a, term, ok, full in zip(acts, terms, outcome, rollouts):
             if term:
                 continue  # a finished solution is scored by the verifier, never by the critic
+            ends = {len(a)} if action_states or rollout_prefixes else set()
             if rollout_prefixes:  # every step boundary of the rollout before its last step
-                ends = split_steps(full, is_delim)[:-1]
-            else:
-                ends = [len(a)] if action_states else []
-            for e in ends:
+                ends |= set(split_steps(full, is_delim)[:-1])
+            for e in sorted(ends):
                 x = pooled.setdefault(tuple(ids + full[:e]), [0, 0, pid, False])
                 x[0] += ok
                 x[1] += 1
@@ -166,6 +165,10 @@ def auc(scores, positive) -> float | None:
 
 def quality(pred, target, baseline: float) -> dict:
     """Each metric for the critic and for the constant prediction `baseline`."""
+    if len(target) == 0:  # e.g. a tiny run whose held-out problems left no states
+        return {"n": 0, **{k: None for k in ("bce", "bce_constant", "brier", "brier_constant", "ece",
+                                              "ece_constant", "auc_mc0_vs_positive", "auc_constant")},
+                "calibration": []}
     const = [baseline] * len(target)
     positive = [t > 0 for t in target]
     return {
@@ -214,6 +217,8 @@ def plot_reliability(q: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     bins = [b for b in q["calibration"] if b["n"]]
+    if not bins:
+        return
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(4.5, 5.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
     ax.plot([b["mean_pred"] for b in bins], [b["mean_target"] for b in bins], "o-", label="critic")
@@ -256,11 +261,20 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     held = [e for e in examples if heldout(e["problem_id"], c.heldout_fraction) and e["is_state"]]
     if not train:
         raise ValueError(f"{labels_dir}: no training states for the critic")
+    if c.max_examples is not None and len(train) > c.max_examples:
+        keep = np.random.default_rng(cfg.seed).choice(len(train), c.max_examples, replace=False)
+        train = [train[i] for i in sorted(keep)]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    torch.manual_seed(cfg.seed)  # the new value head's initialisation, whatever ran before in the process
     model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
     model.config.id2label, model.config.label2id = {0: "value_logit"}, {"value_logit": 0}
+    if c.lora_r > 0:  # SEQ_CLS keeps the new value head ("score") fully trainable
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                                                 target_modules="all-linear", task_type="SEQ_CLS"))
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -268,7 +282,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     args = TrainingArguments(
         output_dir=str(tmp / "trainer"), per_device_train_batch_size=c.batch_size, max_steps=steps,
         learning_rate=c.lr, lr_scheduler_type=c.lr_scheduler, warmup_steps=int(c.warmup_ratio * steps),
-        weight_decay=c.weight_decay, logging_steps=max(1, steps // 10), save_strategy="no",
+        weight_decay=c.weight_decay, logging_steps=max(1, steps // 10), save_strategy="no", bf16=cfg.bf16,
         report_to="none", use_cpu=not torch.cuda.is_available(), seed=cfg.seed, data_seed=cfg.seed,
         disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0)
     trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_Collator(tok.pad_token_id))
@@ -284,6 +298,8 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     tr_sample = [e for e in train if e["is_state"]][:2000]
     q_train = quality(critic_values(model, [e["input_ids"] for e in tr_sample], tok.pad_token_id),
                       [e["target"] for e in tr_sample], baseline)
+    if hasattr(model, "merge_and_unload"):  # LoRA: save a plain HF critic
+        model = model.merge_and_unload()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)

@@ -29,7 +29,9 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends: the rounding error of centre +- half must not exclude p itself
+    return (0.0 if successes == 0 else lo, 1.0 if successes == n else hi)
 
 
 def bootstrap_interval(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -65,7 +65,9 @@ def select_balanced(correct: list[bool], texts: list[str], keep: int) -> list[in
 
 
 def fingerprint(cfg: RunConfig, policy: str | Path) -> dict:
-    return {"policy": model_fingerprint(policy), "task": to_dict(cfg.task), "states": to_dict(cfg.states),
+    # only the settings of the task in use: adding another task's settings must not void old runs
+    return {"policy": model_fingerprint(policy), "task": cfg.task.name,
+            "task_settings": to_dict(getattr(cfg.task, cfg.task.name)), "states": to_dict(cfg.states),
             "seed": cfg.seed}
 
 

@@ -45,7 +45,7 @@ class Task(Protocol):
         """Is `completion` (the generated text after the prompt) a correct solution?"""
 
 
-TASKS = ("arithmetic",)
+TASKS = ("arithmetic", "gsm8k", "math", "code")
 
 
 def get_task(task_cfg) -> Task:
@@ -54,4 +54,12 @@ def get_task(task_cfg) -> Task:
         from stepdapo.tasks.arithmetic import ArithmeticTask
 
         return ArithmeticTask(task_cfg.arithmetic)
+    if task_cfg.name in ("gsm8k", "math"):
+        from stepdapo.tasks.math import MathTask
+
+        return MathTask(getattr(task_cfg, task_cfg.name), name=task_cfg.name)
+    if task_cfg.name == "code":
+        from stepdapo.tasks.code import CodeTask
+
+        return CodeTask(task_cfg.code)
     raise ValueError(f"unknown task {task_cfg.name!r}; known: {list(TASKS)}")

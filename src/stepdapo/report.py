@@ -23,7 +23,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    its = report["iterations"]
+    its = [it for it in report["iterations"] if "skipped" not in it]  # a skipped iteration has no new model
     xs = [it["iteration"] for it in its]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for key, ci_key, label in (("accuracy", "ci95", "greedy pass@1"), ("sampled_accuracy", "sampled_ci95",
@@ -98,15 +98,20 @@ def write_report(report: dict, out: Path) -> None:
                 f"{_ci(ev, 'sampled_ci95')} | {_pct(ev.get('greedy_flaw_step_accuracy'))} | {ev['n']} |")
 
     for it in its:
+        if "skipped" in it:
+            md.append(f"| DAPO iteration {it['iteration']}: not trained ({it['skipped']}) | | | | | | |")
+            continue
         md.append(acc_row("starting model" if it["iteration"] == 0 else f"DAPO iteration {it['iteration']}", it["eval"]))
         if "dpo" in it:
             md.append(acc_row("DPO baseline (same samples as iteration 1)", it["dpo"]["eval"]))
+        elif "dpo_skipped" in it:
+            md.append(f"| DPO baseline: not trained ({it['dpo_skipped']}) | | | | | | |")
     if len(its) > 1:
         md += ["", "## Per iteration", "",
                "| iteration | states | MC=0 / 0<MC<1 / MC=1 | critic BCE (const) | Brier (const) | ECE (const) | AUC | right>wrong step | states kept (gap) | mean abs A | actor corr(log-ratio, A/beta) |",
                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for it in its[1:]:
-            lab, q, adv, act = it["labels"], it["critic"]["heldout"], it["advantages"], it["actor"]
+            lab, q, adv, act = it["labels"], it["critic"]["heldout"], it["advantages"], it.get("actor", {})
             sr = (q.get("step_ranking") or {}).get("right_above_wrong")
             auc = q.get("auc_mc0_vs_positive")
             corr = act.get("final_corr_log_ratio_target")

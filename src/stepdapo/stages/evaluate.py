@@ -12,12 +12,14 @@ the task offers `analyze(problem, completion)`.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 import numpy as np
 
 from stepdapo.config import EvalConfig
 from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts
+from stepdapo.tasks import verify_all
 
 Z95 = 1.959963984540054
 
@@ -78,6 +80,12 @@ def _diagnostics(task, problems, completions) -> dict:
     return out
 
 
+def _reason_kind(reason: str) -> str:
+    """"wrong answer 16 (gold 64)" -> "wrong answer": the reason without its particulars."""
+    m = re.match(r"[A-Za-z][A-Za-z ]*", reason)
+    return m.group(0).strip() if m else reason
+
+
 def evaluate(model, tokenizer, task, cfg: EvalConfig, seed: int = 0, progress: bool = True) -> dict:
     """Evaluate a loaded policy on `task`; returns the `eval` object of report.json."""
     problems = task.problems(cfg.split)
@@ -92,7 +100,7 @@ def evaluate(model, tokenizer, task, cfg: EvalConfig, seed: int = 0, progress: b
                                                      seed=seed), desc="eval greedy")
     tok_s = gen.last_stats["tokens_per_s"]
     texts = [g[0].text for g in greedy]
-    verdicts = [task.verify(p, t) for p, t in zip(problems, texts)]
+    verdicts = verify_all(task, problems, texts)
     correct = sum(v.correct for v in verdicts)
     lo, hi = wilson_interval(correct, len(problems))
     result = {
@@ -100,9 +108,13 @@ def evaluate(model, tokenizer, task, cfg: EvalConfig, seed: int = 0, progress: b
         "n": len(problems),
         "ci95": [lo, hi],
         "split": cfg.split,
-        "reasons": dict(Counter(v.reason.split(" ")[0] if not v.correct else "correct"
+        "reasons": dict(Counter(_reason_kind(v.reason) if not v.correct else "correct"
                                 for v in verdicts).most_common()),
+        "greedy_truncated": sum(g[0].finish == "length" for g in greedy) / len(problems),
         "greedy_tokens_per_s": tok_s,
+        # a few to read: what the model writes is the first thing to look at when accuracy is odd
+        "greedy_examples": [{"id": p.id, "completion": t, "correct": v.correct, "reason": v.reason}
+                            for p, t, v in list(zip(problems, texts, verdicts))[:5]],
     }
     result.update({f"greedy_{k}": v for k, v in _diagnostics(task, problems, texts).items()})
 
@@ -110,7 +122,10 @@ def evaluate(model, tokenizer, task, cfg: EvalConfig, seed: int = 0, progress: b
         sampled = gen.generate(prompts, cfg.samples, SamplingParams(
             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
             seed=seed + 1), desc=f"eval T={cfg.temperature:g}")
-        ok = [[task.verify(p, s.text).correct for s in samples] for p, samples in zip(problems, sampled)]
+        flat_v = verify_all(task, [p for p in problems for _ in range(cfg.samples)],
+                            [s.text for samples in sampled for s in samples])
+        verdicts_of = [flat_v[i * cfg.samples:(i + 1) * cfg.samples] for i in range(len(problems))]
+        ok = [[v.correct for v in vs] for vs in verdicts_of]
         per_problem = [sum(o) / len(o) for o in ok]
         result["sampled_accuracy"] = float(np.mean(per_problem))
         result["sampled_ci95"] = list(bootstrap_interval(per_problem, seed=seed))
@@ -121,8 +136,8 @@ def evaluate(model, tokenizer, task, cfg: EvalConfig, seed: int = 0, progress: b
             result[f"pass@{cfg.k}"] = float(np.mean(pk))
             result[f"pass@{cfg.k}_ci95"] = list(bootstrap_interval(pk, seed=seed))
             mj = []
-            for p, samples in zip(problems, sampled):
-                vs = [task.verify(p, s.text) for s in samples[:cfg.k]]
+            for vs in verdicts_of:
+                vs = vs[:cfg.k]
                 mj.append(float(majority_correct([v.answer for v in vs], [v.correct for v in vs])))
             result[f"maj@{cfg.k}"] = float(np.mean(mj))
             result[f"maj@{cfg.k}_ci95"] = list(bootstrap_interval(mj, seed=seed))
@@ -153,7 +168,7 @@ def format_table(ev: dict, title: str = "evaluation"):
             "sampled_accuracy", "sampled_ci95")
     for k in [k for k in ev if k.startswith(("pass@", "maj@")) and not k.endswith("_ci95")]:
         row(k, k, k + "_ci95")
-    for k in ("greedy_well_formed", "greedy_step_accuracy", "greedy_flaw_step_accuracy",
+    for k in ("greedy_truncated", "greedy_well_formed", "greedy_step_accuracy", "greedy_flaw_step_accuracy",
               "greedy_other_step_accuracy", "sampled_flaw_step_accuracy"):
         row(k.replace("_", " "), k)
     return table

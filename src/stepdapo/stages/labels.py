@@ -33,6 +33,7 @@ from stepdapo.stages.states import (
     unique_states,
 )
 from stepdapo.store import ShardedStage, read_stage, stage_fingerprint
+from stepdapo.tasks import verify_all
 
 SCHEMA = pa.schema([
     ("state_index", pa.int32()),
@@ -70,8 +71,9 @@ def label_shard(states: list[dict], problems: dict, task, gen: Generator, rollou
             lps.append(float(sum(x.token_logprobs[:end])))
             terms.append(end == len(x.token_ids) and x.finish == "eos")
             texts.append(tok.decode(x.token_ids[:end], skip_special_tokens=True))
-            outs.append(task.verify(problem, text).correct)
+            outs.append(text)  # verified below, all of the state's rollouts at once
             full.append(x.token_ids)
+        outs = [v.correct for v in verify_all(task, [problem] * len(outs), outs)]
         for k, v in (("state_index", s["index"]), ("problem_id", s["problem_id"]), ("ids", s["ids"]),
                      ("prompt_len", s["prompt_len"]), ("depth", s["depth"]), ("count", s["count"]),
                      ("mc", sum(outs) / len(outs)), ("n_correct", sum(outs)), ("action_ids", acts),

@@ -25,6 +25,7 @@ from stepdapo.generation import (
 )
 from stepdapo.models import load_policy, model_fingerprint
 from stepdapo.store import ShardedStage, read_stage
+from stepdapo.tasks import verify_all
 
 IDS = pa.list_(pa.int32())
 SCHEMA = pa.schema([
@@ -99,7 +100,7 @@ def run_states(cfg: RunConfig, policy: str | Path, out_dir: str | Path, task, pr
         tokens += sum(len(x.token_ids) for samples in out for x in samples)
         rows: dict[str, list] = {f: [] for f in SCHEMA.names}
         for p, prompt_ids, samples in zip(chunk, prompts, out):
-            correct = [task.verify(p, s.text).correct for s in samples]
+            correct = [v.correct for v in verify_all(task, [p] * len(samples), [s.text for s in samples])]
             for i in select_balanced(correct, [s.text for s in samples], c.keep_per_problem):
                 s = samples[i]
                 for k, v in (("problem_id", p.id), ("sample_index", i), ("prompt_ids", prompt_ids),

@@ -45,6 +45,14 @@ class Task(Protocol):
         """Is `completion` (the generated text after the prompt) a correct solution?"""
 
 
+def verify_all(task: Task, problems: list[Problem], completions: list[str]) -> list[Verdict]:
+    """Verify many completions at once: through the task's `verify_many` where it has one (the math
+    tasks send one batch to their verifier process, the code task runs sandboxes in parallel)."""
+    if hasattr(task, "verify_many"):
+        return list(task.verify_many(list(zip(problems, completions))))
+    return [task.verify(p, c) for p, c in zip(problems, completions)]
+
+
 TASKS = ("arithmetic", "gsm8k", "math", "code")
 
 

@@ -354,7 +354,7 @@ class VerifyWorker:
             raise RuntimeError(f"the math-verify worker exited at start (code {code}); is "
                                f"math-verify installed in {sys.executable}?") from None
 
-    def _kill(self) -> None:
+    def _close_pipes(self) -> None:
         for conn in (self._send, self._recv):
             if conn is not None:
                 try:
@@ -362,6 +362,9 @@ class VerifyWorker:
                 except OSError:
                     pass
         self._send = self._recv = None
+
+    def _kill(self) -> None:
+        self._close_pipes()
         if self._proc is not None:
             if self._proc.poll() is None:
                 self._proc.kill()
@@ -435,13 +438,7 @@ class VerifyWorker:
     def _after_fork(self) -> None:
         # A forked child must not talk to (or wait on) its parent's worker: forget it, start its own.
         self._lock = threading.Lock()
-        for conn in (self._send, self._recv):
-            if conn is not None:
-                try:
-                    conn.close()
-                except OSError:
-                    pass
-        self._send = self._recv = None
+        self._close_pipes()
         self._proc = None
 
 

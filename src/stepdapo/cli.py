@@ -144,7 +144,9 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else []))
     out = args.out or f"runs/{Path(args.config).stem}-seed{cfg.seed}"
     report = run(cfg, out)
-    accs = ", ".join(f"iter {it['iteration']}: {100 * it['eval']['accuracy']:.1f}%" for it in report["iterations"])
+    accs = ", ".join(f"iter {it['iteration']}: " + ("not trained" if "skipped" in it else
+                                                     f"{100 * it['eval']['accuracy']:.1f}%")
+                     for it in report["iterations"])
     print(f"greedy test accuracy: {accs}\nreport: {out}/report.md")
     return 0
 

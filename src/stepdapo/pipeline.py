@@ -101,6 +101,22 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     iterations = [{"iteration": 0, "model": str(policy),
                    **stage("iter-0/eval", lambda: _evaluate_to(out / "iter-0" / "eval.json", policy, task, cfg,
                                                                 console, "iteration 0 (pi_ref)"))}]
+
+    def _baseline(it: dict) -> None:
+        """The outcome-level DPO baseline from pi_ref (`policy` when called) on iteration 1's samples."""
+        if not cfg.baseline.dpo:
+            return
+        solutions = read_solutions(out / "iter-1" / "states")
+        if not any(r["correct"] for r in solutions.select(["correct"]).to_pylist()):
+            it["dpo_skipped"] = "no correct solution among the sampled ones: no (correct, incorrect) pair"
+            console.print(f"[yellow]DPO baseline: {it['dpo_skipped']}")
+        else:
+            dpo = stage("iter-1/dpo", lambda: train_dpo(cfg, policy, solutions, out / "iter-1" / "dpo", progress))
+            dpo_eval = stage("iter-1/dpo-eval", lambda: _evaluate_to(
+                out / "iter-1" / "dpo-eval.json", out / "iter-1" / "dpo", task, cfg, console,
+                "DPO baseline (outcome-level, same samples)"))
+            it["dpo"] = {"summary": {key: v for key, v in dpo.items() if key not in ("fingerprint", "log")}, **dpo_eval}
+
     critic_init: Path = policy
     for k in range(1, cfg.iterations + 1):
         d = out / f"iter-{k}"
@@ -122,21 +138,16 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
             console.print(f"[yellow]iteration {k}: {why}; stopping the iterations")
             it["skipped"] = why
             it["eval"] = iterations[-1]["eval"]
+            if k == 1:
+                _baseline(it)
             iterations.append(it)
             break
         actor = stage(f"iter-{k}/actor", lambda: run_actor(cfg, policy, d / "advantages", d / "actor", progress))
         it["actor"] = {key: v for key, v in actor.items() if key != "fingerprint"}
         it.update(stage(f"iter-{k}/eval", lambda: _evaluate_to(d / "eval.json", d / "actor", task, cfg, console,
                                                                f"iteration {k} (DAPO)")))
-        solutions = read_solutions(d / "states")
-        if k == 1 and cfg.baseline.dpo and not any(r["correct"] for r in solutions.select(["correct"]).to_pylist()):
-            it["dpo_skipped"] = "no correct solution among the sampled ones: no (correct, incorrect) pair"
-            console.print(f"[yellow]DPO baseline: {it['dpo_skipped']}")
-        elif k == 1 and cfg.baseline.dpo:
-            dpo = stage("iter-1/dpo", lambda: train_dpo(cfg, policy, solutions, d / "dpo", progress))
-            dpo_eval = stage("iter-1/dpo-eval", lambda: _evaluate_to(
-                d / "dpo-eval.json", d / "dpo", task, cfg, console, "DPO baseline (outcome-level, same samples)"))
-            it["dpo"] = {"summary": {key: v for key, v in dpo.items() if key not in ("fingerprint", "log")}, **dpo_eval}
+        if k == 1:
+            _baseline(it)
         iterations.append(it)
         policy, critic_init = d / "actor", d / "critic"
     report = {"config": to_dict(cfg), "iterations": iterations, "timings": timings, "final_model": str(policy)}

@@ -100,8 +100,9 @@ def write_report(report: dict, out: Path) -> None:
     for it in its:
         if "skipped" in it:
             md.append(f"| DAPO iteration {it['iteration']}: not trained ({it['skipped']}) | | | | | | |")
-            continue
-        md.append(acc_row("starting model" if it["iteration"] == 0 else f"DAPO iteration {it['iteration']}", it["eval"]))
+        else:
+            md.append(acc_row("starting model" if it["iteration"] == 0 else f"DAPO iteration {it['iteration']}",
+                              it["eval"]))
         if "dpo" in it:
             md.append(acc_row("DPO baseline (same samples as iteration 1)", it["dpo"]["eval"]))
         elif "dpo_skipped" in it:

@@ -34,6 +34,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def finished_summary(path: str | os.PathLike, fingerprint: Any, what: str) -> dict | None:
+    """The summary of a finished single-artifact stage (critic, actor, DPO) if `path` exists and
+    was made with `fingerprint`; None if it does not exist; an error if it was made otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    summary = read_json(p)
+    if summary.get("fingerprint") != fingerprint:
+        raise ValueError(f"{p}: this {what} was trained with different settings or inputs; "
+                         f"use a new output directory or delete {p.parent}")
+    return summary
+
+
 def read_json(path: str | os.PathLike) -> Any:
     p = Path(path)
     try:

@@ -36,7 +36,7 @@ from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
 from stepdapo.losses import dapo_loss, dpo_loss
 from stepdapo.models import load_policy, model_fingerprint
 from stepdapo.stages.advantages import read_advantages
-from stepdapo.store import read_json, stage_fingerprint, write_json
+from stepdapo.store import finished_summary, read_json, stage_fingerprint, write_json
 
 SUMMARY = "stepdapo_actor.json"
 
@@ -159,12 +159,8 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
     """Train pi_theta from pi_ref = `policy` on the advantages; save the new policy to `out_dir`."""
     out = Path(out_dir)
     fp = fingerprint(cfg, policy, adv_dir)
-    if (out / SUMMARY).is_file():
-        summary = read_json(out / SUMMARY)
-        if summary.get("fingerprint") != fp:
-            raise ValueError(f"{out / SUMMARY}: this actor was trained with different settings or inputs; "
-                             f"use a new output directory or delete {out}")
-        return summary
+    if (done := finished_summary(out / SUMMARY, fp, "actor")) is not None:
+        return done
     t0 = time.perf_counter()
     c = cfg.actor
     work = out.with_name(out.name + ".work")  # checkpoints and the ref cache survive a kill
@@ -265,12 +261,8 @@ def train_dpo(cfg: RunConfig, policy: str | Path, solutions, out_dir: str | Path
     b = cfg.baseline
     pairs = dpo_pairs(solutions, b.pairs_per_problem)
     fp = {"policy": model_fingerprint(policy), "baseline": to_dict(b), "seed": cfg.seed, "pairs": len(pairs)}
-    if (out / SUMMARY).is_file():
-        summary = read_json(out / SUMMARY)
-        if summary.get("fingerprint") != fp:
-            raise ValueError(f"{out / SUMMARY}: this DPO baseline was trained with different settings or inputs; "
-                             f"use a new output directory or delete {out}")
-        return summary
+    if (done := finished_summary(out / SUMMARY, fp, "DPO baseline")) is not None:
+        return done
     t0 = time.perf_counter()
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)

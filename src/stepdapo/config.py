@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from stepdapo import settings
 from stepdapo.errors import ConfigError
-from stepdapo.settings import Section, parse_override
+from stepdapo.settings import Section, bounded_by, parse_override
 from stepdapo.tasks.arithmetic import ArithmeticConfig
 from stepdapo.tasks.code import CodeConfig
 from stepdapo.tasks.math import MathConfig
@@ -111,13 +111,7 @@ class EvalConfig(Section):
     batch_size: int = Field(256, ge=1)
     """prompts per generation batch."""
 
-    @field_validator("k")
-    @classmethod
-    def _k_at_most_samples(cls, v: int, info):
-        n = info.data.get("samples")
-        if n and v > n:
-            raise ValueError(f"must be <= samples ({n})")
-        return v
+    _k_at_most_samples = field_validator("k")(bounded_by("samples"))
 
 
 class StatesConfig(Section):
@@ -137,13 +131,7 @@ class StatesConfig(Section):
     batch_size: int = Field(512, ge=1)
     """sequences per generation batch."""
 
-    @field_validator("keep_per_problem")
-    @classmethod
-    def _keep_at_most_samples(cls, v: int, info):
-        n = info.data.get("samples_per_problem")
-        if n is not None and v > n:
-            raise ValueError(f"must be <= samples_per_problem ({n})")
-        return v
+    _keep_at_most_samples = field_validator("keep_per_problem")(bounded_by("samples_per_problem"))
 
 
 class LabelConfig(Section):

@@ -37,6 +37,18 @@ class Section(BaseModel):
                               validate_assignment=True, validate_default=True)
 
 
+def bounded_by(other: str, at_most: bool = True):
+    """A field validator: the field must be <= (or >=) the earlier field `other`; a falsy `other`
+    (0 or null: the feature is off) imposes nothing. Use: `_k = bounded_by("samples")` in the class
+    body, with the field named in `field_validator`: see config.py."""
+    def check(cls, v, info):
+        bound = info.data.get(other)
+        if bound and (v > bound if at_most else v < bound):
+            raise ValueError(f"must be {'<=' if at_most else '>='} {other} ({bound})")
+        return v
+    return classmethod(check)
+
+
 # ----------------------------------------------------------------------------------------------
 # YAML with line numbers
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
-from stepdapo.settings import Section
+from stepdapo.settings import Section, bounded_by
 from stepdapo.tasks import Problem, Verdict
 
 
@@ -61,12 +61,7 @@ class ArithmeticConfig(Section):
     seed: int = Field(0, ge=0)
     """seed of the problem and demonstration generators."""
 
-    @field_validator("n_ops_max")
-    @classmethod
-    def _at_least_min(cls, v: int, info):
-        if "n_ops_min" in info.data and v < info.data["n_ops_min"]:
-            raise ValueError(f"must be >= n_ops_min ({info.data['n_ops_min']})")
-        return v
+    _max_at_least_min = field_validator("n_ops_max")(bounded_by("n_ops_min", at_most=False))
 
 _STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
 _ANSWER_RE = re.compile(r"^A=(\d+)$")

@@ -493,6 +493,8 @@ class RunConfig:
         actor: stage 5, the DAPO actor.
         baseline: the outcome-level DPO baseline on the same samples.
         iterations: DAPO iterations (pi_ref <- the last actor each time; the paper runs 2).
+        report_to: trackers that receive the training metrics (the Trainer's `report_to`, e.g.
+            ["tensorboard"], ["wandb"]); [] logs to none.
     """
 
     seed: int = 0
@@ -509,6 +511,7 @@ class RunConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     iterations: int = 2
+    report_to: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _check(self.threads >= 1, "threads", "must be >= 1")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from stepdapo.algorithms import state_advantages
 from stepdapo.losses import critic_loss, dapo_loss, dpo_loss
-from stepdapo.stages.advantages import state_advantages
 from stepdapo.stages.critic import auc, ece
 
 

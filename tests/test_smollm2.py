@@ -15,10 +15,10 @@ import torch
 
 from stepdapo.config import load_config
 from stepdapo.logprobs import batched_sequence_logprobs
-from stepdapo.models import import_model, load_policy
+from stepdapo.models import import_model, load_critic, load_policy
 from stepdapo.stages.actor import run_actor
 from stepdapo.stages.advantages import read_advantages, run_advantages
-from stepdapo.stages.critic import load_critic, run_critic
+from stepdapo.stages.critic import run_critic
 from stepdapo.stages.labels import read_labels, run_labels
 from stepdapo.stages.states import run_states
 from stepdapo.tasks import get_task

@@ -1,4 +1,5 @@
-"""Loading policies and critics, and the tiny model's factory and character-level tokenizer.
+"""Loading policies and critics (and the critic's batched inference), and the tiny model's factory
+and character-level tokenizer.
 
 The tiny model is a real `LlamaForCausalLM` with a real `PreTrainedTokenizerFast`, saved and loaded
 with `save_pretrained` / `from_pretrained`, so the tiny model and a real LM take one code path.
@@ -13,6 +14,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -20,6 +22,7 @@ from transformers import (
 )
 
 from stepdapo.config import TinyModelConfig
+from stepdapo.errors import ModelPathError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 # Every character the built-in task writes; anything else maps to <unk>.
@@ -65,11 +68,11 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     """A clear error for a model path that is neither a loadable HF directory nor a GGUF file."""
     p = Path(os.path.expandvars(os.path.expanduser(str(path))))  # configs may say ~/.cache/...
     if not p.exists():
-        raise FileNotFoundError(f"model path not found: {p}")
+        raise ModelPathError(f"model path not found: {p}")
     if p.is_dir() and not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p} is not a Hugging Face model directory (no config.json)")
+        raise ModelPathError(f"{p} is not a Hugging Face model directory (no config.json)")
     if p.is_file() and not is_gguf(p):
-        raise FileNotFoundError(f"{p}: a model is an HF directory or a .gguf file")
+        raise ModelPathError(f"{p}: a model is an HF directory or a .gguf file")
     return p
 
 
@@ -102,6 +105,40 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         model.is_quantized = False
     model.eval()
     return model, tokenizer
+
+
+def load_critic(path: str | os.PathLike):
+    """Load a critic saved by the critic stage (a sequence-classification model, one logit) and its
+    tokenizer."""
+    p = check_model_dir(path)
+    return AutoModelForSequenceClassification.from_pretrained(p).eval(), AutoTokenizer.from_pretrained(p)
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RIGHT-pad token sequences: (input_ids, attention_mask), both [B, longest]."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+    return ids, attn
+
+
+@torch.no_grad()
+def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: int = 512) -> list[float]:
+    """V(x) = sigmoid(the critic's logit) for each token sequence x, in batches of similar lengths."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = [0.0] * len(sequences)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, attn = pad_right([sequences[i] for i in idx], pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.squeeze(-1)
+        for i, v in zip(idx, torch.sigmoid(logits.float()).tolist()):
+            out[i] = v
+    return out
 
 
 def import_model(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -10,14 +10,17 @@
   `transformers.Trainer` (and so by accelerate: `accelerate launch` runs it multi-process);
 - full fine-tuning or LoRA (peft); LoRA is merged into the saved model.
 
-Logged metrics (Trainer logs, also in `actor_log.json`):
-  loss          the DAPO loss of the batch;
-  log_ratio     mean log pi_theta(a|s) - log pi_ref(a|s) (0 at the start; should grow toward A/beta);
-  target        mean |A/beta| of the batch (the scale the log-ratios are regressed onto);
-  corr          Pearson correlation between log-ratio and A/beta across the batch (rises from 0 as
-                the policy moves mass toward high-advantage steps);
-  grad_norm     the gradient norm before clipping.
-The DPO baseline (`train_dpo`) reuses this trainer with the outcome-level DPO loss.
+Logged training metrics, means since the previous log (in the summary's `log`, and to the trackers
+in `report_to`, which show them as `train/<name>`):
+  loss              the DAPO loss (weighted by the actions' weights);
+  log_ratio         mean log pi_theta(a|s) - log pi_ref(a|s) (0 at the start; grows toward A/beta);
+  target            mean |A/beta| (the scale the log-ratios are regressed onto);
+  corr              Pearson correlation between log-ratio and A/beta across a batch (rises from 0 as
+                    the policy moves mass toward high-advantage steps);
+  grad_norm         the gradient norm before clipping;
+  learning_rate     the scheduled learning rate.
+The outcome-level DPO baseline (`train_dpo`, `OutcomeDPOTrainer`) logs `loss` (the DPO loss),
+`log_ratio_margin` (mean chosen minus rejected log-ratio to pi_ref), `grad_norm` and `learning_rate`.
 """
 
 from __future__ import annotations
@@ -29,14 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from stepdapo.config import ActorConfig, RunConfig, to_dict
+from stepdapo.errors import StageInputError
 from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
 from stepdapo.losses import dapo_loss, dpo_loss
 from stepdapo.models import load_policy, model_fingerprint
 from stepdapo.stages.advantages import read_advantages
 from stepdapo.store import finished_summary, read_json, stage_fingerprint, write_json
+from stepdapo.training import finish_tracker_run, keep_tensorboard_logs, train_steps, training_args
 
 SUMMARY = "stepdapo_actor.json"
 
@@ -65,14 +70,14 @@ class _StateCollator:
 
 
 class DAPOTrainer(Trainer):
-    """A Trainer whose loss is `dapo_loss` on summed action log-probs."""
+    """A Trainer whose loss is `dapo_loss` on summed action log-probs; it logs the module
+    docstring's metrics (the Trainer itself logs loss, grad_norm and learning_rate)."""
 
     def __init__(self, *args, beta: float, pad_id: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta = beta
         self.pad_id = pad_id
         self._metrics: dict[str, list[float]] = {}
-        self.history: list[dict] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id)
@@ -80,8 +85,7 @@ class DAPOTrainer(Trainer):
         loss = dapo_loss(logps, ref, adv, self.beta, w)
         with torch.no_grad():
             ratio, target = (logps - ref).float(), adv / self.beta
-            self._record(loss=loss.item(), log_ratio=ratio.mean().item(), target=target.abs().mean().item(),
-                         corr=_corr(ratio, target))
+            self._record(log_ratio=ratio.mean().item(), target=target.abs().mean().item(), corr=_corr(ratio, target))
         return loss
 
     def _record(self, **kw):
@@ -91,33 +95,15 @@ class DAPOTrainer(Trainer):
 
     def log(self, logs: dict, *args, **kwargs):
         for k, v in self._metrics.items():  # the means since the last log, like TRL's trainers
-            logs[f"train/{k}"] = float(np.mean(v))
+            logs[k] = float(np.mean(v))
         self._metrics = {}
-        self.history.append(dict(logs))
         super().log(logs, *args, **kwargs)
-
-    def _remove_unused_columns(self, dataset, description=None):
-        return dataset
 
 
 def _corr(x: torch.Tensor, y: torch.Tensor) -> float | None:
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return None
     return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
-
-
-def _training_args(out: Path, c, n_items: int, batch: int, seed: int, progress: bool,
-                   bf16: bool = False) -> TrainingArguments:
-    accum = getattr(c, "grad_accum", 1)
-    steps = max(1, math.ceil(n_items / (batch * accum) * c.epochs))
-    return TrainingArguments(
-        output_dir=str(out / "checkpoints"), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accum, max_steps=steps, learning_rate=c.lr,
-        lr_scheduler_type="linear", warmup_steps=int(getattr(c, "warmup_ratio", 0.0) * steps),
-        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=getattr(c, "max_grad_norm", 1.0),
-        logging_steps=max(1, steps // 20), save_strategy="steps", save_steps=max(1, steps // 4),
-        save_total_limit=1, report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed, bf16=bf16,
-        data_seed=seed, disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0)
 
 
 def _with_lora(model, c: ActorConfig):
@@ -137,6 +123,7 @@ def _save(model, tok, final: Path, work: Path, summary: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    keep_tensorboard_logs(work / "checkpoints", tmp)
     write_json(tmp / SUMMARY, summary)
     if final.exists():
         shutil.rmtree(final)
@@ -167,8 +154,8 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
     work.mkdir(parents=True, exist_ok=True)
     rows = read_advantages(adv_dir).to_pylist()
     if not rows:
-        raise ValueError(f"{adv_dir}: no state passed the advantage-gap filter; nothing to train on "
-                         f"(lower advantages.min_gap or check the critic)")
+        raise StageInputError(f"{adv_dir}: no state passed the advantage-gap filter; nothing to train on "
+                              f"(lower advantages.min_gap or check the critic)")
     model, tok = load_policy(policy)
 
     ref_cache = work / "ref_logprobs.json"  # computed once per iteration, before any update
@@ -184,17 +171,26 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
 
     model.train()
     model = _with_lora(model, c)
-    args = _training_args(work, c, len(items), c.states_per_batch, cfg.seed, progress, cfg.bf16)
+    # AdamW(0.9, 0.95), no weight decay, linear schedule; 4 checkpoints (a killed actor resumes)
+    steps = train_steps(len(items), c.states_per_batch, c.epochs, c.grad_accum)
+    args = training_args(work / "checkpoints", steps=steps, batch_size=c.states_per_batch, grad_accum=c.grad_accum,
+                         lr=c.lr, warmup_ratio=c.warmup_ratio, adam_betas=(0.9, 0.95), max_grad_norm=c.max_grad_norm,
+                         checkpoints=4, bf16=cfg.bf16, seed=cfg.seed, report_to=cfg.report_to, progress=progress,
+                         run_name=str(out))
     trainer = DAPOTrainer(model=model, args=args, train_dataset=items, data_collator=_StateCollator(),
                           beta=c.beta, pad_id=tok.pad_token_id)
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
+    finish_tracker_run(cfg.report_to)
     model.eval()
 
     # where the log-ratios ended, against their targets A/beta (for the report's scatter plot)
     final = batched_sequence_logprobs(model, [r["state_ids"] for r in rows], [r["action_ids"] for r in rows],
                                       tok.pad_token_id)
+    adv, weights = [r["advantage"] for r in rows], [r["weight"] for r in rows]
     ratio = np.array(final) - np.array(ref)
-    target = np.array([r["advantage"] for r in rows]) / c.beta
+    target = np.array(adv) / c.beta
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    final_loss = dapo_loss(f64(final), f64(ref), f64(adv), c.beta, f64(weights))  # weighted, as in training
     summary = {
         "fingerprint": fp,
         "policy": str(policy),
@@ -204,8 +200,8 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
         "train_loss": result.training_loss,
         "final_log_ratio_mean": float(ratio.mean()),
         "final_corr_log_ratio_target": float(np.corrcoef(ratio, target)[0, 1]) if len(rows) > 1 and ratio.std() > 0 else None,
-        "final_loss": float(0.5 * np.mean((target - ratio) ** 2)),
-        "log": trainer.history,
+        "final_loss": float(final_loss),
+        "log": trainer.state.log_history,
         "scatter": {"target": target.round(4).tolist()[:5000], "log_ratio": ratio.round(4).tolist()[:5000]},
         "lora": c.lora_r > 0,
         "seconds": time.perf_counter() - t0,
@@ -241,7 +237,7 @@ class _PairCollator:
                 "ref_logps": torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs])}
 
 
-class DPOTrainer(DAPOTrainer):
+class OutcomeDPOTrainer(DAPOTrainer):
     """The same trainer with the outcome-level DPO loss on (chosen, rejected) solutions."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -251,7 +247,7 @@ class DPOTrainer(DAPOTrainer):
         loss = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
         with torch.no_grad():
             margin = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).mean().item()
-        self._record(loss=loss.item(), log_ratio_margin=margin)
+        self._record(log_ratio_margin=margin)
         return loss
 
 
@@ -267,7 +263,7 @@ def train_dpo(cfg: RunConfig, policy: str | Path, solutions, out_dir: str | Path
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     if not pairs:
-        raise ValueError("no (correct, incorrect) solution pairs for the DPO baseline")
+        raise StageInputError("no (correct, incorrect) solution pairs for the DPO baseline")
     model, tok = load_policy(policy)
     prompts = [p["prompt"] for p in pairs]
     rc = batched_sequence_logprobs(model, prompts, [p["chosen"] for p in pairs], tok.pad_token_id)
@@ -275,12 +271,16 @@ def train_dpo(cfg: RunConfig, policy: str | Path, solutions, out_dir: str | Path
     for p, a, r in zip(pairs, rc, rr):
         p["ref_chosen"], p["ref_rejected"] = a, r
     model.train()
-    args = _training_args(work, b, len(pairs), b.batch_size, cfg.seed, progress, cfg.bf16)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
-                         beta=b.beta, pad_id=tok.pad_token_id)
+    # the actor's optimizer and schedule, no warmup
+    args = training_args(work / "checkpoints", steps=train_steps(len(pairs), b.batch_size, b.epochs),
+                         batch_size=b.batch_size, lr=b.lr, adam_betas=(0.9, 0.95), checkpoints=4, bf16=cfg.bf16,
+                         seed=cfg.seed, report_to=cfg.report_to, progress=progress, run_name=str(out))
+    trainer = OutcomeDPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
+                                beta=b.beta, pad_id=tok.pad_token_id)
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
+    finish_tracker_run(cfg.report_to)
     model.eval()
     summary = {"fingerprint": fp, "pairs": len(pairs), "steps": args.max_steps, "train_loss": result.training_loss,
-               "log": trainer.history, "seconds": time.perf_counter() - t0, "config": to_dict(b)}
+               "log": trainer.state.log_history, "seconds": time.perf_counter() - t0, "config": to_dict(b)}
     _save(model, tok, out, work, summary)
     return summary

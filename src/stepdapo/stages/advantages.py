@@ -17,16 +17,16 @@ kept only if its advantage gap max A - min A reaches `min_gap`.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from stepdapo.algorithms import advantage_gap, distinct_actions, keeps_state, state_advantages, value_examples
 from stepdapo.config import RunConfig, to_dict
-from stepdapo.generation import delimiter_token_mask
-from stepdapo.models import model_fingerprint
-from stepdapo.stages.critic import critic_examples, critic_values, load_critic
+from stepdapo.errors import StageInputError
+from stepdapo.generation import delimiter_token_mask, split_steps
+from stepdapo.models import critic_values, load_critic, model_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.stages.states import IDS, read_summary
 from stepdapo.store import ShardedStage, read_stage, stage_fingerprint
@@ -47,16 +47,32 @@ SCHEMA = pa.schema([
 ])
 
 
-def state_advantages(values: list[float]) -> list[float]:
-    """A_j = v_j - mean(v) over all sampled actions of one state (duplicates included)."""
-    mean = sum(values) / len(values)
-    return [v - mean for v in values]
-
-
 def fingerprint(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Path) -> dict:
     return {"critic": model_fingerprint(critic) if critic else None,
             "labels": stage_fingerprint(labels_dir, "labels"),
             "advantages": to_dict(cfg.advantages)}
+
+
+def action_values(labels: pa.Table, source: str, critic: str | Path | None, tokenizer, task) -> dict:
+    """v(s + a) for every non-terminal sampled action s + a: the critic's value, or (source="mc") the
+    pooled Monte-Carlo value of every rollout through s + a."""
+    if source == "critic":
+        if critic is None:
+            raise StageInputError("advantages.source=critic needs a critic directory")
+        model, tok = load_critic(critic)
+        cols = labels.select(["ids", "action_ids", "action_terminal"]).to_pydict()
+        keys = sorted({tuple(s + a) for s, acts, terms in zip(cols["ids"], cols["action_ids"], cols["action_terminal"])
+                       for a, term in zip(acts, terms) if not term})
+        return dict(zip(keys, critic_values(model, [list(k) for k in keys], tok.pad_token_id)))
+    if tokenizer is None:
+        raise StageInputError("advantages.source=mc needs the policy's tokenizer")
+    is_delim = delimiter_token_mask(tokenizer, task.step_delimiter)
+    c = labels.select(["problem_id", "ids", "n_correct", "outcome", "action_ids", "action_terminal",
+                       "rollout_ids"]).to_pydict()
+    pooled = value_examples(c["problem_id"], c["ids"], c["n_correct"], c["outcome"], c["action_ids"],
+                            c["action_terminal"], c["rollout_ids"], step_ends=lambda ids: split_steps(ids, is_delim),
+                            action_states=True, rollout_prefixes=True)
+    return {e.input_ids: e.target for e in pooled}
 
 
 def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Path, out_dir: str | Path,
@@ -69,47 +85,27 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
     stage.start()
     t0 = time.perf_counter()
     labels = read_labels(labels_dir)
-    rows = labels.select(["state_index", "problem_id", "ids", "depth", "action_ids", "action_text",
-                          "action_terminal", "outcome"]).to_pylist()
-
-    # v(s + a) for every non-terminal sampled action
-    if c.source == "critic":
-        if critic is None:
-            raise ValueError("advantages.source=critic needs a critic directory")
-        model, tok = load_critic(critic)
-        keys = sorted({tuple(r["ids"] + a) for r in rows
-                       for a, term in zip(r["action_ids"], r["action_terminal"]) if not term})
-        value_of = dict(zip(keys, critic_values(model, [list(k) for k in keys], tok.pad_token_id)))
-    else:  # Monte-Carlo: pooled outcomes of every rollout through s + a
-        if tokenizer is None:
-            raise ValueError("advantages.source=mc needs the policy's tokenizer")
-        pooled = critic_examples(labels, action_states=True, rollout_prefixes=True,
-                                 is_delim=delimiter_token_mask(tokenizer, task.step_delimiter))
-        value_of = {tuple(e["input_ids"]): e["target"] for e in pooled}
+    value_of = action_values(labels, c.source, critic, tokenizer, task)
 
     out: dict[str, list] = {f: [] for f in SCHEMA.names}
-    gaps, kept_states, n_actions = [], 0, 0
+    gaps, kept_states = [], 0
+    rows = labels.select(["state_index", "problem_id", "ids", "depth", "action_ids", "action_text",
+                          "action_terminal", "outcome"]).to_pylist()
     for r in rows:
+        # a finishing action is scored by the verifier's reward, never by the critic
         vals = [float(ok) if term else value_of[tuple(r["ids"] + a)]
                 for a, term, ok in zip(r["action_ids"], r["action_terminal"], r["outcome"])]
         adv = state_advantages(vals)
-        gap = max(adv) - min(adv)
-        gaps.append(gap)
-        if gap < c.min_gap:
+        gaps.append(advantage_gap(adv))
+        if not keeps_state(adv, c.min_gap):
             continue
         kept_states += 1
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for j, a in enumerate(r["action_ids"]):
-            groups[tuple(a)].append(j)
-        for a, js in groups.items():  # first-seen order: deterministic
-            j = js[0]
-            n_actions += 1
+        for d in distinct_actions(r["action_ids"], vals, adv, r["outcome"], c.weighting):
             for k, v in (("state_index", r["state_index"]), ("problem_id", r["problem_id"]),
-                         ("state_ids", r["ids"]), ("depth", r["depth"]), ("action_ids", list(a)),
-                         ("action_text", r["action_text"][j]), ("terminal", r["action_terminal"][j]),
-                         ("value", vals[j]), ("advantage", adv[j]),
-                         ("weight", float(len(js)) if c.weighting == "count" else 1.0),
-                         ("count", len(js)), ("outcome_rate", float(np.mean([r["outcome"][i] for i in js])))):
+                         ("state_ids", r["ids"]), ("depth", r["depth"]), ("action_ids", list(d.action_ids)),
+                         ("action_text", r["action_text"][d.first]), ("terminal", r["action_terminal"][d.first]),
+                         ("value", d.value), ("advantage", d.advantage), ("weight", d.weight),
+                         ("count", d.count), ("outcome_rate", d.outcome_rate)):
                 out[k].append(v)
     stage.write_shard(0, out)
     adv = np.array(out["advantage"]) if out["advantage"] else np.zeros(1)
@@ -119,7 +115,7 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
         "states": len(rows),
         "states_kept": kept_states,
         "fraction_kept": kept_states / max(len(rows), 1),
-        "actions_kept": n_actions,
+        "actions_kept": len(out["advantage"]),
         "mean_gap": float(np.mean(gaps)) if gaps else 0.0,
         "advantage_mean": float(adv.mean()),
         "advantage_abs_mean": float(np.abs(adv).mean()),

@@ -3,22 +3,26 @@
 A tiny Llama with a character tokenizer is trained by supervised fine-tuning (loss on the solution
 tokens only) on the task's flawed demonstrations, with `transformers.Trainer`, and saved with
 `save_pretrained`. The output directory appears only when the model is complete.
+
+Logged training metrics (to the trackers in `report_to`, which show them as `train/<name>`): `loss`
+(cross-entropy on the solution tokens), `grad_norm`, `learning_rate`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from stepdapo.config import RunConfig, to_dict
+from stepdapo.errors import StageInputError
 from stepdapo.models import char_tokenizer, tiny_llama
 from stepdapo.tasks import get_task
+from stepdapo.training import finish_tracker_run, keep_tensorboard_logs, train_steps, training_args
 
 
 class _SFTCollator:
@@ -55,46 +59,32 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dic
     if (out / "config.json").is_file() and (out / "stepdapo_bootstrap.json").is_file():
         return json.loads((out / "stepdapo_bootstrap.json").read_text())  # finished before
     if cfg.task.name != "arithmetic":
-        raise ValueError(f"bootstrap trains the tiny model on the built-in task only; task "
-                         f"{cfg.task.name!r} needs a starting model (set model=PATH)")
+        raise StageInputError(f"bootstrap trains the tiny model on the built-in task only; task "
+                              f"{cfg.task.name!r} needs a starting model (set model=PATH)")
     t0 = time.perf_counter()
     task = get_task(cfg.task)
     tokenizer = char_tokenizer()
     model = tiny_llama(tokenizer, cfg.bootstrap.model, seed=cfg.seed)
     train = sft_examples(task, tokenizer)
     b = cfg.bootstrap
-    steps = math.ceil(len(train) / b.batch_size * b.epochs)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = TrainingArguments(
-        output_dir=str(tmp / "trainer"),
-        per_device_train_batch_size=b.batch_size,
-        max_steps=steps,
-        learning_rate=b.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=int(b.warmup_ratio * steps),
-        weight_decay=b.weight_decay,
-        adam_beta2=0.98,
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
+    # cosine schedule, AdamW(0.9, 0.98); the tiny model always trains on the CPU
+    args = training_args(tmp / "trainer", steps=train_steps(len(train), b.batch_size, b.epochs),
+                         batch_size=b.batch_size, lr=b.lr, lr_scheduler="cosine", warmup_ratio=b.warmup_ratio,
+                         weight_decay=b.weight_decay, adam_betas=(0.9, 0.98), use_cpu=True, seed=cfg.seed,
+                         report_to=cfg.report_to, progress=progress, run_name=str(out))
     trainer = Trainer(model=model, args=args, train_dataset=train,
                       data_collator=_SFTCollator(tokenizer.pad_token_id))
     result = trainer.train()
+    finish_tracker_run(cfg.report_to)
     model.eval()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     summary = {
         "seconds": time.perf_counter() - t0,
         "train_loss": result.training_loss,
-        "steps": steps,
+        "steps": args.max_steps,
         "demonstrations": len(train),
         "parameters": sum(p.numel() for p in model.parameters()),
         "config": to_dict(cfg.bootstrap),
@@ -102,6 +92,7 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dic
         "seed": cfg.seed,
     }
     (tmp / "stepdapo_bootstrap.json").write_text(json.dumps(summary, indent=2))
+    keep_tensorboard_logs(tmp / "trainer", tmp)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     if out.exists():
         shutil.rmtree(out)

@@ -6,37 +6,40 @@ by a `transformers.Trainer`, and saved as a standard HF artifact: one `from_pret
 it. Training examples are the labelled states and, with `action_states`, the action-extended states
 s+a where the advantage stage queries the critic: their label pools the outcomes of the rollouts that
 began with a (and the rollouts from s+a itself when it is also a state), all unbiased samples of
-V^{pi_ref}(s+a).
+V^{pi_ref}(s+a); with `rollout_prefixes`, every step boundary of every rollout likewise
+(`stepdapo.algorithms.value_examples`).
 
 Quality is measured on states of held-out problems, each metric next to the constant predictor
 (the training mean): BCE, Brier score, expected calibration error with a reliability plot, AUC for
 telling MC = 0 states from MC > 0 ones, and, where the task can judge single steps, how often the
 critic scores a right next step above a wrong one at the same state.
+
+Logged training metrics (to the trackers in `report_to`, which show them as `train/<name>`):
+  loss           `critic_loss` (BCE against the pooled MC targets) of the batch;
+  grad_norm      the gradient norm before clipping;
+  learning_rate  the scheduled learning rate.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-from stepdapo.config import RunConfig, to_dict
+from stepdapo.algorithms import ValueExample, value_examples
+from stepdapo.config import CriticConfig, RunConfig, to_dict
+from stepdapo.errors import StageInputError
 from stepdapo.generation import delimiter_token_mask, split_steps
 from stepdapo.losses import critic_loss
-from stepdapo.models import check_model_dir, model_fingerprint
+from stepdapo.models import check_model_dir, critic_values, model_fingerprint, pad_right
 from stepdapo.stages.labels import read_labels
 from stepdapo.store import finished_summary, stage_fingerprint, write_json
+from stepdapo.training import finish_tracker_run, keep_tensorboard_logs, train_steps, training_args
 
 SUMMARY = "stepdapo_critic.json"
 
@@ -45,43 +48,31 @@ def heldout(problem_id: str, fraction: float) -> bool:
     return int(hashlib.sha1(problem_id.encode()).hexdigest()[:8], 16) / 16**8 < fraction
 
 
-def critic_examples(labels, action_states: bool, rollout_prefixes: bool, is_delim) -> list[dict]:
-    """Unique token sequences with pooled Monte-Carlo targets (see the module docstring)."""
-    pooled: dict[tuple, list] = {}
-    cols = {n: labels.column(n).to_pylist() for n in
-            ("problem_id", "ids", "n_correct", "outcome", "action_ids", "action_terminal", "rollout_ids")}
-    for pid, ids, n_correct, outcome, acts, terms, rollouts in zip(*cols.values()):
-        entry = pooled.setdefault(tuple(ids), [0, 0, pid, False])
-        entry[0] += n_correct
-        entry[1] += len(outcome)
-        entry[3] = True
-        for a, term, ok, full in zip(acts, terms, outcome, rollouts):
-            if term:
-                continue  # a finished solution is scored by the verifier, never by the critic
-            ends = {len(a)} if action_states or rollout_prefixes else set()
-            if rollout_prefixes:  # every step boundary of the rollout before its last step
-                ends |= set(split_steps(full, is_delim)[:-1])
-            for e in sorted(ends):
-                x = pooled.setdefault(tuple(ids + full[:e]), [0, 0, pid, False])
-                x[0] += ok
-                x[1] += 1
-    return [{"input_ids": list(k), "target": s / n, "weight": n, "problem_id": pid, "is_state": st}
-            for k, (s, n, pid, st) in pooled.items()]
+def critic_examples(labels, c: CriticConfig, is_delim, seed: int) -> tuple[list[ValueExample], list[ValueExample]]:
+    """(train, held): the pooled value examples of the training problems (at most
+    `c.max_examples`, a seeded sample) and the labelled states of the held-out problems."""
+    cols = labels.select(["problem_id", "ids", "n_correct", "outcome", "action_ids", "action_terminal",
+                          "rollout_ids"]).to_pydict()
+    examples = value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"],
+                              cols["action_ids"], cols["action_terminal"], cols["rollout_ids"],
+                              step_ends=lambda ids: split_steps(ids, is_delim),
+                              action_states=c.action_states, rollout_prefixes=c.rollout_prefixes)
+    train = [e for e in examples if not heldout(e.problem_id, c.heldout_fraction)]
+    held = [e for e in examples if heldout(e.problem_id, c.heldout_fraction) and e.is_state]
+    if c.max_examples is not None and len(train) > c.max_examples:
+        keep = np.random.default_rng(seed).choice(len(train), c.max_examples, replace=False)
+        train = [train[i] for i in sorted(keep)]
+    return train, held
 
 
-class _Collator:
+class _ValueCollator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        T = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(examples), T), dtype=torch.long)
-        for i, e in enumerate(examples):
-            ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            attn[i, :len(e["input_ids"])] = 1
+    def __call__(self, examples: list[ValueExample]) -> dict[str, torch.Tensor]:
+        ids, attn = pad_right([e.input_ids for e in examples], self.pad_id)
         return {"input_ids": ids, "attention_mask": attn,
-                "targets": torch.tensor([e["target"] for e in examples], dtype=torch.float)}
+                "targets": torch.tensor([e.target for e in examples], dtype=torch.float)}
 
 
 class CriticTrainer(Trainer):
@@ -94,27 +85,23 @@ class CriticTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-@torch.no_grad()
-def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: int = 512) -> list[float]:
-    """V(s) = sigmoid(logit) for each token sequence, batched by length."""
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = [0.0] * len(sequences)
-    collate = _Collator(pad_id)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        batch = collate([{"input_ids": sequences[i], "target": 0.0} for i in idx])
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits.squeeze(-1)
-        for i, v in zip(idx, torch.sigmoid(logits.float()).tolist()):
-            out[i] = v
-    return out
+def train_critic(init: str | Path, train: list[ValueExample], pad_id: int, c: CriticConfig,
+                 args: TrainingArguments):
+    """A value head on `init`'s backbone (LoRA adapters with `c.lora_r`), trained on `train`;
+    returns (model, the Trainer's TrainOutput)."""
+    torch.manual_seed(args.seed)  # the new value head's initialisation, whatever ran before in the process
+    model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1)
+    model.config.pad_token_id = pad_id
+    model.config.id2label, model.config.label2id = {0: "value_logit"}, {"value_logit": 0}
+    if c.lora_r > 0:  # SEQ_CLS keeps the new value head ("score") fully trainable
+        from peft import LoraConfig, get_peft_model
 
-
-def load_critic(path: str | Path):
-    p = check_model_dir(path)
-    return AutoModelForSequenceClassification.from_pretrained(p).eval(), AutoTokenizer.from_pretrained(p)
+        model = get_peft_model(model, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                                                 target_modules="all-linear", task_type="SEQ_CLS"))
+    trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_ValueCollator(pad_id))
+    result = trainer.train()
+    finish_tracker_run(args.report_to)
+    return model, result
 
 
 # -- quality metrics ------------------------------------------------------------------------------
@@ -211,6 +198,20 @@ def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -
             "mean_gap": float((vr - vw).mean())}
 
 
+def evaluate_critic(model, tok, train: list[ValueExample], held: list[ValueExample], labels, task) -> dict:
+    """The critic's quality on the held-out states and on (up to 2000) training states, each metric
+    next to the constant prediction of the training states' mean target."""
+    baseline = float(np.mean([e.target for e in train if e.is_state]))
+    q = quality(critic_values(model, [e.input_ids for e in held], tok.pad_token_id), [e.target for e in held], baseline)
+    problems = {p.id: p for p in task.problems("train")}
+    q["step_ranking"] = step_ranking(model, tok, labels, task, problems, {e.problem_id for e in held})
+    tr_sample = [e for e in train if e.is_state][:2000]
+    q_train = quality(critic_values(model, [e.input_ids for e in tr_sample], tok.pad_token_id),
+                      [e.target for e in tr_sample], baseline)
+    return {"constant_prediction": baseline, "heldout": q,
+            "train_subset": {k: v for k, v in q_train.items() if k != "calibration"}}
+
+
 def plot_reliability(q: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -251,66 +252,40 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     c = cfg.critic
     labels = read_labels(labels_dir)
     tok = AutoTokenizer.from_pretrained(check_model_dir(init))
-    examples = critic_examples(labels, c.action_states, c.rollout_prefixes,
-                               delimiter_token_mask(tok, task.step_delimiter))
-    train = [e for e in examples if not heldout(e["problem_id"], c.heldout_fraction)]
-    held = [e for e in examples if heldout(e["problem_id"], c.heldout_fraction) and e["is_state"]]
+    train, held = critic_examples(labels, c, delimiter_token_mask(tok, task.step_delimiter), cfg.seed)
     if not train:
-        raise ValueError(f"{labels_dir}: no training states for the critic")
-    if c.max_examples is not None and len(train) > c.max_examples:
-        keep = np.random.default_rng(cfg.seed).choice(len(train), c.max_examples, replace=False)
-        train = [train[i] for i in sorted(keep)]
+        raise StageInputError(f"{labels_dir}: no training states for the critic")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    torch.manual_seed(cfg.seed)  # the new value head's initialisation, whatever ran before in the process
-    model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1)
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.id2label, model.config.label2id = {0: "value_logit"}, {"value_logit": 0}
-    if c.lora_r > 0:  # SEQ_CLS keeps the new value head ("score") fully trainable
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                                                 target_modules="all-linear", task_type="SEQ_CLS"))
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    steps = max(1, math.ceil(len(train) / c.batch_size * c.epochs))
-    args = TrainingArguments(
-        output_dir=str(tmp / "trainer"), per_device_train_batch_size=c.batch_size, max_steps=steps,
-        learning_rate=c.lr, lr_scheduler_type=c.lr_scheduler, warmup_steps=int(c.warmup_ratio * steps),
-        weight_decay=c.weight_decay, logging_steps=max(1, steps // 10), save_strategy="no", bf16=cfg.bf16,
-        report_to="none", use_cpu=not torch.cuda.is_available(), seed=cfg.seed, data_seed=cfg.seed,
-        disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0)
-    trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_Collator(tok.pad_token_id))
-    result = trainer.train()
+    args = training_args(tmp / "trainer", steps=train_steps(len(train), c.batch_size, c.epochs),
+                         batch_size=c.batch_size, lr=c.lr, lr_scheduler=c.lr_scheduler, warmup_ratio=c.warmup_ratio,
+                         weight_decay=c.weight_decay, logs=10, bf16=cfg.bf16, seed=cfg.seed,
+                         report_to=cfg.report_to, progress=progress, run_name=str(out))
+    model, result = train_critic(init, train, tok.pad_token_id, c, args)
     train_seconds = time.perf_counter() - t0
+    metrics = evaluate_critic(model, tok, train, held, labels, task)
 
-    baseline = float(np.mean([e["target"] for e in train if e["is_state"]]))
-    pred = critic_values(model, [e["input_ids"] for e in held], tok.pad_token_id)
-    q = quality(pred, [e["target"] for e in held], baseline)
-    held_problems = {e["problem_id"] for e in held}
-    problems = {p.id: p for p in task.problems("train")}
-    q["step_ranking"] = step_ranking(model, tok, labels, task, problems, held_problems)
-    tr_sample = [e for e in train if e["is_state"]][:2000]
-    q_train = quality(critic_values(model, [e["input_ids"] for e in tr_sample], tok.pad_token_id),
-                      [e["target"] for e in tr_sample], baseline)
     if hasattr(model, "merge_and_unload"):  # LoRA: save a plain HF critic
         model = model.merge_and_unload()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    keep_tensorboard_logs(tmp / "trainer", tmp)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    plot_reliability(q, tmp / "reliability.png", "critic on held-out states")
+    plot_reliability(metrics["heldout"], tmp / "reliability.png", "critic on held-out states")
     summary = {
         "fingerprint": fp,
         "init": str(init),
         "train_examples": len(train),
-        "train_states": sum(e["is_state"] for e in train),
+        "train_states": sum(e.is_state for e in train),
         "heldout_states": len(held),
-        "constant_prediction": baseline,
+        "constant_prediction": metrics["constant_prediction"],
         "train_loss": result.training_loss,
-        "steps": steps,
-        "heldout": q,
-        "train_subset": {k: v for k, v in q_train.items() if k != "calibration"},
+        "steps": args.max_steps,
+        "heldout": metrics["heldout"],
+        "train_subset": metrics["train_subset"],
         "seconds": time.perf_counter() - t0,
         "train_seconds": train_seconds,
     }

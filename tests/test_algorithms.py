@@ -1,0 +1,180 @@
+"""stepdapo.algorithms against plain brute-force references on random inputs, plus hand-computed cases."""
+
+import math
+import random
+
+import pytest
+
+from stepdapo.algorithms import (
+    DistinctAction,
+    ValueExample,
+    advantage_gap,
+    distinct_actions,
+    keeps_state,
+    state_advantages,
+    value_examples,
+)
+
+DELIM = 0  # token 0 ends a step in these tests
+
+
+def step_ends(tokens):
+    ends = [i + 1 for i, t in enumerate(tokens) if t == DELIM]
+    return ends if ends and ends[-1] == len(tokens) else ends + [len(tokens)]
+
+
+# -- value targets ---------------------------------------------------------------------------------
+
+def reference_value_examples(labels, action_states, rollout_prefixes):
+    """Brute force: list every (sequence, outcome) visit, then pool the visits of each sequence."""
+    visits = []  # (sequence, outcome or None for "all of the state's rollouts", problem, is_state)
+    for r in labels:
+        visits.append((tuple(r["ids"]), None, r["problem_id"], r))
+        for a, term, ok, full in zip(r["action_ids"], r["action_terminal"], r["outcome"], r["rollout_ids"]):
+            if term:
+                continue
+            lengths = set()
+            if action_states or rollout_prefixes:
+                lengths.add(len(a))
+            if rollout_prefixes:
+                lengths.update(e for e in step_ends(full) if e < len(full))
+            for e in sorted(lengths):
+                visits.append((tuple(r["ids"]) + tuple(full[:e]), ok, r["problem_id"], None))
+    order = []
+    for x, *_ in visits:
+        if x not in order:
+            order.append(x)
+    out = []
+    for x in order:
+        correct = rollouts = 0
+        for y, ok, _, state in visits:
+            if y == x:
+                correct += sum(state["outcome"]) if state is not None else ok
+                rollouts += len(state["outcome"]) if state is not None else 1
+        first = next(v for v in visits if v[0] == x)
+        is_state = any(v[0] == x and v[3] is not None for v in visits)
+        out.append(ValueExample(x, correct / rollouts, rollouts, first[2], is_state))
+    return out
+
+
+def random_labels(rng, n_states):
+    """Labels whose states are prefixes of each other's rollouts now and then, as in real data."""
+    labels, pool = [], [[1, 2], [1, 3]]
+    for i in range(n_states):
+        state = list(rng.choice(pool))
+        rollouts = [[rng.randrange(4) for _ in range(rng.randrange(1, 7))] for _ in range(rng.randrange(1, 6))]
+        actions = [full[:step_ends(full)[0]] for full in rollouts]
+        outcome = [rng.random() < 0.5 for _ in rollouts]
+        labels.append({"problem_id": f"p{i % 3}", "ids": state, "n_correct": sum(outcome), "outcome": outcome,
+                       "action_ids": actions, "action_terminal": [len(a) == len(f) for a, f in zip(actions, rollouts)],
+                       "rollout_ids": rollouts})
+        pool.append(state + rollouts[0][:step_ends(rollouts[0])[0]])
+    return labels
+
+
+def call_value_examples(labels, **kw):
+    cols = {k: [r[k] for r in labels] for k in
+            ("problem_id", "ids", "n_correct", "outcome", "action_ids", "action_terminal", "rollout_ids")}
+    return value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"], cols["action_ids"],
+                          cols["action_terminal"], cols["rollout_ids"], step_ends=step_ends, **kw)
+
+
+@pytest.mark.parametrize("action_states,rollout_prefixes", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("seed", range(5))
+def test_value_examples_match_brute_force(seed, action_states, rollout_prefixes):
+    labels = random_labels(random.Random(seed), 12)
+    got = call_value_examples(labels, action_states=action_states, rollout_prefixes=rollout_prefixes)
+    assert got == reference_value_examples(labels, action_states, rollout_prefixes)  # same order, exact floats
+
+
+def test_value_examples_by_hand():
+    # one state (token 1) of problem "p", three rollouts: two with steps, one that finishes at once
+    label = {"problem_id": "p", "ids": [1], "n_correct": 2, "outcome": [True, False, True],
+             "rollout_ids": [[2, 0, 3, 0, 4], [2, 0, 5], [7]], "action_ids": [[2, 0], [2, 0], [7]],
+             "action_terminal": [False, False, True]}
+    both = call_value_examples([label], action_states=True, rollout_prefixes=True)
+    assert both == [ValueExample((1,), 2 / 3, 3, "p", True),
+                    ValueExample((1, 2, 0), 0.5, 2, "p", False),          # s + a: one right, one wrong
+                    ValueExample((1, 2, 0, 3, 0), 1.0, 1, "p", False)]    # the first rollout's 2nd step
+    assert call_value_examples([label], action_states=True, rollout_prefixes=False) == both[:2]
+    assert call_value_examples([label], action_states=False, rollout_prefixes=False) == both[:1]
+    # a labelled state that a rollout of another state passed through pools both
+    deeper = {"problem_id": "p", "ids": [1, 2, 0], "n_correct": 1, "outcome": [True, False, False, False],
+              "rollout_ids": [[9]] * 4, "action_ids": [[9]] * 4, "action_terminal": [True] * 4}
+    pooled = call_value_examples([label, deeper], action_states=True, rollout_prefixes=False)
+    assert pooled[1] == ValueExample((1, 2, 0), (1 + 1) / (2 + 4), 6, "p", True)
+
+
+# -- advantages, the gap filter, distinct actions ----------------------------------------------------
+
+def test_state_advantages():
+    assert state_advantages([1.0, 0.0, 0.0, 1.0]) == [0.5, -0.5, -0.5, 0.5]
+    assert state_advantages([0.25]) == [0.0]
+    rng = random.Random(0)
+    for _ in range(100):
+        v = [rng.random() for _ in range(rng.randrange(1, 10))]
+        mean = 0.0
+        for x in v:
+            mean += x / len(v)
+        assert all(math.isclose(a, x - mean, abs_tol=1e-12) for a, x in zip(state_advantages(v), v))
+        assert math.isclose(sum(state_advantages(v)), 0.0, abs_tol=1e-12)
+
+
+def test_gap_filter():
+    assert advantage_gap([0.5, -0.5, -0.5, 0.5]) == 1.0
+    assert keeps_state([0.05, -0.05], 0.1)  # gap exactly min_gap is kept
+    assert not keeps_state([0.04, -0.05], 0.1)
+    assert not keeps_state([0.0, 0.0], 1e-9) and keeps_state([0.0, 0.0], 0.0)
+    rng = random.Random(1)
+    for _ in range(100):
+        adv = [rng.uniform(-1, 1) for _ in range(rng.randrange(1, 8))]
+        ordered = sorted(adv)
+        assert advantage_gap(adv) == ordered[-1] - ordered[0]
+        assert keeps_state(adv, 0.5) == (ordered[-1] - ordered[0] >= 0.5)
+
+
+def reference_distinct_actions(actions, values, advantages, outcome, weighting):
+    out, seen = [], []
+    for j, a in enumerate(actions):
+        if a in seen:
+            continue
+        seen.append(a)
+        same = [i for i, b in enumerate(actions) if b == a]
+        hits = 0
+        for i in same:
+            hits += 1 if outcome[i] else 0
+        out.append(DistinctAction(j, tuple(a), values[j], advantages[j],
+                                  float(len(same)) if weighting == "count" else 1.0, len(same), hits / len(same)))
+    return out
+
+
+@pytest.mark.parametrize("weighting", ["count", "unique"])
+def test_distinct_actions_match_brute_force(weighting):
+    rng = random.Random(2)
+    for _ in range(100):
+        kinds = [[rng.randrange(3) for _ in range(rng.randrange(1, 3))] for _ in range(3)]
+        actions = [list(rng.choice(kinds)) for _ in range(rng.randrange(1, 12))]
+        value_of = {tuple(a): rng.random() for a in kinds}
+        values = [value_of[tuple(a)] for a in actions]
+        adv = state_advantages(values)
+        outcome = [rng.random() < 0.5 for _ in actions]
+        got = distinct_actions(actions, values, adv, outcome, weighting)
+        assert got == reference_distinct_actions(actions, values, adv, outcome, weighting)
+        assert sum(d.count for d in got) == len(actions)
+        if weighting == "count":  # the count weights keep the weighted advantages summing to zero
+            assert math.isclose(sum(d.weight * d.advantage for d in got), 0.0, abs_tol=1e-12)
+
+
+def test_distinct_actions_by_hand():
+    actions = [[5, 0], [6, 0], [5, 0], [7]]
+    values = [0.5, 0.2, 0.5, 1.0]
+    adv = state_advantages(values)  # mean 0.55
+    got = distinct_actions(actions, values, adv, [True, False, False, True], "count")
+    assert [d.action_ids for d in got] == [(5, 0), (6, 0), (7,)]  # first-seen order
+    assert [d.first for d in got] == [0, 1, 3]
+    assert [d.count for d in got] == [2, 1, 1] and [d.weight for d in got] == [2.0, 1.0, 1.0]
+    assert [d.outcome_rate for d in got] == [0.5, 0.0, 1.0]
+    assert [d.advantage for d in got] == pytest.approx([-0.05, -0.35, 0.45])
+    assert [d.weight for d in distinct_actions(actions, values, adv, [True] * 4, "unique")] == [1.0] * 3
+    with pytest.raises(ValueError):
+        distinct_actions(actions, values, adv, [True] * 4, "sqrt")

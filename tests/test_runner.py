@@ -180,6 +180,9 @@ def test_our_model_dir_is_skipped_or_refused_by_fingerprint(tmp_path):
     assert model_stage(tmp_path / "m").run(lambda: pytest.fail("work on a complete stage")) == first
     with pytest.raises(ArtifactError, match=r"m/stepdapo_toy.json: .*differs in: lr"):
         model_stage(tmp_path / "m", {"lr": 2}).run(lambda: pytest.fail("work"))
+    (tmp_path / "m" / "stepdapo_toy.json").write_text('{"loss": 0.5}')  # what earlier versions wrote
+    with pytest.raises(ArtifactError, match=r"m/stepdapo_toy.json: .*older stepdapo"):
+        model_stage(tmp_path / "m").run(lambda: pytest.fail("work"))
 
 
 def test_work_dir_survives_a_kill_and_is_handed_back(tmp_path):

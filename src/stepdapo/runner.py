@@ -73,6 +73,10 @@ takes the decisions (complete? which shards are missing?) and tells the others, 
 on a filesystem view that lags (NFS caches); the missing shards are dealt round-robin, so a resumed
 stage is balanced too; each rank writes only its own shards; rank 0 alone writes manifests,
 summaries and model directories. Only rank 0 should write reports (`is_main()`).
+`gather(value)` returns every rank's value on every rank (it is the barrier); `on_main(fn)` runs
+fn on rank 0 and returns its result on every rank (e.g. an evaluation, or reference log-probs
+computed once); `init_distributed()` joins the launcher's process group, lazily on the first
+synchronisation (gloo on CPU, nccl + gloo on CUDA), and the HF Trainer / accelerate reuse it.
 
 Failures. A rank that raises is not caught: it exits. Its peers waiting at a synchronisation point
 fail at once, because the synchronisation runs over gloo, which notices the closed connections of a
@@ -223,9 +227,9 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _check_fingerprint(path: Path, found: Any, expected: Any, what: str, remedy: Path) -> None:
     if found != expected:
-        raise ArtifactError(f"{path}: this {what} was made with different settings or inputs (differs in: "
-                            f"{', '.join(_differences(found, expected))}); use another output directory "
-                            f"or delete {remedy}")
+        why = ("by an older stepdapo (no fingerprint recorded)" if found is None else
+               f"with different settings or inputs (differs in: {', '.join(_differences(found, expected))})")
+        raise ArtifactError(f"{path}: this {what} was made {why}; use another output directory or delete {remedy}")
 
 
 def stage_fingerprint(directory: str | os.PathLike, name: str) -> Any:

@@ -20,6 +20,10 @@ class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing on the way catches it."""
 
 
+def die():
+    raise Killed()
+
+
 def make_shard(i):
     return toy_rows(i), {"n": len(toy_rows(i)["x"])}
 
@@ -204,7 +208,7 @@ def test_work_dir_survives_a_kill_and_is_handed_back(tmp_path):
     # another interrupted run with other settings is refused, naming the work dir
     st2 = model_stage(tmp_path / "n")
     with pytest.raises(Killed):
-        st2.run(lambda: (_ for _ in ()).throw(Killed()))
+        st2.run(die)
     with pytest.raises(ArtifactError, match=r"n.work/stepdapo-work.json: .*differs in: lr"):
         model_stage(tmp_path / "n", {"lr": 3}).run(saver(st2))
 

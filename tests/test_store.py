@@ -1,7 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from stepdapo.store import ArtifactError, ShardedStage, read_stage
+from stepdapo.runner import ShardedStage, read_stage
+from stepdapo.store import ArtifactError
 
 SCHEMA = pa.schema([("x", pa.int32()), ("ids", pa.list_(pa.int32()))])
 

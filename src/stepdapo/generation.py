@@ -126,7 +126,8 @@ class HFGenerator:
             raise ValueError("n must be >= 1")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (add a BOS token)")
-        gen = torch.Generator().manual_seed(params.seed)
+        # the noise is drawn where the logits are (a CPU generator cannot sample CUDA tensors)
+        gen = torch.Generator(device=next(self.model.parameters()).device).manual_seed(params.seed)
         # Similar lengths in one batch waste less padding; the order is deterministic.
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         per_batch = max(1, self.batch_size // n)

@@ -136,6 +136,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def device():
+    """This process's device: its own GPU (LOCAL_RANK) when there are GPUs, else the CPU."""
+    import torch
+
+    return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_distributed() -> None:
     """Join the launcher's process group (once; nothing to do for one process). Accelerate and
     the HF Trainer reuse it. On CUDA, nccl for CUDA tensors and gloo for CPU ones (FSDP with CPU

@@ -16,7 +16,6 @@ kept only if its advantage gap max A - min A reaches `min_gap`.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,9 @@ from stepdapo.config import RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.generation import delimiter_token_mask, split_steps
 from stepdapo.models import critic_values, load_critic, model_fingerprint
+from stepdapo.runner import ShardedStage, device, read_stage, stage_fingerprint
 from stepdapo.stages.labels import read_labels
-from stepdapo.stages.states import IDS, read_summary
-from stepdapo.store import ShardedStage, read_stage, stage_fingerprint
+from stepdapo.stages.states import IDS
 
 SCHEMA = pa.schema([
     ("state_index", pa.int32()),
@@ -60,6 +59,7 @@ def action_values(labels: pa.Table, source: str, critic: str | Path | None, toke
         if critic is None:
             raise StageInputError("advantages.source=critic needs a critic directory")
         model, tok = load_critic(critic)
+        model.to(device())
         cols = labels.select(["ids", "action_ids", "action_terminal"]).to_pydict()
         keys = sorted({tuple(s + a) for s, acts, terms in zip(cols["ids"], cols["action_ids"], cols["action_terminal"])
                        for a, term in zip(acts, terms) if not term})
@@ -75,18 +75,8 @@ def action_values(labels: pa.Table, source: str, critic: str | Path | None, toke
     return {e.input_ids: e.target for e in pooled}
 
 
-def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Path, out_dir: str | Path,
-                   task, tokenizer=None, progress: bool = True) -> dict:
-    """Score every candidate action; write the kept (state, action, advantage) rows to `out_dir`."""
-    c = cfg.advantages
-    stage = ShardedStage(out_dir, "advantages", SCHEMA, fingerprint(cfg, critic, labels_dir))
-    if stage.is_complete():
-        return read_summary(out_dir)
-    stage.start()
-    t0 = time.perf_counter()
-    labels = read_labels(labels_dir)
-    value_of = action_values(labels, c.source, critic, tokenizer, task)
-
+def advantage_rows(labels: pa.Table, value_of: dict, c) -> tuple[dict[str, list], dict]:
+    """The kept (state, distinct action) rows and the statistics of the whole labels table."""
     out: dict[str, list] = {f: [] for f in SCHEMA.names}
     gaps, kept_states = [], 0
     rows = labels.select(["state_index", "problem_id", "ids", "depth", "action_ids", "action_text",
@@ -107,9 +97,8 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
                          ("value", d.value), ("advantage", d.advantage), ("weight", d.weight),
                          ("count", d.count), ("outcome_rate", d.outcome_rate)):
                 out[k].append(v)
-    stage.write_shard(0, out)
     adv = np.array(out["advantage"]) if out["advantage"] else np.zeros(1)
-    summary = {
+    return out, {
         "source": c.source,
         "weighting": c.weighting,
         "states": len(rows),
@@ -123,10 +112,28 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
         "advantage_min": float(adv.min()),
         "advantage_max": float(adv.max()),
         "advantage_histogram": np.histogram(adv, bins=20, range=(-1, 1))[0].tolist(),
-        "seconds": time.perf_counter() - t0,
     }
-    stage.finish(1, summary)
-    return summary
+
+
+def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Path, out_dir: str | Path,
+                   task, tokenizer=None, progress: bool = True) -> dict:
+    """Score every candidate action; write the kept (state, action, advantage) rows to `out_dir`.
+    One shard, made by one process (scoring is a forward pass per distinct s + a: small next to
+    the sampling and training stages)."""
+    c = cfg.advantages
+    stage = ShardedStage(out_dir, "advantages", SCHEMA, fingerprint(cfg, critic, labels_dir))
+    if (done := stage.done()) is not None:
+        return done
+    labels = read_labels(labels_dir)
+    if c.source == "critic" and critic is None:  # checked before the stage is marked started
+        raise StageInputError("advantages.source=critic needs a critic directory")
+    if c.source == "mc" and tokenizer is None:
+        raise StageInputError("advantages.source=mc needs the policy's tokenizer")
+
+    def make_shard(_: int) -> tuple[dict, dict]:
+        return advantage_rows(labels, action_values(labels, c.source, critic, tokenizer, task), c)
+
+    return stage.run(1, make_shard, lambda table, infos: infos[0])
 
 
 def read_advantages(directory: str | Path) -> pa.Table:

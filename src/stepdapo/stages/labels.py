@@ -15,24 +15,16 @@ labels) with the soft values alongside, one row per kept solution.
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.generation import Generator, HFGenerator, SamplingParams, split_steps
-from stepdapo.models import load_policy, model_fingerprint
-from stepdapo.stages.states import (
-    IDS,
-    read_solutions,
-    read_summary,
-    shard_seed,
-    unique_states,
-)
-from stepdapo.store import ShardedStage, read_stage, stage_fingerprint
+from stepdapo.models import load_policy, load_tokenizer, model_fingerprint
+from stepdapo.runner import ShardedStage, device, read_stage, shard_seed, stage_fingerprint
+from stepdapo.stages.states import IDS, read_solutions, unique_states
+from stepdapo.store import write_parquet
 from stepdapo.tasks import verify_all
 
 SCHEMA = pa.schema([
@@ -90,49 +82,49 @@ def fingerprint(cfg: RunConfig, policy: str | Path, states_dir: str | Path) -> d
 
 def run_labels(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_dir: str | Path, task,
                progress: bool = True, generator: Generator | None = None) -> dict:
-    """Run stage 2 into `out_dir` (resuming if interrupted; a no-op if complete)."""
+    """Run stage 2 into `out_dir` (resuming if interrupted; a no-op if complete). On several
+    processes each labels its own shards."""
     solutions = read_solutions(states_dir)
     stage = ShardedStage(out_dir, "labels", SCHEMA, fingerprint(cfg, policy, states_dir))
-    if stage.is_complete():
-        return read_summary(out_dir)
-    stage.start()
+    if (done := stage.done()) is not None:
+        return done
     c = cfg.label
     states = unique_states(solutions)
     for i, s in enumerate(states):
         s["index"] = i
     problems = {p.id: p for p in task.problems("train")}
-    gen = generator or HFGenerator(*load_policy(policy), task.step_delimiter, batch_size=c.batch_size,
-                                   progress=progress)
     n_shards = (len(states) + c.shard_size - 1) // c.shard_size
-    t0, tokens, done_now = time.perf_counter(), 0, 0
-    for si in range(n_shards):
-        if stage.has_shard(si):
-            continue
+    gens: list[Generator] = [generator] if generator else []
+
+    def make_shard(si: int) -> tuple[dict, dict]:
+        if not gens:  # loaded by a process only once it has a shard to label
+            model, tok = load_policy(policy)
+            gens.append(HFGenerator(model.to(device()), tok, task.step_delimiter, batch_size=c.batch_size,
+                                    progress=progress))
         chunk = states[si * c.shard_size:(si + 1) * c.shard_size]
         params = SamplingParams(temperature=c.temperature, max_new_tokens=c.max_new_tokens, stop="solution",
                                 seed=shard_seed(cfg.seed, "label", si))
-        rows = label_shard(chunk, problems, task, gen, c.rollouts, params, desc=f"label {si + 1}/{n_shards}")
-        tokens += getattr(gen, "last_stats", {}).get("tokens", 0)
-        done_now += len(chunk)
-        stage.write_shard(si, rows)
-    elapsed = time.perf_counter() - t0
-    table = stage.read_shards(n_shards)
-    export_stepwise(solutions, table, task, gen.tokenizer, Path(out_dir) / "stepwise.parquet")
-    mc = table.column("mc").to_pylist()
-    summary = {
-        "states": len(states),
-        "rollouts_per_state": c.rollouts,
-        "mean_mc": sum(mc) / max(len(mc), 1),
-        "fraction_mc_0": sum(v == 0 for v in mc) / max(len(mc), 1),
-        "fraction_mc_1": sum(v == 1 for v in mc) / max(len(mc), 1),
-        "fraction_mc_between": sum(0 < v < 1 for v in mc) / max(len(mc), 1),
-        "states_labelled_this_run": done_now,
-        "seconds_this_run": elapsed,
-        "tokens_this_run": tokens,
-        "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-    }
-    stage.finish(n_shards, summary)
-    return summary
+        rows = label_shard(chunk, problems, task, gens[0], c.rollouts, params, desc=f"label {si + 1}/{n_shards}")
+        return rows, {"states": len(chunk), "tokens": getattr(gens[0], "last_stats", {}).get("tokens", 0)}
+
+    def summarize(table: pa.Table, infos: list[dict]) -> dict:
+        tokenizer = gens[0].tokenizer if gens else load_tokenizer(policy)
+        export_stepwise(solutions, table, task, tokenizer, Path(out_dir) / "stepwise.parquet")
+        mc = table.column("mc").to_pylist()
+        seconds, tokens = sum(i["seconds"] for i in infos), sum(i["tokens"] for i in infos)
+        return {
+            "states": len(states),
+            "rollouts_per_state": c.rollouts,
+            "mean_mc": sum(mc) / max(len(mc), 1),
+            "fraction_mc_0": sum(v == 0 for v in mc) / max(len(mc), 1),
+            "fraction_mc_1": sum(v == 1 for v in mc) / max(len(mc), 1),
+            "fraction_mc_between": sum(0 < v < 1 for v in mc) / max(len(mc), 1),
+            "seconds": seconds,  # sampling and verifying, added over shards and processes
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        }
+
+    return stage.run(n_shards, make_shard, summarize)
 
 
 def read_labels(labels_dir: str | Path) -> pa.Table:
@@ -154,6 +146,4 @@ def export_stepwise(solutions: pa.Table, labels: pa.Table, task, tokenizer, path
         rows["completions"].append(steps)
         rows["values"].append(values)
         rows["labels"].append([v > 0 for v in values])
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(rows), tmp)
-    os.replace(tmp, path)
+    write_parquet(path, pa.table(rows))

@@ -9,8 +9,6 @@ derived from it by `unique_states`, so the step split is computed in one place.
 
 from __future__ import annotations
 
-import hashlib
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +22,7 @@ from stepdapo.generation import (
     split_steps,
 )
 from stepdapo.models import load_policy, model_fingerprint
-from stepdapo.store import ShardedStage, read_stage
+from stepdapo.runner import ShardedStage, device, read_stage, shard_seed
 from stepdapo.tasks import verify_all
 
 IDS = pa.list_(pa.int32())
@@ -41,11 +39,6 @@ SCHEMA = pa.schema([
     ("problem_n_correct", pa.int32()), # correct solutions among all samples of the problem
 ])
 PROBLEMS_PER_SHARD = 256
-
-
-def shard_seed(seed: int, stage: str, index: int) -> int:
-    """Each shard samples with its own seed, so a resumed run reproduces an uninterrupted one."""
-    return int.from_bytes(hashlib.sha1(f"{seed}/{stage}/{index}".encode()).digest()[:4], "big")
 
 
 def select_balanced(correct: list[bool], texts: list[str], keep: int) -> list[int]:
@@ -74,30 +67,30 @@ def fingerprint(cfg: RunConfig, policy: str | Path) -> dict:
 
 def run_states(cfg: RunConfig, policy: str | Path, out_dir: str | Path, task, progress: bool = True,
                generator: Generator | None = None) -> dict:
-    """Run stage 1 into `out_dir` (resuming if interrupted; a no-op if complete). `generator`
-    replaces the HF policy at `policy` (tests use a scripted one)."""
+    """Run stage 1 into `out_dir` (resuming if interrupted; a no-op if complete). On several
+    processes each samples its own shards. `generator` replaces the HF policy at `policy` (tests
+    use a scripted one)."""
     stage = ShardedStage(out_dir, "states", SCHEMA, fingerprint(cfg, policy))
-    if stage.is_complete():
-        return read_summary(out_dir)
-    stage.start()
+    if (done := stage.done()) is not None:
+        return done
     c = cfg.states
-    problems = task.problems("train")
+    problems = task.problems("train")  # read before the stage is marked started
     if c.n_problems is not None:
         problems = problems[:c.n_problems]
-    gen = generator or HFGenerator(*load_policy(policy), task.step_delimiter, batch_size=c.batch_size,
-                                   progress=progress)
-    tok = gen.tokenizer
     n_shards = (len(problems) + PROBLEMS_PER_SHARD - 1) // PROBLEMS_PER_SHARD
-    t0, tokens = time.perf_counter(), 0
-    for si in range(n_shards):
-        if stage.has_shard(si):
-            continue
+    gens: list[Generator] = [generator] if generator else []
+
+    def make_shard(si: int) -> tuple[dict, dict]:
+        if not gens:  # loaded by a process only once it has a shard to sample
+            model, tok = load_policy(policy)
+            gens.append(HFGenerator(model.to(device()), tok, task.step_delimiter, batch_size=c.batch_size,
+                                    progress=progress))
+        gen = gens[0]
         chunk = problems[si * PROBLEMS_PER_SHARD:(si + 1) * PROBLEMS_PER_SHARD]
-        prompts = encode_prompts(tok, [task.prompt(p, tok) for p in chunk])
+        prompts = encode_prompts(gen.tokenizer, [task.prompt(p, gen.tokenizer) for p in chunk])
         out = gen.generate(prompts, c.samples_per_problem, SamplingParams(
             temperature=c.temperature, max_new_tokens=c.max_new_tokens, stop="solution",
             seed=shard_seed(cfg.seed, "states", si)), desc=f"states {si + 1}/{n_shards}")
-        tokens += sum(len(x.token_ids) for samples in out for x in samples)
         rows: dict[str, list] = {f: [] for f in SCHEMA.names}
         for p, prompt_ids, samples in zip(chunk, prompts, out):
             correct = [v.correct for v in verify_all(task, [p] * len(samples), [s.text for s in samples])]
@@ -108,35 +101,28 @@ def run_states(cfg: RunConfig, policy: str | Path, out_dir: str | Path, task, pr
                              ("text", s.text), ("correct", correct[i]), ("finish", s.finish),
                              ("logprob", s.logprob), ("problem_n_correct", sum(correct))):
                     rows[k].append(v)
-        stage.write_shard(si, rows)
-    table = stage.read_shards(n_shards)
-    states = unique_states(table)
-    correct = table.column("correct").to_pylist()
-    n_correct_per_problem = {}
-    for pid, n in zip(table.column("problem_id").to_pylist(), table.column("problem_n_correct").to_pylist()):
-        n_correct_per_problem[pid] = n
-    summary = {
-        "problems": len(problems),
-        "solutions_kept": table.num_rows,
-        "kept_correct_fraction": sum(correct) / max(len(correct), 1),
-        "sampled_accuracy": sum(n_correct_per_problem.values()) / max(len(problems) * c.samples_per_problem, 1),
-        "problems_with_correct_and_incorrect": sum(0 < n < c.samples_per_problem for n in n_correct_per_problem.values()),
-        "states": len(states),
-        "seconds": time.perf_counter() - t0,
-        "tokens_sampled_this_run": tokens,
-    }
-    stage.finish(n_shards, summary)
-    return summary
+        return rows, {"tokens": sum(len(x.token_ids) for samples in out for x in samples)}
+
+    def summarize(table: pa.Table, infos: list[dict]) -> dict:
+        correct = table.column("correct").to_pylist()
+        n_correct_of = dict(zip(table.column("problem_id").to_pylist(),
+                                table.column("problem_n_correct").to_pylist()))
+        return {
+            "problems": len(problems),
+            "solutions_kept": table.num_rows,
+            "kept_correct_fraction": sum(correct) / max(len(correct), 1),
+            "sampled_accuracy": sum(n_correct_of.values()) / max(len(problems) * c.samples_per_problem, 1),
+            "problems_with_correct_and_incorrect": sum(0 < n < c.samples_per_problem for n in n_correct_of.values()),
+            "states": len(unique_states(table)),
+            "seconds": sum(i["seconds"] for i in infos),  # sampling time, added over shards and processes
+            "tokens_sampled": sum(i["tokens"] for i in infos),
+        }
+
+    return stage.run(n_shards, make_shard, summarize)
 
 
 def read_solutions(states_dir: str | Path) -> pa.Table:
     return read_stage(states_dir, "states", SCHEMA)
-
-
-def read_summary(directory: str | Path) -> dict:
-    from stepdapo.store import read_json
-
-    return read_json(Path(directory) / "summary.json")
 
 
 def unique_states(solutions: pa.Table) -> list[dict]:

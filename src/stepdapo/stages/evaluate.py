@@ -7,6 +7,9 @@
 - maj@k: the most frequent extracted answer among the first k samples is correct.
 Task-specific step diagnostics (e.g. the arithmetic task's flaw-case step accuracy) are added when
 the task offers `analyze(problem, completion)`.
+
+Problems are evaluated in shards of 256 with a seed per shard, so the numbers do not depend on how
+many processes share the work, and a killed evaluation resumes at its first missing shard.
 """
 
 from __future__ import annotations
@@ -14,11 +17,16 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from stepdapo.config import EvalConfig
+from stepdapo.config import EvalConfig, RunConfig, to_dict
+from stepdapo.errors import StageInputError
 from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts
+from stepdapo.models import load_policy, model_fingerprint
+from stepdapo.runner import ShardedStage, device, shard_seed
 from stepdapo.tasks import verify_all
 
 Z95 = 1.959963984540054
@@ -86,46 +94,80 @@ def _reason_kind(reason: str) -> str:
     return m.group(0).strip() if m else reason
 
 
-def evaluate(model, tokenizer, task, cfg: EvalConfig, seed: int = 0, progress: bool = True) -> dict:
-    """Evaluate a loaded policy on `task`; returns the `eval` object of report.json."""
+SCHEMA = pa.schema([
+    ("problem_id", pa.string()),
+    ("greedy_text", pa.string()),
+    ("greedy_correct", pa.bool_()),
+    ("greedy_answer", pa.string()),          # the extracted answer (null: none)
+    ("greedy_reason", pa.string()),
+    ("greedy_finish", pa.string()),          # "eos" or "length"
+    ("sampled_text", pa.list_(pa.string())),
+    ("sampled_correct", pa.list_(pa.bool_())),
+    ("sampled_answer", pa.list_(pa.string())),
+])
+PROBLEMS_PER_SHARD = 256
+
+
+def eval_problems(task, cfg: EvalConfig) -> list:
     problems = task.problems(cfg.split)
     if cfg.limit is not None:
         problems = problems[:cfg.limit]
     if not problems:
-        raise ValueError(f"task {task.name!r} has no problems in split {cfg.split!r}")
-    gen = HFGenerator(model, tokenizer, task.step_delimiter, batch_size=cfg.batch_size, progress=progress)
-    prompts = encode_prompts(tokenizer, [task.prompt(p, tokenizer) for p in problems])
+        raise StageInputError(f"task {task.name!r} has no problems in split {cfg.split!r}")
+    return problems
 
-    greedy = gen.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=cfg.max_new_tokens,
-                                                     seed=seed), desc="eval greedy")
-    tok_s = gen.last_stats["tokens_per_s"]
-    texts = [g[0].text for g in greedy]
-    verdicts = verify_all(task, problems, texts)
-    correct = sum(v.correct for v in verdicts)
-    lo, hi = wilson_interval(correct, len(problems))
-    result = {
-        "accuracy": correct / len(problems),
-        "n": len(problems),
-        "ci95": [lo, hi],
-        "split": cfg.split,
-        "reasons": dict(Counter(_reason_kind(v.reason) if not v.correct else "correct"
-                                for v in verdicts).most_common()),
-        "greedy_truncated": sum(g[0].finish == "length" for g in greedy) / len(problems),
-        "greedy_tokens_per_s": tok_s,
-        # a few to read: what the model writes is the first thing to look at when accuracy is odd
-        "greedy_examples": [{"id": p.id, "completion": t, "correct": v.correct, "reason": v.reason}
-                            for p, t, v in list(zip(problems, texts, verdicts))[:5]],
-    }
-    result.update({f"greedy_{k}": v for k, v in _diagnostics(task, problems, texts).items()})
 
+def evaluate_shard(gen, task, problems: list, cfg: EvalConfig, seed: int) -> tuple[dict, dict]:
+    """Greedy and sampled completions of `problems`, verified: one shard's columns and its token
+    counts. The sampling seed is the shard's, so the result does not depend on who evaluates it."""
+    prompts = encode_prompts(gen.tokenizer, [task.prompt(p, gen.tokenizer) for p in problems])
+    greedy = gen.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=cfg.max_new_tokens, seed=seed),
+                          desc="eval greedy")
+    info = {"greedy_tokens": gen.last_stats["tokens"], "greedy_seconds": gen.last_stats["seconds"]}
+    verdicts = verify_all(task, problems, [g[0].text for g in greedy])
+    cols = {"problem_id": [p.id for p in problems], "greedy_text": [g[0].text for g in greedy],
+            "greedy_correct": [v.correct for v in verdicts], "greedy_answer": [v.answer for v in verdicts],
+            "greedy_reason": [v.reason for v in verdicts], "greedy_finish": [g[0].finish for g in greedy],
+            "sampled_text": [[] for _ in problems], "sampled_correct": [[] for _ in problems],
+            "sampled_answer": [[] for _ in problems]}
     if cfg.samples > 0:
         sampled = gen.generate(prompts, cfg.samples, SamplingParams(
-            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-            seed=seed + 1), desc=f"eval T={cfg.temperature:g}")
-        flat_v = verify_all(task, [p for p in problems for _ in range(cfg.samples)],
-                            [s.text for samples in sampled for s in samples])
-        verdicts_of = [flat_v[i * cfg.samples:(i + 1) * cfg.samples] for i in range(len(problems))]
-        ok = [[v.correct for v in vs] for vs in verdicts_of]
+            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed + 1),
+            desc=f"eval T={cfg.temperature:g}")
+        info.update(sampled_tokens=gen.last_stats["tokens"], sampled_seconds=gen.last_stats["seconds"])
+        flat = verify_all(task, [p for p in problems for _ in range(cfg.samples)],
+                          [s.text for samples in sampled for s in samples])
+        for i, samples in enumerate(sampled):
+            vs = flat[i * cfg.samples:(i + 1) * cfg.samples]
+            cols["sampled_text"][i] = [s.text for s in samples]
+            cols["sampled_correct"][i] = [v.correct for v in vs]
+            cols["sampled_answer"][i] = [v.answer for v in vs]
+    return cols, info
+
+
+def summarize(rows: dict[str, list], problems: list, task, cfg: EvalConfig, seed: int, infos: list[dict]) -> dict:
+    """The `eval` object of report.json from every problem's row (rows in problem order)."""
+    n = len(problems)
+    correct = sum(rows["greedy_correct"])
+    lo, hi = wilson_interval(correct, n)
+    texts = rows["greedy_text"]
+    result = {
+        "accuracy": correct / n,
+        "n": n,
+        "ci95": [lo, hi],
+        "split": cfg.split,
+        "reasons": dict(Counter(_reason_kind(r) if not ok else "correct"
+                                for r, ok in zip(rows["greedy_reason"], rows["greedy_correct"])).most_common()),
+        "greedy_truncated": sum(f == "length" for f in rows["greedy_finish"]) / n,
+        "greedy_tokens_per_s": _rate(infos, "greedy"),
+        # a few to read: what the model writes is the first thing to look at when accuracy is odd
+        "greedy_examples": [{"id": p.id, "completion": t, "correct": ok, "reason": r}
+                            for p, t, ok, r in list(zip(problems, texts, rows["greedy_correct"],
+                                                        rows["greedy_reason"]))[:5]],
+    }
+    result.update({f"greedy_{k}": v for k, v in _diagnostics(task, problems, texts).items()})
+    if cfg.samples > 0:
+        ok = rows["sampled_correct"]
         per_problem = [sum(o) / len(o) for o in ok]
         result["sampled_accuracy"] = float(np.mean(per_problem))
         result["sampled_ci95"] = list(bootstrap_interval(per_problem, seed=seed))
@@ -135,17 +177,63 @@ def evaluate(model, tokenizer, task, cfg: EvalConfig, seed: int = 0, progress: b
             pk = [pass_at_k(len(o), sum(o), cfg.k) for o in ok]
             result[f"pass@{cfg.k}"] = float(np.mean(pk))
             result[f"pass@{cfg.k}_ci95"] = list(bootstrap_interval(pk, seed=seed))
-            mj = []
-            for vs in verdicts_of:
-                vs = vs[:cfg.k]
-                mj.append(float(majority_correct([v.answer for v in vs], [v.correct for v in vs])))
+            mj = [float(majority_correct(a[:cfg.k], o[:cfg.k])) for a, o in zip(rows["sampled_answer"], ok)]
             result[f"maj@{cfg.k}"] = float(np.mean(mj))
             result[f"maj@{cfg.k}_ci95"] = list(bootstrap_interval(mj, seed=seed))
-        flat = [s.text for samples in sampled for s in samples]
+        flat = [t for ts in rows["sampled_text"] for t in ts]
         flat_problems = [p for p in problems for _ in range(cfg.samples)]
         result.update({f"sampled_{k}": v for k, v in _diagnostics(task, flat_problems, flat).items()})
-        result["sampled_tokens_per_s"] = gen.last_stats["tokens_per_s"]
+        result["sampled_tokens_per_s"] = _rate(infos, "sampled")
     return result
+
+
+def _rate(infos: list[dict], kind: str) -> float:
+    seconds = sum(i.get(f"{kind}_seconds", 0.0) for i in infos)
+    return sum(i.get(f"{kind}_tokens", 0) for i in infos) / max(seconds, 1e-9)
+
+
+def fingerprint(cfg: RunConfig, model_path: str | Path) -> dict:
+    return {"model": model_fingerprint(model_path), "task": cfg.task.name,
+            "task_settings": to_dict(getattr(cfg.task, cfg.task.name)), "eval": to_dict(cfg.eval), "seed": cfg.seed}
+
+
+def run_evaluate(cfg: RunConfig, model_path: str | Path, out_dir: str | Path, task, progress: bool = True) -> dict:
+    """Evaluate the model at `model_path` into the stage directory `out_dir` (summary.json is the
+    `eval` object); resumable, and split by shards of problems across processes."""
+    c = cfg.eval
+    stage = ShardedStage(out_dir, "eval", SCHEMA, fingerprint(cfg, model_path))
+    if (done := stage.done()) is not None:
+        return done
+    problems = eval_problems(task, c)
+    n_shards = (len(problems) + PROBLEMS_PER_SHARD - 1) // PROBLEMS_PER_SHARD
+    gens: list = []
+
+    def make_shard(si: int) -> tuple[dict, dict]:
+        if not gens:  # loaded by a process only once it has a shard to evaluate
+            model, tok = load_policy(model_path)
+            gens.append(HFGenerator(model.to(device()), tok, task.step_delimiter, batch_size=c.batch_size,
+                                    progress=progress))
+        chunk = problems[si * PROBLEMS_PER_SHARD:(si + 1) * PROBLEMS_PER_SHARD]
+        return evaluate_shard(gens[0], task, chunk, c, shard_seed(cfg.seed, "eval", si))
+
+    return stage.run(n_shards, make_shard, lambda table, infos: summarize(
+        table.to_pydict(), problems, task, c, cfg.seed, infos))
+
+
+def evaluate(model, tokenizer, task, cfg: EvalConfig, seed: int = 0, progress: bool = True) -> dict:
+    """Evaluate a loaded policy in this process (no stage directory); the same shards, seeds and
+    numbers as `run_evaluate`."""
+    problems = eval_problems(task, cfg)
+    gen = HFGenerator(model, tokenizer, task.step_delimiter, batch_size=cfg.batch_size, progress=progress)
+    rows: dict[str, list] = {f: [] for f in SCHEMA.names}
+    infos = []
+    for si in range(0, len(problems), PROBLEMS_PER_SHARD):
+        cols, info = evaluate_shard(gen, task, problems[si:si + PROBLEMS_PER_SHARD], cfg,
+                                    shard_seed(seed, "eval", si // PROBLEMS_PER_SHARD))
+        for k, v in cols.items():
+            rows[k] += v
+        infos.append(info)
+    return summarize(rows, problems, task, cfg, seed, infos)
 
 
 def format_table(ev: dict, title: str = "evaluation"):

@@ -1,5 +1,5 @@
 """Python programming problems (HumanEval, MBPP-style files), judged by running their unit tests in
-the sandbox (`stepdapo.sandbox`); model-generated code never runs in our process.
+the sandbox (`stepdapo.tasks.sandbox`); model-generated code never runs in our process.
 
     question:    the problem (HumanEval: the function's signature and docstring)
     prompt:      <question>\\n\\n<instruction>   (the user turn of the chat template, if any)
@@ -37,9 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from stepdapo import sandbox
 from stepdapo.config import CodeConfig
-from stepdapo.tasks import Problem, Verdict
+from stepdapo.tasks import Problem, Verdict, sandbox
 from stepdapo.tasks.data import DataError, read_rows
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from stepdapo.config import ArithmeticConfig
-from stepdapo.tasks import Problem, Verdict
+from stepdapo.tasks import Problem, Task, Verdict
 
 _STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
 _ANSWER_RE = re.compile(r"^A=(\d+)$")
@@ -40,9 +40,10 @@ def _hash01(text: str) -> float:
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2**64
 
 
-class ArithmeticTask:
+class ArithmeticTask(Task):
     name = "arithmetic"
     step_delimiter = "\n"
+    supports_step_checks = True
 
     def __init__(self, cfg: ArithmeticConfig | None = None):
         self.cfg = cfg or ArithmeticConfig()

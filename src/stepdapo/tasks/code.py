@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from stepdapo.config import CodeConfig
-from stepdapo.tasks import Problem, Verdict, sandbox
+from stepdapo.tasks import Problem, Task, Verdict, sandbox
 from stepdapo.tasks.data import DataError, read_rows
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -148,7 +148,7 @@ def load_file(source: str) -> list[Problem]:
 # The task
 # ----------------------------------------------------------------------------------------------
 
-class CodeTask:
+class CodeTask(Task):
     name = "code"
 
     def __init__(self, cfg: CodeConfig | None = None):

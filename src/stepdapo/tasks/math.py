@@ -21,13 +21,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from stepdapo.config import MathConfig
-from stepdapo.tasks import Problem, Verdict
+from stepdapo.tasks import Problem, Task, Verdict
 from stepdapo.tasks.answers import extract_answer, gsm8k_gold, last_boxed
 from stepdapo.tasks.data import DataError, read_rows
 from stepdapo.tasks.verifier import check_equivalent
 
 
-class MathTask:
+class MathTask(Task):
     def __init__(self, cfg: MathConfig | None = None, name: str = "math"):
         self.cfg = cfg or MathConfig()
         self.name = name

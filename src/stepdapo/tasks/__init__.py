@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stepdapo.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -95,4 +97,4 @@ def get_task(task_cfg) -> Task:
         from stepdapo.tasks.code import CodeTask
 
         return CodeTask(task_cfg.code)
-    raise ValueError(f"unknown task {task_cfg.name!r}; known: {list(TASKS)}")
+    raise ConfigError(f"unknown task {task_cfg.name!r}; known: {list(TASKS)}")

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from stepdapo.config import ArithmeticConfig
+from stepdapo.errors import ConfigError
 from stepdapo.tasks import Problem, Task, Verdict
 
 _STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
@@ -74,14 +75,14 @@ class ArithmeticTask(Task):
         """`n_train` / `n_test` distinct problems, deterministic from `seed`; the splits are disjoint
         because a problem's split is decided by a hash of its text."""
         if split not in ("train", "test"):
-            raise ValueError(f"arithmetic task: unknown split {split!r} (use 'train' or 'test')")
+            raise ConfigError(f"arithmetic task: unknown split {split!r} (use 'train' or 'test')")
         if split in self._cache:
             return self._cache[split]
         c = self.cfg
         want = c.n_train if split == "train" else c.n_test
         share = c.test_fraction if split == "test" else 1 - c.test_fraction
         if want > 0.5 * share * self._space_size():
-            raise ValueError(
+            raise ConfigError(
                 f"arithmetic task: {want} distinct {split} problems requested but only about "
                 f"{int(share * self._space_size())} exist with these settings; lower "
                 f"task.arithmetic.n_{split} or widen the problem space")

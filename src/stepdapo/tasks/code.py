@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from stepdapo.config import CodeConfig
+from stepdapo.errors import ConfigError, DataError
 from stepdapo.tasks import Problem, Task, Verdict, sandbox
-from stepdapo.tasks.data import DataError, read_rows
+from stepdapo.tasks.data import DataFileNotFound, read_rows
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3")
@@ -131,7 +132,7 @@ def load_humaneval() -> list[Problem]:
 def load_file(source: str) -> list[Problem]:
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"code task: no such data file: {path}")
+        raise DataFileNotFound(f"code task: no such data file: {path}")
     out, seen = [], {}
     for i, (where, row) in enumerate(read_rows(str(path))):
         p = problem_from_row(row, where, f"{path.name.split('.')[0]}/{i}")
@@ -158,10 +159,10 @@ class CodeTask(Task):
 
     def problems(self, split: str) -> list[Problem]:
         if split not in ("train", "test"):
-            raise ValueError(f"code task: unknown split {split!r} (use 'train' or 'test')")
+            raise ConfigError(f"code task: unknown split {split!r} (use 'train' or 'test')")
         source = getattr(self.cfg, split)
         if source is None:
-            raise ValueError(f"code task: no {split} split (task.code.{split} is null); "
+            raise ConfigError(f"code task: no {split} split (task.code.{split} is null); "
                              f"set it to 'humaneval' or a .jsonl/.json/.parquet path")
         if split not in self._cache:
             is_he = source.strip().lower() == "humaneval"

@@ -21,9 +21,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from stepdapo.config import MathConfig
+from stepdapo.errors import ConfigError, DataError
 from stepdapo.tasks import Problem, Task, Verdict
 from stepdapo.tasks.answers import extract_answer, gsm8k_gold, last_boxed
-from stepdapo.tasks.data import DataError, read_rows
+from stepdapo.tasks.data import read_rows
 from stepdapo.tasks.verifier import check_equivalent
 
 
@@ -37,12 +38,12 @@ class MathTask(Task):
     # -- problems ------------------------------------------------------------------------------
     def problems(self, split: str) -> list[Problem]:
         if split not in ("train", "test"):
-            raise ValueError(f"{self.name} task: unknown split {split!r} (use 'train' or 'test')")
+            raise ConfigError(f"{self.name} task: unknown split {split!r} (use 'train' or 'test')")
         if split in self._cache:
             return self._cache[split]
         source = getattr(self.cfg, split)
         if source is None:
-            raise ValueError(f"task.{self.name}.{split} is not set: give a .jsonl / .json / "
+            raise ConfigError(f"task.{self.name}.{split} is not set: give a .jsonl / .json / "
                              f".parquet path or a Hugging Face dataset name")
         hf_split = getattr(self.cfg, f"hf_{split}_split")
         out = []

@@ -17,14 +17,10 @@ import pytest
 
 from stepdapo.config import MathConfig, TaskConfig
 from stepdapo.tasks import Problem, Task, Verdict, get_task
-from stepdapo.tasks.math import (
-    DataError,
-    MathTask,
-    extract_answer,
-    last_boxed,
-    normalize_answer,
-    verifier,
-)
+from stepdapo.tasks.answers import extract_answer, last_boxed, normalize_answer
+from stepdapo.tasks.data import DataError
+from stepdapo.tasks.math import MathTask
+from stepdapo.tasks.verifier import verifier
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K = DATA / "gsm8k"
@@ -257,7 +253,7 @@ def test_sources_that_are_missing_or_unset(tmp_path):
     ("/abs/dir", True), ("a/b/c", True), ("x.csv", True),
 ])
 def test_path_or_hub_name(source, is_path):
-    from stepdapo.tasks.math import _looks_like_path
+    from stepdapo.tasks.data import _looks_like_path
 
     assert _looks_like_path(source) is is_path
 
@@ -381,7 +377,8 @@ def test_verify_from_threads():
 _CHILD = textwrap.dedent("""
     import os, sys, threading
     from stepdapo.tasks import Problem
-    from stepdapo.tasks.math import MathTask, verifier
+    from stepdapo.tasks.math import MathTask
+    from stepdapo.tasks.verifier import verifier
     task = MathTask(name="math")
     assert task.verify(Problem("p", "q", "5"), "\\\\boxed{5}").correct
     print(verifier().pid, flush=True)

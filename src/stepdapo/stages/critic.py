@@ -171,7 +171,7 @@ def quality(pred, target, baseline: float) -> dict:
 def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -> dict | None:
     """At held-out states with both a right and a wrong non-terminal next step among the sampled
     actions (as the task judges single steps): how often V(s+right) > V(s+wrong) (ties: 1/2)."""
-    if not hasattr(task, "step_is_correct"):
+    if not task.supports_step_checks:
         return None
     pairs_right, pairs_wrong = [], []
     cols = {n: labels.column(n).to_pylist() for n in

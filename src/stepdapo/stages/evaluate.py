@@ -72,11 +72,12 @@ def majority_correct(answers: list[str | None], gold_ok: list[bool]) -> bool:
 
 
 def _diagnostics(task, problems, completions) -> dict:
-    if not hasattr(task, "analyze"):
-        return {}
     tot: Counter = Counter()
     for p, c in zip(problems, completions):
-        tot.update(task.analyze(p, c))
+        stats = task.analyze(p, c)
+        if stats is None:  # the task has no step-level diagnostics
+            return {}
+        tot.update(stats)
     out = {"well_formed": tot["well_formed"] / max(len(problems), 1)}
     if tot["steps"]:
         out["step_accuracy"] = tot["steps_correct"] / tot["steps"]

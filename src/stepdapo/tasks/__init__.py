@@ -1,14 +1,21 @@
-"""The Task protocol: every task (built-in arithmetic, GSM8K/MATH, code) looks like this to the stages.
+"""The Task base class: every task (built-in arithmetic, GSM8K/MATH, code) looks like this to the
+stages.
 
 A task gives the problems of a split with stable ids, turns a problem into the prompt text the policy
 sees, names the step delimiter, and verifies a completion. Nothing else in the pipeline knows what
-the task is about.
+the task is about. Optional features have defaults here: batch verification (`verify_many`),
+step-level diagnostics for the evaluation report (`analyze`) and single-step judgements for the
+critic's step-ranking check (`step_is_correct`, where `supports_step_checks`).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
+
+from stepdapo.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,27 +37,47 @@ class Verdict:
     reason: str  # "correct", "wrong answer ...", "no answer line", ...
 
 
-@runtime_checkable
-class Task(Protocol):
+class Task(ABC):
+    """Subclass it: set `name` and `step_delimiter`, implement `problems`, `prompt` and `verify`,
+    and override the optional methods below where the task can do better than their defaults."""
+
     name: str
     step_delimiter: str  # a step ends with the token that contains this string (the paper: "\n")
+    supports_step_checks = False  # True where `step_is_correct` is implemented
 
+    @abstractmethod
     def problems(self, split: str) -> list[Problem]:
         """The problems of `split` ("train" or "test"), in a fixed order."""
 
-    def prompt(self, problem: Problem, tokenizer: Any) -> str:
+    @abstractmethod
+    def prompt(self, problem: Problem, tokenizer: Any = None) -> str:
         """The text the policy is conditioned on (chat template applied where the model has one)."""
 
+    @abstractmethod
     def verify(self, problem: Problem, completion: str) -> Verdict:
         """Is `completion` (the generated text after the prompt) a correct solution?"""
 
+    def verify_many(self, pairs: Iterable[tuple[Problem, str]]) -> list[Verdict]:
+        """`verify` for many (problem, completion) pairs, in order. Overridden where a batch is
+        cheaper: the math tasks send one batch to their verifier process, the code task runs
+        sandboxes in parallel."""
+        return [self.verify(p, c) for p, c in pairs]
+
+    def analyze(self, problem: Problem, completion: str) -> dict[str, int] | None:
+        """Step-level diagnostics of one completion for the evaluation report, as counts (`steps`,
+        `steps_correct`, `flaw_steps`, `flaw_steps_correct`, `well_formed`); None where the task
+        has none."""
+        return None
+
+    def step_is_correct(self, problem: Problem, prefix: str, step: str) -> bool:
+        """Is `step` the right next step after the solution text `prefix`? Only for tasks with
+        `supports_step_checks`; the others cannot judge a single step."""
+        raise NotImplementedError(f"task {self.name!r} cannot judge single steps")
+
 
 def verify_all(task: Task, problems: list[Problem], completions: list[str]) -> list[Verdict]:
-    """Verify many completions at once: through the task's `verify_many` where it has one (the math
-    tasks send one batch to their verifier process, the code task runs sandboxes in parallel)."""
-    if hasattr(task, "verify_many"):
-        return list(task.verify_many(list(zip(problems, completions))))
-    return [task.verify(p, c) for p, c in zip(problems, completions)]
+    """Verify many completions at once (see `Task.verify_many`)."""
+    return task.verify_many(list(zip(problems, completions)))
 
 
 TASKS = ("arithmetic", "gsm8k", "math", "code")
@@ -70,4 +97,4 @@ def get_task(task_cfg) -> Task:
         from stepdapo.tasks.code import CodeTask
 
         return CodeTask(task_cfg.code)
-    raise ValueError(f"unknown task {task_cfg.name!r}; known: {list(TASKS)}")
+    raise ConfigError(f"unknown task {task_cfg.name!r}; known: {list(TASKS)}")

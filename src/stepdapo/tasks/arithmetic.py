@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
+from stepdapo.errors import ConfigError
 from stepdapo.settings import Section, bounded_by
-from stepdapo.tasks import Problem, Verdict
+from stepdapo.tasks import Problem, Task, Verdict
 
 
 class ArithmeticConfig(Section):
@@ -79,9 +80,10 @@ def _hash01(text: str) -> float:
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2**64
 
 
-class ArithmeticTask:
+class ArithmeticTask(Task):
     name = "arithmetic"
     step_delimiter = "\n"
+    supports_step_checks = True
 
     def __init__(self, cfg: ArithmeticConfig | None = None):
         self.cfg = cfg or ArithmeticConfig()
@@ -112,14 +114,14 @@ class ArithmeticTask:
         """`n_train` / `n_test` distinct problems, deterministic from `seed`; the splits are disjoint
         because a problem's split is decided by a hash of its text."""
         if split not in ("train", "test"):
-            raise ValueError(f"arithmetic task: unknown split {split!r} (use 'train' or 'test')")
+            raise ConfigError(f"arithmetic task: unknown split {split!r} (use 'train' or 'test')")
         if split in self._cache:
             return self._cache[split]
         c = self.cfg
         want = c.n_train if split == "train" else c.n_test
         share = c.test_fraction if split == "test" else 1 - c.test_fraction
         if want > 0.5 * share * self._space_size():
-            raise ValueError(
+            raise ConfigError(
                 f"arithmetic task: {want} distinct {split} problems requested but only about "
                 f"{int(share * self._space_size())} exist with these settings; lower "
                 f"task.arithmetic.n_{split} or widen the problem space")

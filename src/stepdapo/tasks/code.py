@@ -1,5 +1,5 @@
 """Python programming problems (HumanEval, MBPP-style files), judged by running their unit tests in
-the sandbox (`stepdapo.sandbox`); model-generated code never runs in our process.
+the sandbox (`stepdapo.tasks.sandbox`); model-generated code never runs in our process.
 
     question:    the problem (HumanEval: the function's signature and docstring)
     prompt:      <question>\\n\\n<instruction>   (the user turn of the chat template, if any)
@@ -37,12 +37,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from stepdapo import sandbox
 from pydantic import Field
 
+from stepdapo.errors import ConfigError, DataError
 from stepdapo.settings import Section
-from stepdapo.tasks import Problem, Verdict
-from stepdapo.tasks.data import DataError, read_rows
+from stepdapo.tasks import Problem, Task, Verdict, sandbox
+from stepdapo.tasks.data import DataFileNotFound, read_rows
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3")
@@ -158,7 +158,7 @@ def load_humaneval() -> list[Problem]:
 def load_file(source: str) -> list[Problem]:
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"code task: no such data file: {path}")
+        raise DataFileNotFound(f"code task: no such data file: {path}")
     out, seen = [], {}
     for i, (where, row) in enumerate(read_rows(str(path))):
         p = problem_from_row(row, where, f"{path.name.split('.')[0]}/{i}")
@@ -175,7 +175,7 @@ def load_file(source: str) -> list[Problem]:
 # The task
 # ----------------------------------------------------------------------------------------------
 
-class CodeTask:
+class CodeTask(Task):
     name = "code"
 
     def __init__(self, cfg: CodeConfig | None = None):
@@ -185,10 +185,10 @@ class CodeTask:
 
     def problems(self, split: str) -> list[Problem]:
         if split not in ("train", "test"):
-            raise ValueError(f"code task: unknown split {split!r} (use 'train' or 'test')")
+            raise ConfigError(f"code task: unknown split {split!r} (use 'train' or 'test')")
         source = getattr(self.cfg, split)
         if source is None:
-            raise ValueError(f"code task: no {split} split (task.code.{split} is null); "
+            raise ConfigError(f"code task: no {split} split (task.code.{split} is null); "
                              f"set it to 'humaneval' or a .jsonl/.json/.parquet path")
         if split not in self._cache:
             is_he = source.strip().lower() == "humaneval"

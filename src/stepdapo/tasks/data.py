@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from stepdapo.errors import DataError
+
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
-class DataError(ValueError):
-    """A malformed data file or row. The message names the file, the line or row and the field."""
+class DataFileNotFound(DataError, FileNotFoundError):
+    """A data file that does not exist (also a FileNotFoundError, which callers caught before)."""
 
 
 def _looks_like_path(source: str) -> bool:
@@ -87,7 +89,7 @@ def read_rows(source: str, hf_split: str = "train") -> Iterator[tuple[str, Any]]
         return _read_hub(source, hf_split)
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {source}")
+        raise DataFileNotFound(f"data file not found: {source}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl" or path.name.lower().endswith(".jsonl.gz"):
         return _read_jsonl(path)

@@ -64,7 +64,7 @@ def main():
     run = Path(args.run_dir)
     it1 = run / "iter-1"
     policy = run / "sft" if (run / "sft").is_dir() else Path(load_config(run / "config.yaml").model)
-    base = json.loads((run / "iter-0" / "eval.json").read_text())["eval"]
+    base = json.loads((run / "iter-0" / "eval" / "summary.json").read_text())
     rows = []
     for name, overrides in VARIANTS.items():
         cfg = load_config(run / "config.yaml", overrides)

@@ -31,6 +31,13 @@ def _load(args, extra: list[str] = ()):
     return load_config(args.config, overrides)
 
 
+def _quiet() -> bool:
+    """Processes other than rank 0 print nothing: one copy of each result, not one per process."""
+    from stepdapo.runner import is_main
+
+    return not is_main()
+
+
 def cmd_bootstrap(args) -> int:
     from stepdapo.models import set_threads
     from stepdapo.stages.bootstrap import bootstrap
@@ -38,16 +45,21 @@ def cmd_bootstrap(args) -> int:
     cfg = _load(args)
     set_threads(cfg.threads)
     summary = bootstrap(cfg, args.out)
+    if _quiet():
+        return 0
     print(f"bootstrapped {summary['parameters']:,}-parameter model in {summary['seconds']:.0f} s "
           f"-> {args.out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    import time
+
     from rich.console import Console
 
     from stepdapo.models import load_policy, set_threads
-    from stepdapo.stages.evaluate import evaluate, format_table
+    from stepdapo.runner import device, is_main, world_size
+    from stepdapo.stages.evaluate import evaluate, format_table, run_evaluate
     from stepdapo.store import write_json
     from stepdapo.tasks import get_task
 
@@ -58,25 +70,34 @@ def cmd_evaluate(args) -> int:
     model_path = args.model or cfg.model
     if model_path is None:
         raise ConfigError("evaluate: no model; pass --model or set `model` in the config")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise ConfigError(f"evaluate: --out {out} is a directory; give a JSON file path")
     set_threads(cfg.threads)
     task = get_task(cfg.task)
-    import time
-
     t0 = time.perf_counter()
-    model, tokenizer = load_policy(model_path)
-    ev = evaluate(model, tokenizer, task, cfg.eval, seed=cfg.seed)
-    ev["seconds"] = time.perf_counter() - t0  # model loading included
+    if out is not None:  # resumable, and shared by the processes of torchrun / accelerate launch
+        ev = run_evaluate(cfg, model_path, out.with_name(out.name + ".shards"), task, progress=is_main())
+    elif world_size() > 1:
+        raise ConfigError("evaluate: several processes need --out FILE (they share its shard directory)")
+    else:
+        model, tokenizer = load_policy(model_path)
+        ev = evaluate(model.to(device()), tokenizer, task, cfg.eval, seed=cfg.seed)
+    ev = {**ev, "seconds": time.perf_counter() - t0}  # model loading included
+    if _quiet():
+        return 0
     Console(stderr=True).print(format_table(ev, title=f"{model_path} on {cfg.task.name}/{cfg.eval.split}"))
-    if args.out:
-        write_json(args.out, {"eval": ev})
+    if out is not None:
+        write_json(out, {"eval": ev})
     else:
         print(json.dumps({"eval": ev}, indent=2))
     return 0
 
 
 def _print_summary(name: str, summary: dict) -> None:
-    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-    print(json.dumps({name: flat}, indent=2))
+    if not _quiet():
+        flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+        print(json.dumps({name: flat}, indent=2))
 
 
 def cmd_states(args) -> int:
@@ -110,6 +131,8 @@ def cmd_critic(args) -> int:
     set_threads(cfg.threads)
     summary = run_critic(cfg, args.model, args.labels, args.out, get_task(cfg.task))
     q = summary["heldout"]
+    if _quiet():
+        return 0
     print(f"critic on {q['n']} held-out states: BCE {q['bce']:.4f} (constant {q['bce_constant']:.4f}), "
           f"Brier {q['brier']:.4f} ({q['brier_constant']:.4f}), ECE {q['ece']:.4f} ({q['ece_constant']:.4f}), "
           f"AUC {q['auc_mc0_vs_positive'] or float('nan'):.3f} (0.5)")
@@ -166,6 +189,8 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else []))
     out = args.out or f"runs/{Path(args.config).stem}-seed{cfg.seed}"
     report = run(cfg, out)
+    if _quiet():
+        return 0
     accs = ", ".join(f"iter {it['iteration']}: " + ("not trained" if "skipped" in it else
                                                      f"{100 * it['eval']['accuracy']:.1f}%")
                      for it in report["iterations"])
@@ -256,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:  # ArtifactError is a ValueError
-        print(f"stepdapo {args.command}: error: {e}", file=sys.stderr)
+    except StepdapoError as e:  # the user's input; anything else is a bug and keeps its traceback
+        from stepdapo.runner import rank, world_size
+
+        who = f" (rank {rank()})" if world_size() > 1 else ""
+        print(f"stepdapo {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stepdapo {args.command}: interrupted", file=sys.stderr)

@@ -302,9 +302,9 @@ def to_dict(cfg: Section) -> dict:
     return cfg.model_dump()
 
 
-def from_dict(data: dict, cls: type[Section] = RunConfig) -> Section:
+def from_dict(data: dict, cls: type[Section] = RunConfig, source: str = "<saved config>") -> Section:
     """Rebuild a config saved with `to_dict` (used when resuming a run directory)."""
-    return settings.from_dict(cls, data)
+    return settings.from_dict(cls, data, source)
 
 
 def dump_yaml(cfg: Section) -> str:

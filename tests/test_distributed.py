@@ -1,0 +1,68 @@
+"""Several processes (torchrun, gloo on this CPU): the sampling stages split their shards across
+ranks, and per-shard seeds make the result the same as one process's, row for row."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from stepdapo.stages.labels import read_labels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One torch thread per process: two 2-thread processes on 2 cores slow each other 10x or more.
+SMALL = ["threads=1", "states.n_problems=24", "states.samples_per_problem=4", "states.keep_per_problem=2",
+         "label.rollouts=4", "label.shard_size=7", "eval.limit=40", "eval.samples=2", "eval.k=2"]
+
+
+def stepdapo(*args, procs: int = 1, timeout: int = 600):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs)] if procs > 1
+                else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
+    return subprocess.run([*launcher, "-m", "stepdapo", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def one_and_two(small_model_dir, tmp_path_factory):
+    """The same states -> labels -> evaluation by 1 process and by 2."""
+    root = tmp_path_factory.mktemp("dist")
+    for procs in (1, 2):
+        d = root / f"p{procs}"
+        r = stepdapo("states", "--model", str(small_model_dir), "--out", str(d / "states"), *SMALL, procs=procs)
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = stepdapo("label", "--model", str(small_model_dir), "--states", str(d / "states"),
+                     "--out", str(d / "labels"), *SMALL, procs=procs)
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = stepdapo("evaluate", "--model", str(small_model_dir), "--out", str(d / "eval.json"), *SMALL, procs=procs)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+def test_labels_from_two_processes_equal_one_process_row_for_row(one_and_two):
+    one, two = read_labels(one_and_two / "p1" / "labels"), read_labels(one_and_two / "p2" / "labels")
+    assert one.num_rows > 14  # several shards of 7 states, dealt to both ranks
+    assert one.to_pylist() == two.to_pylist()
+    shards = sorted((one_and_two / "p2" / "labels").glob("shard-*.parquet"))
+    assert len(shards) >= 3
+    assert pq.read_table(one_and_two / "p1" / "labels" / "stepwise.parquet").equals(
+        pq.read_table(one_and_two / "p2" / "labels" / "stepwise.parquet"))
+
+
+def test_evaluation_from_two_processes_equals_one_process(one_and_two):
+    import json
+
+    one = json.loads((one_and_two / "p1" / "eval.json").read_text())["eval"]
+    two = json.loads((one_and_two / "p2" / "eval.json").read_text())["eval"]
+    for key in ("accuracy", "n", "ci95", "sampled_accuracy", "pass@2", "maj@2", "reasons", "greedy_examples"):
+        assert one[key] == two[key], key
+
+
+def test_a_failing_rank_fails_the_run_with_its_error(small_model_dir, tmp_path):
+    """A bad input seen by every rank: the launcher fails promptly, the rank's message is shown."""
+    r = stepdapo("label", "--model", str(small_model_dir), "--states", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "labels"), *SMALL, procs=2, timeout=300)
+    assert r.returncode != 0
+    assert "manifest.json: missing" in r.stderr
+    assert not (tmp_path / "labels").exists()

@@ -168,8 +168,7 @@ class _Spawner:
         self._thread = None
 
 
-_spawner = _Spawner()
-os.register_at_fork(after_in_child=_spawner._after_fork)
+_spawner = _Spawner()  # its fork handler is registered with the worker's, in verifier()
 
 TIMEOUT = ("timeout", None)
 
@@ -307,20 +306,26 @@ class VerifyWorker:
         self._proc = None
 
 
-_worker = VerifyWorker()
+_worker: VerifyWorker | None = None
+_worker_lock = threading.Lock()
 
 
-@atexit.register
 def _stop_worker() -> None:
-    _worker.exiting = True
-    _worker.close()
-
-
-os.register_at_fork(after_in_child=_worker._after_fork)
+    if _worker is not None:
+        _worker.exiting = True
+        _worker.close()
 
 
 def verifier() -> VerifyWorker:
-    """The interpreter's math-verify worker, shared by all MathTasks."""
+    """The interpreter's math-verify worker, shared by all MathTasks. Made (and its exit and fork
+    handlers registered) on first use: importing this module changes nothing in the process."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = VerifyWorker()
+            atexit.register(_stop_worker)
+            os.register_at_fork(after_in_child=_worker._after_fork)
+            os.register_at_fork(after_in_child=_spawner._after_fork)
     return _worker
 
 
@@ -330,4 +335,4 @@ def check_equivalent(pairs: list[tuple[str, str]], timeout: float) -> list[tuple
     if not pairs:
         return []
     items = [(_latex(normalize_answer(g)), _latex(normalize_answer(p))) for g, p in pairs]
-    return _worker.run("verify", items, timeout)
+    return verifier().run("verify", items, timeout)

@@ -2,7 +2,7 @@
 
 Used to cache log pi_ref(a|s) for the actor, to compute log pi_theta(a|s) with gradients while
 training it, and by the outcome-level DPO baseline. `log pi(a|s)` is the SUM over the action's
-tokens, with no length normalisation (PAPER.md, stage 5).
+tokens, with no length normalisation (the paper, arXiv 2412.18279, eq. for the actor loss).
 """
 
 from __future__ import annotations

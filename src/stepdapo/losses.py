@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 def dapo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor,
               beta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The DAPO actor loss (PAPER.md, stage 5):
+    """The DAPO actor loss (Liu et al., arXiv 2412.18279, the actor objective):
 
         mean_i 0.5 * (A_i / beta - (log pi_theta(a_i|s_i) - log pi_ref(a_i|s_i)))**2
 

@@ -257,7 +257,7 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clea
 class RunConfig(Section):
     """A whole run: the task, the starting model and every stage's settings."""
 
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     """the run's seed (sampling, training order, initialisation)."""
     model: str | None = None
     """path of the starting policy (an HF model directory or a .gguf file); null bootstraps the tiny

@@ -320,6 +320,9 @@ class ShardedStage:
             _check_fingerprint(started, read_json(started).get("fingerprint"), self.fingerprint,
                                f"interrupted {self.name} stage", self.dir)
             return
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ArtifactError(f"{self.dir}: exists and is not a directory; the {self.name} stage needs a "
+                                f"new or empty directory")
         if self.dir.is_dir() and any(self.dir.iterdir()):
             raise _not_ours(self.dir, f"{self.name} stage directory")
         self.dir.mkdir(parents=True, exist_ok=True)

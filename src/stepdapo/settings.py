@@ -142,14 +142,15 @@ def _bounds(info) -> str | None:
         for name in ("gt", "ge", "lt", "le"):
             if getattr(m, name, None) is not None:
                 b[name] = getattr(m, name)
+    b = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in b.items()}
     lo = ("(", b["gt"]) if "gt" in b else ("[", b["ge"]) if "ge" in b else None
     hi = (")", b["lt"]) if "lt" in b else ("]", b["le"]) if "le" in b else None
     if lo and hi:
-        return f"must be in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+        return f"must be in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
     if lo:
-        return f"must be {'>' if lo[0] == '(' else '>='} {lo[1]:g}"
+        return f"must be {'>' if lo[0] == '(' else '>='} {lo[1]}"
     if hi:
-        return f"must be {'<' if hi[0] == ')' else '<='} {hi[1]:g}"
+        return f"must be {'<' if hi[0] == ')' else '<='} {hi[1]}"
     return None
 
 

@@ -59,7 +59,7 @@ class ArithmeticConfig(Section):
     train and test never overlap whatever the seed or sizes)."""
     n_demos: int = Field(60000, ge=1)
     """number of flawed demonstrations generated for the bootstrap SFT."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     """seed of the problem and demonstration generators."""
 
     _max_at_least_min = field_validator("n_ops_max")(bounded_by("n_ops_min", at_most=False))

@@ -66,3 +66,44 @@ def test_a_failing_rank_fails_the_run_with_its_error(small_model_dir, tmp_path):
     assert r.returncode != 0
     assert "manifest.json: missing" in r.stderr
     assert not (tmp_path / "labels").exists()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_sigkill_of_one_rank_fails_the_run_and_a_rerun_equals_one_process(one_and_two, small_model_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "labels"
+    args = ["label", "--model", str(small_model_dir), "--states", str(one_and_two / "p1" / "states"),
+            "--out", str(out), *SMALL, "label.shard_size=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                 "-m", "stepdapo", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("shard-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2 and list(out.glob("shard-*.parquet")), "the run did not start labelling"
+    os.kill(workers[-1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, err = launcher.communicate(timeout=180)
+    assert launcher.returncode != 0 and time.monotonic() - killed_at < 120
+    assert not (out / "manifest.json").exists()
+    r = stepdapo(*args, procs=2)  # the same command resumes at the missing shards
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = [a if a != str(out) else str(tmp_path / "one") for a in args]
+    assert stepdapo(*reference).returncode == 0  # one uninterrupted process
+    assert read_labels(out).to_pylist() == read_labels(tmp_path / "one").to_pylist()

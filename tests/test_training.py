@@ -1,4 +1,7 @@
-from stepdapo.training import train_steps, training_args
+import pytest
+
+from stepdapo.errors import StageInputError
+from stepdapo.training import per_device_batch, train_steps, training_args
 
 
 def test_train_steps():
@@ -18,3 +21,12 @@ def test_training_args(tmp_path):
     assert b.report_to == ["tensorboard"] and b.gradient_accumulation_steps == 2 and b.warmup_steps == 4
     assert (b.adam_beta2, b.lr_scheduler_type, b.logging_steps) == (0.95, "cosine", 4)
     assert (b.save_strategy, b.save_steps, b.save_total_limit, b.use_cpu) == ("steps", 10, 1, True)  # 40 steps // 4 checkpoints
+
+
+def test_config_batch_sizes_are_global(monkeypatch):
+    assert per_device_batch(16, "actor.states_per_batch") == 16
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert per_device_batch(16, "actor.states_per_batch") == 4
+    for batch in (6, 2):  # not a multiple, fewer than the processes
+        with pytest.raises(StageInputError, match=f"actor.states_per_batch = {batch} is the global batch.*multiple of 4"):
+            per_device_batch(batch, "actor.states_per_batch")

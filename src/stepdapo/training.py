@@ -4,6 +4,23 @@ Every trainer (bootstrap SFT, critic, actor, DPO baseline) trains for a fixed nu
 steps with AdamW, seeded (`seed` and `data_seed`), no dataloader workers, and our own collators (so
 `remove_unused_columns=False`); what differs between them is a parameter here.
 
+Data parallel (`torchrun` / `accelerate launch`): every process runs the same stage code and the
+Trainer does DDP (or FSDP / DeepSpeed from an accelerate config). The batch sizes in the config are
+GLOBAL, summed over the processes: each process takes `batch_size // world_size` items per
+micro-batch (a batch size that the number of processes does not divide is a StageInputError), so
+one process and N take the same number of optimizer steps over the same global batches. With our
+seeded sampler and accelerate's batch sharding the global batches are the same items as on one
+process, except the last, partial batch of an epoch, which the shards fill by wrapping around to
+the epoch's first items. The gradient is the mean over the processes of each one's mean loss: the
+same as on one process for the critic's and the DPO baseline's per-item means (equal-sized shards)
+and for SFT (the Trainer counts the tokens over all processes); the actor's weighted mean over a
+process's actions equals the one-process mean only when the processes' weights sum alike.
+
+`save_trained` writes the trained model: `trainer.save_model` gathers FSDP (FULL_STATE_DICT) and
+ZeRO-3 weights and writes on rank 0; LoRA adapters are merged on rank 0 and the plain model saved.
+LoRA with FSDP or ZeRO-3 is not supported yet (the adapters would have to be gathered before
+merging): `check_lora_supported` refuses it before training.
+
 Metrics go to the trackers listed in the run config's `report_to` (e.g. ["tensorboard"], ["wandb"];
 [] = none), one tracker run per stage named after its output directory. The trackers prefix every
 training metric with "train/" (the Trainer's `loss` shows as `train/loss`); each trainer's module
@@ -18,7 +35,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
+
+from stepdapo.errors import StageInputError
+from stepdapo.runner import is_main, world_size
 
 
 def train_steps(n_items: int, batch_size: int, epochs: float, grad_accum: int = 1) -> int:
@@ -26,13 +46,24 @@ def train_steps(n_items: int, batch_size: int, epochs: float, grad_accum: int = 
     return max(1, math.ceil(n_items / (batch_size * grad_accum) * epochs))
 
 
+def per_device_batch(global_batch: int, key: str) -> int:
+    """This process's share of the global batch `global_batch` (the config's `key`)."""
+    n = world_size()
+    if global_batch % n:
+        raise StageInputError(f"{key} = {global_batch} is the global batch, split evenly over the {n} "
+                              f"processes: set it to a multiple of {n}")
+    return global_batch // n
+
+
 def training_args(output_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int,
-                  report_to: list[str], progress: bool, run_name: str,
+                  report_to: list[str], progress: bool, run_name: str, batch_key: str = "batch_size",
                   bf16: bool = False, use_cpu: bool | None = None, grad_accum: int = 1,
                   lr_scheduler: str = "linear", warmup_ratio: float = 0.0, weight_decay: float = 0.0,
                   adam_betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float = 1.0,
                   logs: int = 20, checkpoints: int = 0) -> TrainingArguments:
-    """TrainingArguments for `steps` optimizer steps of `batch_size` x `grad_accum` items.
+    """TrainingArguments for `steps` optimizer steps of `batch_size` x `grad_accum` items, `batch_size`
+    being the global micro-batch (the config's `batch_key`, named in the error if the number of
+    processes does not divide it).
 
     warmup: int(warmup_ratio * steps) steps; a log every max(1, steps // logs) steps; with
     `checkpoints` > 0 a checkpoint every max(1, steps // checkpoints) steps (only the last one kept,
@@ -41,13 +72,39 @@ def training_args(output_dir: Path, *, steps: int, batch_size: int, lr: float, s
     return TrainingArguments(
         output_dir=str(output_dir), run_name=run_name,
         report_to=list(report_to) or "none", disable_tqdm=not progress,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, max_steps=steps,
+        per_device_train_batch_size=per_device_batch(batch_size, batch_key),
+        gradient_accumulation_steps=grad_accum, max_steps=steps,
         learning_rate=lr, lr_scheduler_type=lr_scheduler, warmup_steps=int(warmup_ratio * steps),
         weight_decay=weight_decay, adam_beta1=adam_betas[0], adam_beta2=adam_betas[1],
         max_grad_norm=max_grad_norm, logging_steps=max(1, steps // logs),
         save_strategy="steps" if checkpoints else "no", save_steps=max(1, steps // max(checkpoints, 1)),
         save_total_limit=1, bf16=bf16, use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
         seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0)
+
+
+def check_lora_supported(trainer: Trainer, lora: bool) -> None:
+    """LoRA is merged on rank 0 from its whole weights: not possible yet when they are sharded."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if lora and (trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
+        raise StageInputError("LoRA (lora_r > 0) with FSDP or DeepSpeed ZeRO-3 is not supported yet: use "
+                              "full fine-tuning (lora_r=0) or data parallel (DDP, ZeRO-1/2)")
+
+
+def resume_step(checkpoint: str | None) -> int | None:
+    """The optimizer step at which the Trainer checkpoint `.../checkpoint-N` was saved."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else None
+
+
+def save_trained(trainer: Trainer, tokenizer, model_dir: Path) -> None:
+    """Save the trained model and its tokenizer as a plain HF directory; every rank calls this."""
+    if hasattr(trainer.model, "merge_and_unload"):  # LoRA: merge, then save a plain model
+        if is_main():  # unsharded (check_lora_supported), so rank 0 holds every weight
+            trainer.model.merge_and_unload().save_pretrained(model_dir)
+    else:
+        trainer.save_model(str(model_dir))  # all ranks join the FSDP / ZeRO-3 gather; rank 0 writes
+    if is_main():
+        tokenizer.save_pretrained(model_dir)
 
 
 def finish_tracker_run(report_to: list[str]) -> None:

@@ -23,6 +23,7 @@ from transformers import (
 
 from stepdapo.config import TinyModelConfig
 from stepdapo.errors import ModelPathError
+from stepdapo.runner import ModelStage
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 # Every character the built-in task writes; anything else maps to <unk>.
@@ -143,23 +144,21 @@ def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: in
 
 def import_model(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """An HF directory is used where it is; a GGUF file is converted once into `out_dir` (an HF
-    directory, float32), because every stage reloads the policy and saves its successor as one."""
+    directory, float32), because every stage reloads the policy and saves its successor as one.
+    Every process of a data-parallel run calls this; rank 0 converts."""
     p = check_model_dir(path)
     if p.is_dir():
         return p
-    out = Path(out_dir)
-    if (out / "config.json").is_file():
-        return out
-    model, tokenizer = load_policy(p)
-    tmp = out.with_name(out.name + ".tmp")
-    import shutil
+    stage = ModelStage(out_dir, "import", {"gguf": model_fingerprint(p)})
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    def convert() -> dict:
+        model, tokenizer = load_policy(p)
+        model.save_pretrained(stage.model_dir)
+        tokenizer.save_pretrained(stage.model_dir)
+        return {"source": str(p)}
+
+    stage.run(convert, main_only=True)
+    return stage.dir
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:

@@ -2,7 +2,8 @@
 
 A tiny Llama with a character tokenizer is trained by supervised fine-tuning (loss on the solution
 tokens only) on the task's flawed demonstrations, with `transformers.Trainer`, and saved with
-`save_pretrained`. The output directory appears only when the model is complete.
+`save_pretrained`, through `runner.ModelStage`: the output directory appears only when the model is
+complete, and a finished one is skipped.
 
 Logged training metrics (to the trackers in `report_to`, which show them as `train/<name>`): `loss`
 (cross-entropy on the solution tokens), `grad_norm`, `learning_rate`.
@@ -10,8 +11,6 @@ Logged training metrics (to the trackers in `report_to`, which show them as `tra
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -21,8 +20,9 @@ from transformers import Trainer
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.models import char_tokenizer, tiny_llama
+from stepdapo.runner import ModelStage, is_main
 from stepdapo.tasks import get_task
-from stepdapo.training import finish_tracker_run, keep_tensorboard_logs, train_steps, training_args
+from stepdapo.training import finish_tracker_run, keep_tensorboard_logs, save_trained, train_steps, training_args
 
 
 class _SFTCollator:
@@ -54,47 +54,44 @@ def sft_examples(task, tokenizer, n: int | None = None, seed: int | None = None)
 
 
 def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train the tiny SFT model and save it to `out_dir`; returns a summary (also saved there)."""
-    out = Path(out_dir)
-    if (out / "config.json").is_file() and (out / "stepdapo_bootstrap.json").is_file():
-        return json.loads((out / "stepdapo_bootstrap.json").read_text())  # finished before
+    """Train the tiny SFT model and save it to `out_dir`; returns a summary (also saved there).
+    Skipped when done; every process of a data-parallel run calls this."""
     if cfg.task.name != "arithmetic":
         raise StageInputError(f"bootstrap trains the tiny model on the built-in task only; task "
                               f"{cfg.task.name!r} needs a starting model (set model=PATH)")
-    t0 = time.perf_counter()
-    task = get_task(cfg.task)
-    tokenizer = char_tokenizer()
-    model = tiny_llama(tokenizer, cfg.bootstrap.model, seed=cfg.seed)
-    train = sft_examples(task, tokenizer)
     b = cfg.bootstrap
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # cosine schedule, AdamW(0.9, 0.98); the tiny model always trains on the CPU
-    args = training_args(tmp / "trainer", steps=train_steps(len(train), b.batch_size, b.epochs),
-                         batch_size=b.batch_size, lr=b.lr, lr_scheduler="cosine", warmup_ratio=b.warmup_ratio,
-                         weight_decay=b.weight_decay, adam_betas=(0.9, 0.98), use_cpu=True, seed=cfg.seed,
-                         report_to=cfg.report_to, progress=progress, run_name=str(out))
-    trainer = Trainer(model=model, args=args, train_dataset=train,
-                      data_collator=_SFTCollator(tokenizer.pad_token_id))
-    result = trainer.train()
-    finish_tracker_run(cfg.report_to)
-    model.eval()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    summary = {
-        "seconds": time.perf_counter() - t0,
-        "train_loss": result.training_loss,
-        "steps": args.max_steps,
-        "demonstrations": len(train),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "config": to_dict(cfg.bootstrap),
-        "task": to_dict(cfg.task),
-        "seed": cfg.seed,
-    }
-    (tmp / "stepdapo_bootstrap.json").write_text(json.dumps(summary, indent=2))
-    keep_tensorboard_logs(tmp / "trainer", tmp)
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the model directory appears only once it is complete
-    return summary
+    # the arithmetic task's settings only: another task's settings do not change this model
+    stage = ModelStage(out_dir, "bootstrap", {"bootstrap": to_dict(b), "arithmetic": to_dict(cfg.task.arithmetic),
+                                              "seed": cfg.seed})
+
+    def work() -> dict:
+        t0 = time.perf_counter()
+        tokenizer = char_tokenizer()
+        model = tiny_llama(tokenizer, b.model, seed=cfg.seed)
+        train = sft_examples(get_task(cfg.task), tokenizer)
+        # cosine schedule, AdamW(0.9, 0.98); the tiny model always trains on the CPU
+        args = training_args(stage.checkpoints, steps=train_steps(len(train), b.batch_size, b.epochs),
+                             batch_size=b.batch_size, batch_key="bootstrap.batch_size", lr=b.lr,
+                             lr_scheduler="cosine", warmup_ratio=b.warmup_ratio, weight_decay=b.weight_decay,
+                             adam_betas=(0.9, 0.98), use_cpu=True, seed=cfg.seed, report_to=cfg.report_to,
+                             progress=progress, run_name=str(stage.dir))
+        trainer = Trainer(model=model, args=args, train_dataset=train,
+                          data_collator=_SFTCollator(tokenizer.pad_token_id))
+        result = trainer.train()
+        finish_tracker_run(cfg.report_to)
+        save_trained(trainer, tokenizer, stage.model_dir)
+        if is_main():
+            keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
+        return {
+            "seconds": time.perf_counter() - t0,
+            "train_loss": result.training_loss,
+            "steps": args.max_steps,
+            "processes": trainer.args.world_size,
+            "demonstrations": len(train),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "config": to_dict(b),
+            "task": to_dict(cfg.task),
+            "seed": cfg.seed,
+        }
+
+    return stage.run(work)

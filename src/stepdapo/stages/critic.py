@@ -14,6 +14,10 @@ Quality is measured on states of held-out problems, each metric next to the cons
 telling MC = 0 states from MC > 0 ones, and, where the task can judge single steps, how often the
 critic scores a right next step above a wrong one at the same state.
 
+Every process of a data-parallel run trains (the Trainer's DDP / FSDP / DeepSpeed); rank 0 alone
+evaluates the saved critic and draws the plot. The Trainer checkpoints 4 times (the last one kept),
+so a killed critic resumes from its last checkpoint; the summary says from which step.
+
 Logged training metrics (to the trackers in `report_to`, which show them as `train/<name>`):
   loss           `critic_loss` (BCE against the pooled MC targets) of the batch;
   grad_norm      the gradient norm before clipping;
@@ -23,7 +27,6 @@ Logged training metrics (to the trackers in `report_to`, which show them as `tra
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from pathlib import Path
 
@@ -36,12 +39,18 @@ from stepdapo.config import CriticConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.generation import delimiter_token_mask, split_steps
 from stepdapo.losses import critic_loss
-from stepdapo.models import check_model_dir, critic_values, model_fingerprint, pad_right
+from stepdapo.models import check_model_dir, critic_values, load_critic, model_fingerprint, pad_right
+from stepdapo.runner import ModelStage, on_main, stage_fingerprint
 from stepdapo.stages.labels import read_labels
-from stepdapo.store import finished_summary, stage_fingerprint, write_json
-from stepdapo.training import finish_tracker_run, keep_tensorboard_logs, train_steps, training_args
-
-SUMMARY = "stepdapo_critic.json"
+from stepdapo.training import (
+    check_lora_supported,
+    finish_tracker_run,
+    keep_tensorboard_logs,
+    resume_step,
+    save_trained,
+    train_steps,
+    training_args,
+)
 
 
 def heldout(problem_id: str, fraction: float) -> bool:
@@ -86,9 +95,9 @@ class CriticTrainer(Trainer):
 
 
 def train_critic(init: str | Path, train: list[ValueExample], pad_id: int, c: CriticConfig,
-                 args: TrainingArguments):
-    """A value head on `init`'s backbone (LoRA adapters with `c.lora_r`), trained on `train`;
-    returns (model, the Trainer's TrainOutput)."""
+                 args: TrainingArguments, resume: str | None = None):
+    """A value head on `init`'s backbone (LoRA adapters with `c.lora_r`), trained on `train`
+    (continuing from the Trainer checkpoint `resume`); returns (the Trainer, its TrainOutput)."""
     torch.manual_seed(args.seed)  # the new value head's initialisation, whatever ran before in the process
     model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1)
     model.config.pad_token_id = pad_id
@@ -99,9 +108,10 @@ def train_critic(init: str | Path, train: list[ValueExample], pad_id: int, c: Cr
         model = get_peft_model(model, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                                                  target_modules="all-linear", task_type="SEQ_CLS"))
     trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_ValueCollator(pad_id))
-    result = trainer.train()
+    check_lora_supported(trainer, c.lora_r > 0)
+    result = trainer.train(resume_from_checkpoint=resume)
     finish_tracker_run(args.report_to)
-    return model, result
+    return trainer, result
 
 
 # -- quality metrics ------------------------------------------------------------------------------
@@ -243,10 +253,11 @@ def fingerprint(cfg: RunConfig, init: str | Path, labels_dir: str | Path) -> dic
 
 def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir: str | Path, task,
                progress: bool = True) -> dict:
-    """Train the critic from `init` (a policy or a previous critic) on the labels; save to `out_dir`."""
-    out = Path(out_dir)
-    fp = fingerprint(cfg, init, labels_dir)
-    if (done := finished_summary(out / SUMMARY, fp, "critic")) is not None:
+    """Train the critic from `init` (a policy or a previous critic) on the labels; save to `out_dir`
+    (skipped when done; a killed run resumes from its last checkpoint). Every process of a
+    data-parallel run calls this; rank 0 alone evaluates the saved critic."""
+    stage = ModelStage(out_dir, "critic", fingerprint(cfg, init, labels_dir))
+    if (done := stage.done()) is not None:  # before reading the labels
         return done
     t0 = time.perf_counter()
     c = cfg.critic
@@ -258,39 +269,43 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = training_args(tmp / "trainer", steps=train_steps(len(train), c.batch_size, c.epochs),
-                         batch_size=c.batch_size, lr=c.lr, lr_scheduler=c.lr_scheduler, warmup_ratio=c.warmup_ratio,
-                         weight_decay=c.weight_decay, logs=10, bf16=cfg.bf16, seed=cfg.seed,
-                         report_to=cfg.report_to, progress=progress, run_name=str(out))
-    model, result = train_critic(init, train, tok.pad_token_id, c, args)
-    train_seconds = time.perf_counter() - t0
-    metrics = evaluate_critic(model, tok, train, held, labels, task)
+    def work() -> dict:
+        resume = stage.last_checkpoint()
+        # 4 checkpoints, the last one kept: a killed critic resumes from it
+        args = training_args(stage.checkpoints, steps=train_steps(len(train), c.batch_size, c.epochs),
+                             batch_size=c.batch_size, batch_key="critic.batch_size", lr=c.lr,
+                             lr_scheduler=c.lr_scheduler, warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay,
+                             logs=10, checkpoints=4, bf16=cfg.bf16, seed=cfg.seed, report_to=cfg.report_to,
+                             progress=progress, run_name=str(stage.dir))
+        trainer, result = train_critic(init, train, tok.pad_token_id, c, args, resume)
+        save_trained(trainer, tok, stage.model_dir)
+        global_step, processes, dev = trainer.state.global_step, trainer.args.world_size, trainer.args.device
+        del trainer  # its memory, before rank 0 loads the saved critic
+        train_seconds = time.perf_counter() - t0
 
-    if hasattr(model, "merge_and_unload"):  # LoRA: save a plain HF critic
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    keep_tensorboard_logs(tmp / "trainer", tmp)
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    plot_reliability(metrics["heldout"], tmp / "reliability.png", "critic on held-out states")
-    summary = {
-        "fingerprint": fp,
-        "init": str(init),
-        "train_examples": len(train),
-        "train_states": sum(e.is_state for e in train),
-        "heldout_states": len(held),
-        "constant_prediction": metrics["constant_prediction"],
-        "train_loss": result.training_loss,
-        "steps": args.max_steps,
-        "heldout": metrics["heldout"],
-        "train_subset": metrics["train_subset"],
-        "seconds": time.perf_counter() - t0,
-        "train_seconds": train_seconds,
-    }
-    write_json(tmp / SUMMARY, summary)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return summary
+        def evaluate() -> dict:  # on the saved critic: what is published, however training was sharded
+            model = load_critic(stage.model_dir)[0].to(dev)
+            metrics = evaluate_critic(model, tok, train, held, labels, task)
+            keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
+            plot_reliability(metrics["heldout"], stage.model_dir / "reliability.png", "critic on held-out states")
+            return metrics
+
+        metrics = on_main(evaluate)
+        return {
+            "init": str(init),
+            "train_examples": len(train),
+            "train_states": sum(e.is_state for e in train),
+            "heldout_states": len(held),
+            "constant_prediction": metrics["constant_prediction"],
+            "train_loss": result.training_loss,
+            "steps": args.max_steps,
+            "global_step": global_step,
+            "resumed_from_step": resume_step(resume),
+            "processes": processes,
+            "heldout": metrics["heldout"],
+            "train_subset": metrics["train_subset"],
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": train_seconds,
+        }
+
+    return stage.run(work)

@@ -4,11 +4,13 @@
 
 - log pi(a|s) is summed over the action's tokens, computed on exactly the sampled token ids;
 - log pi_ref(a|s) is computed ONCE, before training, with the same batched forward pass as the
-  policy's (so the log-ratio is exactly 0 at the start), and cached in `ref_logprobs.json`;
+  policy's (so the log-ratio is exactly 0 at the start), on rank 0, cached in the stage's work dir
+  (`ref_logprobs.json`, kept by a killed run) and handed to every process;
 - a training item is a whole state: every action of a state lands in the same batch;
 - AdamW with betas (0.9, 0.95) and no weight decay, linear schedule, gradient accumulation, all by
   `transformers.Trainer` (and so by accelerate: `accelerate launch` runs it multi-process);
-- full fine-tuning or LoRA (peft); LoRA is merged into the saved model.
+- full fine-tuning or LoRA (peft); LoRA is merged into the saved model;
+- the summary's final log-ratios and loss are measured on rank 0 on the saved model.
 
 Logged training metrics, means since the previous log (in the summary's `log`, and to the trackers
 in `report_to`, which show them as `train/<name>`):
@@ -19,6 +21,8 @@ in `report_to`, which show them as `train/<name>`):
                     the policy moves mass toward high-advantage steps);
   grad_norm         the gradient norm before clipping;
   learning_rate     the scheduled learning rate.
+On several processes loss and grad_norm cover all of them; log_ratio, target and corr only rank 0's
+share of each batch.
 The outcome-level DPO baseline (`train_dpo`, `OutcomeDPOTrainer`) logs `loss` (the DPO loss),
 `log_ratio_margin` (mean chosen minus rejected log-ratio to pi_ref), `grad_norm` and `learning_rate`.
 """
@@ -26,7 +30,6 @@ The outcome-level DPO baseline (`train_dpo`, `OutcomeDPOTrainer`) logs `loss` (t
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -39,11 +42,19 @@ from stepdapo.errors import StageInputError
 from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
 from stepdapo.losses import dapo_loss, dpo_loss
 from stepdapo.models import load_policy, model_fingerprint
+from stepdapo.runner import ModelStage, is_main, on_main, stage_fingerprint
 from stepdapo.stages.advantages import read_advantages
-from stepdapo.store import finished_summary, read_json, stage_fingerprint, write_json
-from stepdapo.training import finish_tracker_run, keep_tensorboard_logs, train_steps, training_args
-
-SUMMARY = "stepdapo_actor.json"
+from stepdapo.stages.states import read_solutions
+from stepdapo.store import read_json, write_json
+from stepdapo.training import (
+    check_lora_supported,
+    finish_tracker_run,
+    keep_tensorboard_logs,
+    resume_step,
+    save_trained,
+    train_steps,
+    training_args,
+)
 
 
 def group_by_state(adv_rows: list[dict]) -> list[dict]:
@@ -115,99 +126,102 @@ def _with_lora(model, c: ActorConfig):
                                             target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def _save(model, tok, final: Path, work: Path, summary: dict) -> None:
-    """Merge LoRA if any, save as a plain HF model, and make `final` appear only when complete."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    keep_tensorboard_logs(work / "checkpoints", tmp)
-    write_json(tmp / SUMMARY, summary)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    shutil.rmtree(work, ignore_errors=True)
-
-
-def _last_checkpoint(work: Path) -> str | None:
-    ckpts = sorted((work / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(ckpts[-1]) if ckpts else None
-
-
 def fingerprint(cfg: RunConfig, policy: str | Path, adv_dir: str | Path) -> dict:
     return {"policy": model_fingerprint(policy), "advantages": stage_fingerprint(adv_dir, "advantages"),
             "actor": to_dict(cfg.actor), "seed": cfg.seed}
 
 
+def _ref_logprobs(stage: ModelStage, model, prompts: list[list[int]], completions: list[list[int]],
+                  pad_id: int, dev) -> list[float]:
+    """log pi_ref of each (prompt, completion), computed once, before any update, on rank 0 and cached
+    in the work dir (a killed run keeps it); every rank gets them."""
+    def compute() -> list[float]:
+        cache = stage.work_dir / "ref_logprobs.json"  # the work dir is this fingerprint's
+        if not cache.is_file():
+            write_json(cache, batched_sequence_logprobs(model.to(dev), prompts, completions, pad_id))
+        return read_json(cache)
+
+    return on_main(compute)
+
+
+def _final_logprobs(model_dir: Path, prompts: list[list[int]], completions: list[list[int]], dev) -> list[float]:
+    """log pi_theta of each pair under the saved model (what is published, however training was sharded)."""
+    model, tok = load_policy(model_dir)
+    return batched_sequence_logprobs(model.to(dev), prompts, completions, tok.pad_token_id)
+
+
 def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: str | Path,
               progress: bool = True) -> dict:
-    """Train pi_theta from pi_ref = `policy` on the advantages; save the new policy to `out_dir`."""
-    out = Path(out_dir)
-    fp = fingerprint(cfg, policy, adv_dir)
-    if (done := finished_summary(out / SUMMARY, fp, "actor")) is not None:
+    """Train pi_theta from pi_ref = `policy` on the advantages; save the new policy to `out_dir`
+    (skipped when done; a killed run resumes from its last checkpoint). Every process of a
+    data-parallel run calls this; rank 0 alone computes the reference and final log-probs."""
+    stage = ModelStage(out_dir, "actor", fingerprint(cfg, policy, adv_dir))
+    if (done := stage.done()) is not None:  # before reading the advantages
         return done
     t0 = time.perf_counter()
     c = cfg.actor
-    work = out.with_name(out.name + ".work")  # checkpoints and the ref cache survive a kill
-    work.mkdir(parents=True, exist_ok=True)
     rows = read_advantages(adv_dir).to_pylist()
     if not rows:
         raise StageInputError(f"{adv_dir}: no state passed the advantage-gap filter; nothing to train on "
                               f"(lower advantages.min_gap or check the critic)")
-    model, tok = load_policy(policy)
+    prompts, actions = [r["state_ids"] for r in rows], [r["action_ids"] for r in rows]
+    n_states = len({r["state_index"] for r in rows})  # the training items
 
-    ref_cache = work / "ref_logprobs.json"  # computed once per iteration, before any update
-    if ref_cache.is_file() and read_json(ref_cache).get("fingerprint") == fp:
-        ref = read_json(ref_cache)["ref_logprobs"]
-    else:
-        ref = batched_sequence_logprobs(model, [r["state_ids"] for r in rows], [r["action_ids"] for r in rows],
-                                        tok.pad_token_id)
-        write_json(ref_cache, {"fingerprint": fp, "ref_logprobs": ref})
-    for r, lp in zip(rows, ref):
-        r["ref_logprob"] = lp
-    items = group_by_state(rows)
+    def work() -> dict:
+        model, tok = load_policy(policy)
+        # AdamW(0.9, 0.95), no weight decay, linear schedule; 4 checkpoints (a killed actor resumes)
+        args = training_args(stage.checkpoints, steps=train_steps(n_states, c.states_per_batch, c.epochs, c.grad_accum),
+                             batch_size=c.states_per_batch,
+                             batch_key="actor.states_per_batch", grad_accum=c.grad_accum, lr=c.lr,
+                             warmup_ratio=c.warmup_ratio, adam_betas=(0.9, 0.95), max_grad_norm=c.max_grad_norm,
+                             checkpoints=4, bf16=cfg.bf16, seed=cfg.seed, report_to=cfg.report_to,
+                             progress=progress, run_name=str(stage.dir))
+        ref = _ref_logprobs(stage, model, prompts, actions, tok.pad_token_id, args.device)
+        for r, lp in zip(rows, ref):
+            r["ref_logprob"] = lp
+        items = group_by_state(rows)
+        model.train()
+        trainer = DAPOTrainer(model=_with_lora(model, c), args=args, train_dataset=items,
+                              data_collator=_StateCollator(), beta=c.beta, pad_id=tok.pad_token_id)
+        check_lora_supported(trainer, c.lora_r > 0)
+        resume = stage.last_checkpoint()
+        result = trainer.train(resume_from_checkpoint=resume)
+        finish_tracker_run(cfg.report_to)
+        save_trained(trainer, tok, stage.model_dir)
+        log, processes = trainer.state.log_history, trainer.args.world_size
+        del trainer, model  # their memory, before rank 0 loads the saved model
 
-    model.train()
-    model = _with_lora(model, c)
-    # AdamW(0.9, 0.95), no weight decay, linear schedule; 4 checkpoints (a killed actor resumes)
-    steps = train_steps(len(items), c.states_per_batch, c.epochs, c.grad_accum)
-    args = training_args(work / "checkpoints", steps=steps, batch_size=c.states_per_batch, grad_accum=c.grad_accum,
-                         lr=c.lr, warmup_ratio=c.warmup_ratio, adam_betas=(0.9, 0.95), max_grad_norm=c.max_grad_norm,
-                         checkpoints=4, bf16=cfg.bf16, seed=cfg.seed, report_to=cfg.report_to, progress=progress,
-                         run_name=str(out))
-    trainer = DAPOTrainer(model=model, args=args, train_dataset=items, data_collator=_StateCollator(),
-                          beta=c.beta, pad_id=tok.pad_token_id)
-    result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
-    finish_tracker_run(cfg.report_to)
-    model.eval()
+        def final_summary() -> dict:  # where the log-ratios ended, against their targets A/beta
+            keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
+            final = _final_logprobs(stage.model_dir, prompts, actions, args.device)
+            adv, weights = [r["advantage"] for r in rows], [r["weight"] for r in rows]
+            ratio = np.array(final) - np.array(ref)
+            target = np.array(adv) / c.beta
+            f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+            final_loss = dapo_loss(f64(final), f64(ref), f64(adv), c.beta, f64(weights))  # weighted, as in training
+            return {
+                "final_log_ratio_mean": float(ratio.mean()),
+                "final_corr_log_ratio_target": (float(np.corrcoef(ratio, target)[0, 1])
+                                                if len(rows) > 1 and ratio.std() > 0 else None),
+                "final_loss": float(final_loss),
+                "scatter": {"target": target.round(4).tolist()[:5000], "log_ratio": ratio.round(4).tolist()[:5000]},
+            }
 
-    # where the log-ratios ended, against their targets A/beta (for the report's scatter plot)
-    final = batched_sequence_logprobs(model, [r["state_ids"] for r in rows], [r["action_ids"] for r in rows],
-                                      tok.pad_token_id)
-    adv, weights = [r["advantage"] for r in rows], [r["weight"] for r in rows]
-    ratio = np.array(final) - np.array(ref)
-    target = np.array(adv) / c.beta
-    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    final_loss = dapo_loss(f64(final), f64(ref), f64(adv), c.beta, f64(weights))  # weighted, as in training
-    summary = {
-        "fingerprint": fp,
-        "policy": str(policy),
-        "states": len(items),
-        "actions": len(rows),
-        "steps": args.max_steps,
-        "train_loss": result.training_loss,
-        "final_log_ratio_mean": float(ratio.mean()),
-        "final_corr_log_ratio_target": float(np.corrcoef(ratio, target)[0, 1]) if len(rows) > 1 and ratio.std() > 0 else None,
-        "final_loss": float(final_loss),
-        "log": trainer.state.log_history,
-        "scatter": {"target": target.round(4).tolist()[:5000], "log_ratio": ratio.round(4).tolist()[:5000]},
-        "lora": c.lora_r > 0,
-        "seconds": time.perf_counter() - t0,
-    }
-    _save(model, tok, out, work, summary)
-    return summary
+        return {
+            "policy": str(policy),
+            "states": n_states,
+            "actions": len(rows),
+            "steps": args.max_steps,
+            "resumed_from_step": resume_step(resume),
+            "processes": processes,
+            "train_loss": result.training_loss,
+            **on_main(final_summary),
+            "log": log,
+            "lora": c.lora_r > 0,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    return stage.run(work)
 
 
 # -- the outcome-level DPO baseline ----------------------------------------------------------------
@@ -251,36 +265,43 @@ class OutcomeDPOTrainer(DAPOTrainer):
         return loss
 
 
-def train_dpo(cfg: RunConfig, policy: str | Path, solutions, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train the outcome-level DPO baseline from `policy` on pairs of the stage-1 `solutions`."""
-    out = Path(out_dir)
+def train_dpo(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_dir: str | Path,
+              progress: bool = True) -> dict:
+    """Train the outcome-level DPO baseline from `policy` on pairs of the states stage's solutions
+    (skipped when done; a killed run resumes from its last checkpoint)."""
     b = cfg.baseline
-    pairs = dpo_pairs(solutions, b.pairs_per_problem)
-    fp = {"policy": model_fingerprint(policy), "baseline": to_dict(b), "seed": cfg.seed, "pairs": len(pairs)}
-    if (done := finished_summary(out / SUMMARY, fp, "DPO baseline")) is not None:
+    stage = ModelStage(out_dir, "dpo", {"policy": model_fingerprint(policy), "baseline": to_dict(b),
+                                        "seed": cfg.seed, "states": stage_fingerprint(states_dir, "states")})
+    if (done := stage.done()) is not None:  # before reading the solutions
         return done
     t0 = time.perf_counter()
-    work = out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
+    pairs = dpo_pairs(read_solutions(states_dir), b.pairs_per_problem)
     if not pairs:
-        raise StageInputError("no (correct, incorrect) solution pairs for the DPO baseline")
-    model, tok = load_policy(policy)
-    prompts = [p["prompt"] for p in pairs]
-    rc = batched_sequence_logprobs(model, prompts, [p["chosen"] for p in pairs], tok.pad_token_id)
-    rr = batched_sequence_logprobs(model, prompts, [p["rejected"] for p in pairs], tok.pad_token_id)
-    for p, a, r in zip(pairs, rc, rr):
-        p["ref_chosen"], p["ref_rejected"] = a, r
-    model.train()
-    # the actor's optimizer and schedule, no warmup
-    args = training_args(work / "checkpoints", steps=train_steps(len(pairs), b.batch_size, b.epochs),
-                         batch_size=b.batch_size, lr=b.lr, adam_betas=(0.9, 0.95), checkpoints=4, bf16=cfg.bf16,
-                         seed=cfg.seed, report_to=cfg.report_to, progress=progress, run_name=str(out))
-    trainer = OutcomeDPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
-                                beta=b.beta, pad_id=tok.pad_token_id)
-    result = trainer.train(resume_from_checkpoint=_last_checkpoint(work))
-    finish_tracker_run(cfg.report_to)
-    model.eval()
-    summary = {"fingerprint": fp, "pairs": len(pairs), "steps": args.max_steps, "train_loss": result.training_loss,
-               "log": trainer.state.log_history, "seconds": time.perf_counter() - t0, "config": to_dict(b)}
-    _save(model, tok, out, work, summary)
-    return summary
+        raise StageInputError(f"{states_dir}: no (correct, incorrect) solution pairs for the DPO baseline")
+    prompts = [p["prompt"] for p in pairs] * 2
+    completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+
+    def work() -> dict:
+        model, tok = load_policy(policy)
+        # the actor's optimizer and schedule, no warmup
+        args = training_args(stage.checkpoints, steps=train_steps(len(pairs), b.batch_size, b.epochs),
+                             batch_size=b.batch_size, batch_key="baseline.batch_size", lr=b.lr,
+                             adam_betas=(0.9, 0.95), checkpoints=4, bf16=cfg.bf16, seed=cfg.seed,
+                             report_to=cfg.report_to, progress=progress, run_name=str(stage.dir))
+        ref = _ref_logprobs(stage, model, prompts, completions, tok.pad_token_id, args.device)
+        for p, chosen, rejected in zip(pairs, ref[:len(pairs)], ref[len(pairs):]):
+            p["ref_chosen"], p["ref_rejected"] = chosen, rejected
+        model.train()
+        trainer = OutcomeDPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
+                                    beta=b.beta, pad_id=tok.pad_token_id)
+        resume = stage.last_checkpoint()
+        result = trainer.train(resume_from_checkpoint=resume)
+        finish_tracker_run(cfg.report_to)
+        save_trained(trainer, tok, stage.model_dir)
+        if is_main():
+            keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
+        return {"pairs": len(pairs), "steps": args.max_steps, "resumed_from_step": resume_step(resume),
+                "processes": trainer.args.world_size, "train_loss": result.training_loss,
+                "log": trainer.state.log_history, "seconds": time.perf_counter() - t0, "config": to_dict(b)}
+
+    return stage.run(work)

@@ -30,6 +30,7 @@ model directory.
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 from pathlib import Path
@@ -105,6 +106,13 @@ def save_trained(trainer: Trainer, tokenizer, model_dir: Path) -> None:
         trainer.save_model(str(model_dir))  # all ranks join the FSDP / ZeRO-3 gather; rank 0 writes
     if is_main():
         tokenizer.save_pretrained(model_dir)
+
+
+def release_memory() -> None:
+    """Free what a deleted Trainer held (the model, the optimizer state: reference cycles keep them
+    until a collection), before rank 0 loads the saved model to measure it."""
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 def finish_tracker_run(report_to: list[str]) -> None:

@@ -50,6 +50,7 @@ from stepdapo.training import (
     check_lora_supported,
     finish_tracker_run,
     keep_tensorboard_logs,
+    release_memory,
     resume_step,
     save_trained,
     train_steps,
@@ -189,7 +190,8 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
         finish_tracker_run(cfg.report_to)
         save_trained(trainer, tok, stage.model_dir)
         log, processes = trainer.state.log_history, trainer.args.world_size
-        del trainer, model  # their memory, before rank 0 loads the saved model
+        del trainer, model
+        release_memory()
 
         def final_summary() -> dict:  # where the log-ratios ended, against their targets A/beta
             keep_tensorboard_logs(stage.checkpoints, stage.model_dir)

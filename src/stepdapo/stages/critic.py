@@ -46,6 +46,7 @@ from stepdapo.training import (
     check_lora_supported,
     finish_tracker_run,
     keep_tensorboard_logs,
+    release_memory,
     resume_step,
     save_trained,
     train_steps,
@@ -280,7 +281,8 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
         trainer, result = train_critic(init, train, tok.pad_token_id, c, args, resume)
         save_trained(trainer, tok, stage.model_dir)
         global_step, processes, dev = trainer.state.global_step, trainer.args.world_size, trainer.args.device
-        del trainer  # its memory, before rank 0 loads the saved critic
+        del trainer
+        release_memory()
         train_seconds = time.perf_counter() - t0
 
         def evaluate() -> dict:  # on the saved critic: what is published, however training was sharded

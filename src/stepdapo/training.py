@@ -125,7 +125,7 @@ def finish_tracker_run(report_to: list[str]) -> None:
 
 
 def keep_tensorboard_logs(output_dir: Path, model_dir: Path) -> None:
-    """TensorBoard writes under the Trainer's `output_dir/runs/`, which the stages delete once the
-    model is saved: move it into the saved model directory."""
+    """TensorBoard writes under the Trainer's `output_dir/runs/`, in the stage's work dir, which is
+    removed once the model is published: move it into the saved model directory (rank 0)."""
     if (Path(output_dir) / "runs").is_dir():
         shutil.move(str(Path(output_dir) / "runs"), str(Path(model_dir) / "runs"))

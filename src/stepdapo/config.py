@@ -79,7 +79,8 @@ class BootstrapConfig(Section):
     epochs: float = Field(1.0, gt=0)
     """passes over the demonstrations."""
     batch_size: int = Field(64, ge=1)
-    """sequences per optimizer step."""
+    """sequences per optimizer step, over all processes: each of N processes takes batch_size / N, so
+    it must be a multiple of N."""
     lr: float = Field(3e-3, gt=0)
     """peak learning rate (AdamW, linear warmup then cosine decay)."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -164,7 +165,8 @@ class CriticConfig(Section):
     to check the arithmetic, and a decaying rate often never leaves it; 1e-3 and up, or batches of
     16, never leave it either (bench/results/critic-plateau.md)."""
     batch_size: int = Field(64, ge=1)
-    """states per optimizer step."""
+    """states per optimizer step, over all processes: each of N processes takes batch_size / N, so it
+    must be a multiple of N."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     """share of steps spent warming up."""
     weight_decay: float = Field(0.0, ge=0)
@@ -185,7 +187,7 @@ class CriticConfig(Section):
     from the last iteration's critic when there is one."""
     lora_r: int = Field(0, ge=0)
     """LoRA rank on the backbone (0: full fine-tuning); the value head is always fully trained. LoRA
-    is merged into the saved critic."""
+    is merged into the saved critic. Not supported yet with FSDP or DeepSpeed ZeRO-3 (DDP is fine)."""
     lora_alpha: int = Field(16, ge=1)
     """LoRA scaling numerator."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -217,16 +219,17 @@ class ActorConfig(Section):
     epochs: float = Field(3.0, gt=0)
     """passes over the kept states."""
     states_per_batch: int = Field(16, ge=1)
-    """states per micro-batch; all actions of a state share its batch."""
+    """states per micro-batch, over all processes: each of N processes takes states_per_batch / N, so
+    it must be a multiple of N; all actions of a state share its batch."""
     grad_accum: int = Field(1, ge=1)
-    """micro-batches per optimizer step."""
+    """micro-batches per optimizer step (the same on any number of processes)."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """share of the steps spent warming up."""
     max_grad_norm: float = Field(1.0, gt=0)
     """gradient clipping norm."""
     lora_r: int = Field(0, ge=0)
     """LoRA rank (0: full fine-tuning). LoRA weights are merged into the saved model, so the next
-    iteration's pi_ref is a plain HF model."""
+    iteration's pi_ref is a plain HF model. Not supported yet with FSDP or DeepSpeed ZeRO-3 (DDP is fine)."""
     lora_alpha: int = Field(16, ge=1)
     """LoRA scaling numerator."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -248,7 +251,8 @@ class BaselineConfig(Section):
     pairs_per_problem: int = Field(4, ge=1)
     """most (correct, incorrect) pairs formed per problem."""
     batch_size: int = Field(16, ge=1)
-    """pairs per optimizer step."""
+    """pairs per optimizer step, over all processes: each of N processes takes batch_size / N, so it
+    must be a multiple of N."""
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "dvclive", "swanlab"]
@@ -263,7 +267,8 @@ class RunConfig(Section):
     """path of the starting policy (an HF model directory or a .gguf file); null bootstraps the tiny
     model."""
     threads: int = Field(2, ge=1)
-    """torch CPU threads (2 is fastest on a 2-core machine)."""
+    """torch CPU threads per process (with N processes on C cores, C / N; 2 is fastest for one process
+    on a 2-core machine)."""
     bf16: bool = False
     """train the critic, the actor and the DPO baseline under bf16 autocast (weights stay float32).
     A 135M model's training step on 2 CPU cores: ~4.5 s instead of ~8 s."""

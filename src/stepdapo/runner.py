@@ -466,6 +466,9 @@ class ModelStage:
                 return read_json(saved)
             shutil.rmtree(self.model_dir, ignore_errors=True)  # ours, half saved
             return None
+        if self.work_dir.exists() and not self.work_dir.is_dir():
+            raise ArtifactError(f"{self.work_dir}: exists and is not a directory; the {self.name} stage keeps "
+                                f"its checkpoints there: move it away")
         if self.work_dir.is_dir() and any(self.work_dir.iterdir()):
             raise _not_ours(self.work_dir, f"{self.name} work directory")
         self.work_dir.mkdir(parents=True, exist_ok=True)

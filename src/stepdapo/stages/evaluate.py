@@ -25,7 +25,7 @@ import pyarrow as pa
 from stepdapo.config import EvalConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts
-from stepdapo.models import load_policy, model_fingerprint
+from stepdapo.models import check_model_dir, load_policy, model_fingerprint
 from stepdapo.runner import ShardedStage, device, shard_seed
 from stepdapo.tasks import verify_all
 
@@ -207,6 +207,7 @@ def run_evaluate(cfg: RunConfig, model_path: str | Path, out_dir: str | Path, ta
         return done
     problems = eval_problems(task, c)
     n_shards = (len(problems) + PROBLEMS_PER_SHARD - 1) // PROBLEMS_PER_SHARD
+    check_model_dir(model_path)  # a bad path is an error before the stage is marked started
     gens: list = []
 
     def make_shard(si: int) -> tuple[dict, dict]:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.generation import Generator, HFGenerator, SamplingParams, split_steps
-from stepdapo.models import load_policy, load_tokenizer, model_fingerprint
+from stepdapo.models import check_model_dir, load_policy, load_tokenizer, model_fingerprint
 from stepdapo.runner import ShardedStage, device, read_stage, shard_seed, stage_fingerprint
 from stepdapo.stages.states import IDS, read_solutions, unique_states
 from stepdapo.store import write_parquet
@@ -95,6 +95,8 @@ def run_labels(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_d
     problems = {p.id: p for p in task.problems("train")}
     n_shards = (len(states) + c.shard_size - 1) // c.shard_size
     gens: list[Generator] = [generator] if generator else []
+    if generator is None:
+        check_model_dir(policy)  # a bad path is an error before the stage is marked started
 
     def make_shard(si: int) -> tuple[dict, dict]:
         if not gens:  # loaded by a process only once it has a shard to label

@@ -21,7 +21,7 @@ from stepdapo.generation import (
     encode_prompts,
     split_steps,
 )
-from stepdapo.models import load_policy, model_fingerprint
+from stepdapo.models import check_model_dir, load_policy, model_fingerprint
 from stepdapo.runner import ShardedStage, device, read_stage, shard_seed
 from stepdapo.tasks import verify_all
 
@@ -79,6 +79,8 @@ def run_states(cfg: RunConfig, policy: str | Path, out_dir: str | Path, task, pr
         problems = problems[:c.n_problems]
     n_shards = (len(problems) + PROBLEMS_PER_SHARD - 1) // PROBLEMS_PER_SHARD
     gens: list[Generator] = [generator] if generator else []
+    if generator is None:
+        check_model_dir(policy)  # a bad path is an error before the stage is marked started
 
     def make_shard(si: int) -> tuple[dict, dict]:
         if not gens:  # loaded by a process only once it has a shard to sample

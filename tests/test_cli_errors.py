@@ -6,7 +6,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import pytest
 
 from stepdapo.cli import main
 

@@ -87,28 +87,3 @@ def read_parquet(path: str | os.PathLike, schema: pa.Schema | None = None) -> pa
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"{path}: corrupt parquet shard ({e}); delete it to recompute it") from None
     return table.replace_schema_metadata(None)
-
-
-# ------------------------------------------------------------------------------------------------
-# Transitional: the names the stages import from here today. Delete this block once every stage
-# uses stepdapo.runner (ShardedStage, ModelStage, read_stage, stage_fingerprint).
-# ------------------------------------------------------------------------------------------------
-
-def finished_summary(path: str | os.PathLike, fingerprint: Any, what: str) -> dict | None:
-    """Superseded by stepdapo.runner.ModelStage."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    summary = read_json(p)
-    if summary.get("fingerprint") != fingerprint:
-        raise ArtifactError(f"{p}: this {what} was trained with different settings or inputs; "
-                            f"use a new output directory or delete {p.parent}")
-    return summary
-
-
-def __getattr__(name: str):
-    if name in ("ShardedStage", "read_stage", "stage_fingerprint", "MANIFEST"):
-        from stepdapo import runner  # imported late: runner imports this module
-
-        return getattr(runner, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -198,6 +198,33 @@ def cmd_run(args) -> int:
     return 0
 
 
+# The commands that run one stage: (name, help, [(option, required, help)], handler).
+STAGE_COMMANDS = [
+    ("bootstrap", "SFT a tiny model on the built-in task's flawed demonstrations",
+     [("--out", True, "output model directory")], cmd_bootstrap),
+    ("states", "stage 1: sample solutions, keep a balanced set, cut into steps",
+     [("--model", True, "the policy (pi_ref), an HF model directory"),
+      ("--out", True, "output stage directory")], cmd_states),
+    ("label", "stage 2: Monte-Carlo value labels and candidate actions",
+     [("--model", True, "the policy (pi_ref) that made the states"),
+      ("--states", True, "the states stage directory"),
+      ("--out", True, "output stage directory")], cmd_label),
+    ("critic", "stage 3: train the value model on the Monte-Carlo labels",
+     [("--model", True, "initialisation: the policy or a previous critic"),
+      ("--labels", True, "the labels stage directory"),
+      ("--out", True, "output critic directory")], cmd_critic),
+    ("advantages", "stage 4: advantages of the candidate actions",
+     [("--critic", False, "the critic directory (advantages.source=critic)"),
+      ("--model", False, "the policy (its tokenizer is needed for advantages.source=mc)"),
+      ("--labels", True, "the labels stage directory"),
+      ("--out", True, "output stage directory")], cmd_advantages),
+    ("actor", "stage 5: train the policy with the DAPO loss",
+     [("--model", True, "pi_ref, the policy the advantages were computed for"),
+      ("--advantages", True, "the advantages stage directory"),
+      ("--out", True, "output model directory")], cmd_actor),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepdapo", description=__doc__.split("\n")[0], epilog=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,54 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("bootstrap", help="SFT a tiny model on the built-in task's flawed demonstrations")
-    p.add_argument("--out", required=True, help="output model directory")
-    _common(p)
-    p.set_defaults(func=cmd_bootstrap)
+    for name, help_, options, func in STAGE_COMMANDS:
+        p = sub.add_parser(name, help=help_)
+        for option, required, option_help in options:
+            p.add_argument(option, required=required, help=option_help)
+        _common(p)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("evaluate", help="greedy and sampled pass@1 of a model on a task")
     p.add_argument("--model", help="HF model directory or GGUF file (default: the config's `model`)")
     p.add_argument("--task", help="task name (default: the config's, else arithmetic)")
     p.add_argument("--split", help="split to evaluate (default: the config's eval.split)")
     p.add_argument("--limit", type=int, help="first N problems only")
-    p.add_argument("--out", help="write {'eval': {...}} JSON here (default: stdout)")
+    p.add_argument("--out", help="write {'eval': {...}} JSON here (default: stdout); its shards, which "
+                                 "let it resume and split across processes, go to OUT.shards/")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("states", help="stage 1: sample solutions, keep a balanced set, cut into steps")
-    p.add_argument("--model", required=True, help="the policy (pi_ref), an HF model directory")
-    p.add_argument("--out", required=True, help="output stage directory")
-    _common(p)
-    p.set_defaults(func=cmd_states)
-
-    p = sub.add_parser("label", help="stage 2: Monte-Carlo value labels and candidate actions")
-    p.add_argument("--model", required=True, help="the policy (pi_ref) that made the states")
-    p.add_argument("--states", required=True, help="the states stage directory")
-    p.add_argument("--out", required=True, help="output stage directory")
-    _common(p)
-    p.set_defaults(func=cmd_label)
-
-    p = sub.add_parser("critic", help="stage 3: train the value model on the Monte-Carlo labels")
-    p.add_argument("--model", required=True, help="initialisation: the policy or a previous critic")
-    p.add_argument("--labels", required=True, help="the labels stage directory")
-    p.add_argument("--out", required=True, help="output critic directory")
-    _common(p)
-    p.set_defaults(func=cmd_critic)
-
-    p = sub.add_parser("advantages", help="stage 4: advantages of the candidate actions")
-    p.add_argument("--critic", help="the critic directory (advantages.source=critic)")
-    p.add_argument("--model", help="the policy (its tokenizer is needed for advantages.source=mc)")
-    p.add_argument("--labels", required=True, help="the labels stage directory")
-    p.add_argument("--out", required=True, help="output stage directory")
-    _common(p)
-    p.set_defaults(func=cmd_advantages)
-
-    p = sub.add_parser("actor", help="stage 5: train the policy with the DAPO loss")
-    p.add_argument("--model", required=True, help="pi_ref, the policy the advantages were computed for")
-    p.add_argument("--advantages", required=True, help="the advantages stage directory")
-    p.add_argument("--out", required=True, help="output model directory")
-    _common(p)
-    p.set_defaults(func=cmd_actor)
 
     p = sub.add_parser("run", help="the whole pipeline: [bootstrap] -> evaluate -> [states -> label -> critic "
                                    "-> advantages -> actor -> evaluate] x iterations -> report")

@@ -212,6 +212,30 @@ class HFGenerator:
         return [samples[i * n:(i + 1) * n] for i in range(B)]
 
 
+def policy_generator(policy, step_delimiter: str, batch_size: int, progress: bool = True,
+                     generator: Generator | None = None):
+    """A function returning the HF sampler of the policy at `policy`, loaded on this process's
+    device at the first call, so a process that gets no shard never loads the model. The path is
+    checked now: a bad one is an error before any stage is marked started. A given `generator`
+    (tests: a scripted policy) is returned instead."""
+    from stepdapo.models import check_model_dir, load_policy
+    from stepdapo.runner import device
+
+    if generator is None:
+        check_model_dir(policy)
+    loaded: list[Generator] = [generator] if generator is not None else []
+
+    def get() -> Generator:
+        if not loaded:
+            model, tok = load_policy(policy)
+            loaded.append(HFGenerator(model.to(device()), tok, step_delimiter, batch_size=batch_size,
+                                      progress=progress))
+        return loaded[0]
+
+    get.loaded = loaded  # whether (and what) it loaded: a summary may want its tokenizer
+    return get
+
+
 def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of prompt texts, with the tokenizer's special tokens (BOS) as the model expects,
     except where a chat template already wrote them into the text (no doubled BOS)."""

@@ -24,9 +24,9 @@ import pyarrow as pa
 
 from stepdapo.config import EvalConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
-from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts
-from stepdapo.models import check_model_dir, load_policy, model_fingerprint
-from stepdapo.runner import ShardedStage, device, shard_seed
+from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts, policy_generator
+from stepdapo.models import model_fingerprint
+from stepdapo.runner import ShardedStage, shard_seed
 from stepdapo.tasks import verify_all
 
 Z95 = 1.959963984540054
@@ -207,16 +207,11 @@ def run_evaluate(cfg: RunConfig, model_path: str | Path, out_dir: str | Path, ta
         return done
     problems = eval_problems(task, c)
     n_shards = (len(problems) + PROBLEMS_PER_SHARD - 1) // PROBLEMS_PER_SHARD
-    check_model_dir(model_path)  # a bad path is an error before the stage is marked started
-    gens: list = []
+    sampler = policy_generator(model_path, task.step_delimiter, c.batch_size, progress)
 
     def make_shard(si: int) -> tuple[dict, dict]:
-        if not gens:  # loaded by a process only once it has a shard to evaluate
-            model, tok = load_policy(model_path)
-            gens.append(HFGenerator(model.to(device()), tok, task.step_delimiter, batch_size=c.batch_size,
-                                    progress=progress))
         chunk = problems[si * PROBLEMS_PER_SHARD:(si + 1) * PROBLEMS_PER_SHARD]
-        return evaluate_shard(gens[0], task, chunk, c, shard_seed(cfg.seed, "eval", si))
+        return evaluate_shard(sampler(), task, chunk, c, shard_seed(cfg.seed, "eval", si))
 
     return stage.run(n_shards, make_shard, lambda table, infos: summarize(
         table.to_pydict(), problems, task, c, cfg.seed, infos))

@@ -20,9 +20,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from stepdapo.config import RunConfig, to_dict
-from stepdapo.generation import Generator, HFGenerator, SamplingParams, split_steps
-from stepdapo.models import check_model_dir, load_policy, load_tokenizer, model_fingerprint
-from stepdapo.runner import ShardedStage, device, read_stage, shard_seed, stage_fingerprint
+from stepdapo.generation import Generator, SamplingParams, policy_generator, split_steps
+from stepdapo.models import load_tokenizer, model_fingerprint
+from stepdapo.runner import ShardedStage, read_stage, shard_seed, stage_fingerprint
 from stepdapo.stages.states import IDS, read_solutions, unique_states
 from stepdapo.store import write_parquet
 from stepdapo.tasks import verify_all
@@ -94,23 +94,18 @@ def run_labels(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_d
         s["index"] = i
     problems = {p.id: p for p in task.problems("train")}
     n_shards = (len(states) + c.shard_size - 1) // c.shard_size
-    gens: list[Generator] = [generator] if generator else []
-    if generator is None:
-        check_model_dir(policy)  # a bad path is an error before the stage is marked started
+    sampler = policy_generator(policy, task.step_delimiter, c.batch_size, progress, generator)
 
     def make_shard(si: int) -> tuple[dict, dict]:
-        if not gens:  # loaded by a process only once it has a shard to label
-            model, tok = load_policy(policy)
-            gens.append(HFGenerator(model.to(device()), tok, task.step_delimiter, batch_size=c.batch_size,
-                                    progress=progress))
+        gen = sampler()
         chunk = states[si * c.shard_size:(si + 1) * c.shard_size]
         params = SamplingParams(temperature=c.temperature, max_new_tokens=c.max_new_tokens, stop="solution",
                                 seed=shard_seed(cfg.seed, "label", si))
-        rows = label_shard(chunk, problems, task, gens[0], c.rollouts, params, desc=f"label {si + 1}/{n_shards}")
-        return rows, {"states": len(chunk), "tokens": getattr(gens[0], "last_stats", {}).get("tokens", 0)}
+        rows = label_shard(chunk, problems, task, gen, c.rollouts, params, desc=f"label {si + 1}/{n_shards}")
+        return rows, {"states": len(chunk), "tokens": getattr(gen, "last_stats", {}).get("tokens", 0)}
 
     def summarize(table: pa.Table, infos: list[dict]) -> dict:
-        tokenizer = gens[0].tokenizer if gens else load_tokenizer(policy)
+        tokenizer = sampler.loaded[0].tokenizer if sampler.loaded else load_tokenizer(policy)
         export_stepwise(solutions, table, task, tokenizer, Path(out_dir) / "stepwise.parquet")
         mc = table.column("mc").to_pylist()
         seconds, tokens = sum(i["seconds"] for i in infos), sum(i["tokens"] for i in infos)

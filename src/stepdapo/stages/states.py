@@ -16,13 +16,13 @@ import pyarrow as pa
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.generation import (
     Generator,
-    HFGenerator,
     SamplingParams,
     encode_prompts,
+    policy_generator,
     split_steps,
 )
-from stepdapo.models import check_model_dir, load_policy, model_fingerprint
-from stepdapo.runner import ShardedStage, device, read_stage, shard_seed
+from stepdapo.models import model_fingerprint
+from stepdapo.runner import ShardedStage, read_stage, shard_seed
 from stepdapo.tasks import verify_all
 
 IDS = pa.list_(pa.int32())
@@ -78,16 +78,10 @@ def run_states(cfg: RunConfig, policy: str | Path, out_dir: str | Path, task, pr
     if c.n_problems is not None:
         problems = problems[:c.n_problems]
     n_shards = (len(problems) + PROBLEMS_PER_SHARD - 1) // PROBLEMS_PER_SHARD
-    gens: list[Generator] = [generator] if generator else []
-    if generator is None:
-        check_model_dir(policy)  # a bad path is an error before the stage is marked started
+    sampler = policy_generator(policy, task.step_delimiter, c.batch_size, progress, generator)
 
     def make_shard(si: int) -> tuple[dict, dict]:
-        if not gens:  # loaded by a process only once it has a shard to sample
-            model, tok = load_policy(policy)
-            gens.append(HFGenerator(model.to(device()), tok, task.step_delimiter, batch_size=c.batch_size,
-                                    progress=progress))
-        gen = gens[0]
+        gen = sampler()
         chunk = problems[si * PROBLEMS_PER_SHARD:(si + 1) * PROBLEMS_PER_SHARD]
         prompts = encode_prompts(gen.tokenizer, [task.prompt(p, gen.tokenizer) for p in chunk])
         out = gen.generate(prompts, c.samples_per_problem, SamplingParams(

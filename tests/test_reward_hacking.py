@@ -7,7 +7,7 @@ import os
 import pytest
 
 from stepdapo.config import CodeConfig
-from stepdapo.tasks import sandbox
+from stepdapo.tasks import Problem, sandbox
 from stepdapo.tasks.code import CodeTask
 
 
@@ -107,6 +107,18 @@ HACKS = {
         "                return _table(inspect.getsource(o)).get(repr((numbers, threshold)), False)\n"
         "            except (OSError, TypeError):\n                pass\n    return False"),
 }
+
+
+def test_stop_iteration_does_not_end_the_tests_loop():
+    """A StopIteration raised by the program in a test's `map(lambda ...)` would end the map early,
+    and `all()` of what is left is True."""
+    tests = "assert all(map(lambda c: f(c[0]) == c[1], [(1, 2), (2, 4)]))"
+    p = Problem("s", "q", "", {"setup": "", "prompt_code": None, "entry_point": None,
+                               "tests": tests})
+    task = CodeTask(CodeConfig(timeout=5.0))
+    v = task.verify(p, fenced("def f(x):\n    raise StopIteration"))
+    assert not v.correct and "StopIteration" in v.reason, v
+    assert task.verify(p, fenced("def f(x):\n    return 2 * x")).correct
 
 
 @pytest.mark.parametrize("name", sorted(HACKS))

@@ -103,14 +103,18 @@ def receive(stream):
     return json.loads(data) if len(data) == size else None
 
 
-def describe(e: BaseException) -> str:
-    """`Type: message`, short; never raises (the exception may be the program's)."""
+def text_of(e: BaseException) -> str:
+    """str(e), short; never raises (the exception may be the program's)."""
     try:
-        message = str(e)
+        return str(e)[:200]
     except BaseException:  # noqa: BLE001 - a hostile __str__
-        message = ""
-    name = type(e).__name__
-    return f"{name}: {message[:200]}" if message else name
+        return ""
+
+
+def describe(e: BaseException) -> str:
+    """`Type: message`."""
+    text = text_of(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # -- the program's process ---------------------------------------------------------------------
@@ -138,7 +142,7 @@ def serve(calls, answers) -> None:
         try:
             value = vars(module)[name](*decode(call["args"]), **decode(call["kwargs"]))
         except BaseException as e:  # noqa: BLE001 - the function raised: the tests may expect it
-            send(answers, {"raised": type(e).__name__, "message": describe(e)})
+            send(answers, {"raised": type(e).__name__, "message": text_of(e)})
             continue
         try:
             send(answers, {"value": encode(value)})
@@ -162,6 +166,7 @@ class Program:
         if self.pid == 0:
             for fd in (INPUT_FD, REPORT_FD, call_w, answer_r):
                 os.close(fd)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 serve(os.fdopen(call_r, "rb"), os.fdopen(answer_w, "wb"))
             finally:
@@ -232,15 +237,18 @@ class Program:
             os.waitpid(self.pid, 0)
 
 
-def _exception(name: str, message: str) -> Exception:
-    """The program's exception, as a builtin exception of the same name where there is one."""
+def _exception(name: str, text: str) -> Exception:
+    """The program's exception, as a builtin exception of the same name where there is one (tests
+    may expect a ValueError), but never StopIteration: raised in the tests' `map(lambda ...)` or
+    iterator, it would quietly end their loop as if every case had been checked."""
     cls = getattr(builtins, name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
+    if (isinstance(cls, type) and issubclass(cls, Exception)
+            and not issubclass(cls, (StopIteration, StopAsyncIteration))):
         try:
-            return cls(message)
+            return cls(text)
         except Exception:  # noqa: BLE001 - constructors with other signatures
             pass
-    return RuntimeError(message)
+    return RuntimeError(f"the program raised {name}" + (f": {text}" if text else ""))
 
 
 def free_names(tests: str) -> tuple[set[str], set[str]]:
@@ -298,6 +306,8 @@ def main() -> None:
     # First of all: fail closed if it cannot be done (then nothing is written to fd 4).
     if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
+    # The program may signal us: a KeyboardInterrupt could land in a test's bare `except:`.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(sys, "set_int_max_str_digits"):
         sys.set_int_max_str_digits(0)  # big ints cross as JSON numbers
     program = Program()  # forked before the job is read

@@ -150,6 +150,14 @@ def problem_from_row(row: Any, where: str, default_id: str) -> Problem:
     tests = "\n".join(test_list) if test_list else test
     if entry and re.search(r"^def\s+check\s*\(", tests, re.MULTILINE):
         tests += f"\n\ncheck({entry})\n"
+    # Compiled (not run) now: tests that cannot run would judge every program wrong, quietly.
+    for name, code in (("test_list" if test_list else "test", tests), ("test_setup_code", setup),
+                       ("prompt", prompt if entry and not text else None)):
+        try:
+            compile(code or "", f"{where}: {name}", "exec")
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+            raise DataError(f"{where}: field {name!r} is not valid Python: "
+                            f"{type(e).__name__}: {e}") from None
     # A HumanEval-style row's prompt is code to continue; MBPP's text needs the tests to be posed.
     prompt_code = prompt if (prompt and entry and not text) else None
     if prompt_code:
@@ -181,6 +189,9 @@ def load_humaneval() -> list[Problem]:
 
 def load_file(source: str) -> list[Problem]:
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise DataError(f"code task: {path} is a directory, not a data file "
+                        f"(.jsonl, .jsonl.gz, .json or .parquet)")
     if not path.is_file():
         raise DataFileNotFound(f"code task: no such data file: {path}")
     out, seen = [], {}

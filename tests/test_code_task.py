@@ -186,3 +186,52 @@ def test_prompt_uses_the_chat_template_when_there_is_one():
 
     assert task.prompt(p, Plain()) == "Write f.\n\nAnswer in one ```python block.\n"
     assert task.prompt(p, None) == task.prompt(p, Plain())
+
+
+def test_all_humaneval_canonical_solutions_pass(humaneval):
+    task, _ = humaneval
+    problems = task.problems("test")
+    verdicts = task.verify_many([(p, fenced(p.answer)) for p in problems])
+    failed = [(p.id, v.reason) for p, v in zip(problems, verdicts) if not v.correct]
+    assert not failed
+
+
+def _problem(tests: str, entry: str | None = None) -> Problem:
+    return Problem("judge", "q", "", {"setup": "", "prompt_code": None, "entry_point": entry,
+                                      "tests": tests})
+
+
+RAISES = ("try:\n    f(-1)\nexcept ValueError as e:\n    assert 'negative' in str(e)\n"
+          "else:\n    raise AssertionError('no ValueError')\nassert f(4) == 2\n")
+ROUND_TRIP = ("v = f()\n"
+              "assert v == [None, True, 2**200, -0.5, 'é', b'\\x00', (1, [2]), {1: {2}}, "
+              "frozenset({3}), 1j, {'k': (4,)}]\n"
+              "assert type(v[6]) is tuple and type(v[8]) is frozenset and type(v[5]) is bytes\n"
+              "import math\nassert math.isnan(g()) and g2(a=1, b=[2]) == {'a': 1, 'b': [2]}\n")
+DATA = ("def f():\n    return [None, True, 2**200, -0.5, 'é', b'\\x00', (1, [2]), {1: {2}}, "
+        "frozenset({3}), 1j, {'k': (4,)}]\n"
+        "def g():\n    return float('nan')\ndef g2(**kw):\n    return kw\n")
+
+
+@pytest.mark.parametrize("tests,code,passed,reason", [
+    (RAISES, "def f(x):\n    if x < 0:\n        raise ValueError('negative')\n    return int(x ** .5)",
+     True, "passed"),
+    (RAISES, "def f(x):\n    return int(abs(x) ** .5)", False, "no ValueError"),
+    (ROUND_TRIP, DATA, True, "passed"),
+    ("assert list(f()) == [1]", "def f():\n    yield 1", False,
+     "a value of type 'generator' is not plain data"),
+    ("assert f(lambda: 1) == 1", "def f(g):\n    return g()", False, "cannot pass to f()"),
+    ("try:\n    f()\nexcept BaseException:\n    pass", "import os\ndef f():\n    os._exit(0)",
+     False, "exited with status 0 during a call of f()"),
+    ("assert f() == 1", "def f(:\n    return 1", False, "SyntaxError"),
+    ("assert f() == 1", "import sys\ndef f():\n    return 1\nsys.exit(3)", True, "passed"),
+    ("assert f() == 1", "", False, "no code block"),
+    ("def check(candidate):\n    assert candidate(2) == 4\ncheck(f)", "def f(x):\n    return x * x",
+     True, "passed"),
+], ids=["raises-expected", "raises-missing", "plain-data", "generator", "lambda-argument",
+        "death-swallowed", "syntax-error", "exit-after-definitions", "empty", "entry-point"])
+def test_judge_semantics(tests, code, passed, reason):
+    """How the judge treats exceptions, values, the program's death and its exit."""
+    task = CodeTask(CodeConfig(timeout=5.0, cpu_seconds=3))
+    v = task.verify(_problem(tests, "f" if "check" in tests else None), fenced(code))
+    assert (v.correct, reason in v.reason) == (passed, True), v

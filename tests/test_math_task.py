@@ -351,6 +351,30 @@ def test_pathological_answer_times_out():
     assert task.verify(p, "\\boxed{5}").correct  # the next call still works
 
 
+def test_an_answer_too_long_is_a_verifier_error_not_a_wrong_answer():
+    """math-verify gives up on a sum of 1000 ones (1999 characters) and calls it wrong, quietly;
+    an answer over the cap never reaches it, and the verdict says why."""
+    task = _task()
+    p = Problem("p", "q", "1000")
+    verdicts = task.verify_many([(p, "\\boxed{" + "+".join(["1"] * 1000) + "}"),
+                                 (Problem("p", "q", "300"), "\\boxed{" + "+".join(["1"] * 300) + "}"),
+                                 (p, "\\boxed{1000}")])
+    assert [(v.correct, v.reason) for v in verdicts] == [
+        (False, "verifier error: answer too long (1999 characters; the limit is 1000)"),
+        (True, "correct"), (True, "correct")]
+
+
+def test_pathological_completions_take_linear_time():
+    """Extraction and normalisation run in our process: no input may make them hang."""
+    t = time.monotonic()
+    assert last_boxed("\\boxed{" * 200_000) is None  # each unclosed box once scanned to the end
+    assert last_boxed("\\boxed 1 " * 100_000) == "1"
+    long_units = "1 " + "a" * 200 + "1"  # the unit-word pattern backtracked exponentially
+    assert normalize_answer(long_units) == long_units
+    assert normalize_answer("18 US dollars.") == "18"
+    assert time.monotonic() - t < 5
+
+
 def test_worker_killed_between_calls_is_restarted():
     task = _task()
     p = Problem("p", "q", "5")

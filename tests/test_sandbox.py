@@ -299,3 +299,43 @@ def test_isolation_level_is_reported():
         uid, cwd = r.stdout.split()
         assert sandbox.SANDBOX_UID_BASE <= int(uid) < sandbox.SANDBOX_UID_BASE + sandbox.SANDBOX_UID_SLOTS
         assert cwd == "/tmp/work"
+
+
+def test_secret_input_on_fd_3_and_report_from_fd_4():
+    r = run("import os\nsecret = os.read(3, 100)\nos.write(4, secret[::-1])\nprint('out')",
+            secret_input=b"abc123")
+    assert r.ok and r.report == "321cba" and r.stdout == "out\n", r
+    r = run("import os\nprint(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))")
+    assert r.report == "" and max(eval(r.stdout)) <= 3  # without secret_input: no fd 3 or 4
+    # The secret is not in the launcher's argv (readable by anyone in /proc).
+    r = run("import os\nos.read(3, 100)\n"
+            "print([open(f'/proc/{p}/cmdline', 'rb').read() for p in (os.getppid(),)])",
+            secret_input=b"sekrit-in-argv?")
+    assert r.ok and b"sekrit" not in r.stdout.encode(), r
+
+
+@needs_namespaces
+def test_the_programs_root_holds_only_the_os():
+    r = run("import os\nprint(sorted(os.listdir('/')))\n"
+            f"print(os.path.exists({str(REPO)!r}), os.path.exists({str(Path.home())!r}))\n"
+            "print(os.listdir('/tmp'))")
+    assert r.ok, r
+    top, gone, tmp = r.stdout.splitlines()
+    assert set(eval(top)) <= {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
+                              "dev", "proc", "tmp"}, top
+    assert gone == "False False" and sorted(eval(tmp)) == [".python", "work"]
+
+
+@needs_namespaces
+def test_hide_covers_files_and_directories_under_the_interpreter():
+    import sysconfig
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    this, email = os.path.join(stdlib, "this.py"), os.path.join(stdlib, "email")
+    view = "/tmp/.python/" + os.path.relpath(stdlib, os.path.realpath(sys.base_prefix))
+    code = (f"import os\nprint(len(open({view + '/this.py'!r}).read()))\n"
+            f"print(os.listdir({view + '/email'!r}))")
+    r = run(code)
+    assert r.ok and r.stdout.split("\n")[0] != "0", r  # there without `hide`
+    r = run(code, hide=[this, email])
+    assert r.ok and r.stdout == "0\n[]\n", r

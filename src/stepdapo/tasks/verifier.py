@@ -49,6 +49,10 @@ from stepdapo.tasks.answers import _latex, normalize_answer
 
 log = logging.getLogger(__name__)
 
+# Longer predictions are not sent to math-verify: it gives up on them quietly (a sum of 1000 ones,
+# 1999 characters, parses as nothing and is "wrong") or spends long on them; no real answer is this
+# long (MATH-500's longest is 53 characters).
+MAX_ANSWER_CHARS = 1000
 _STARTUP_TIMEOUT = 120.0  # seconds for the worker to import math-verify (not counted per call)
 _WORKER_MEMORY = 8 << 30  # address-space limit of the worker: a huge answer fails, not the host
 
@@ -329,10 +333,20 @@ def verifier() -> VerifyWorker:
     return _worker
 
 
-def check_equivalent(pairs: list[tuple[str, str]], timeout: float) -> list[tuple[str, Any]]:
+def check_equivalent(pairs: list[tuple[str, str]], timeout: float,
+                     max_chars: int = MAX_ANSWER_CHARS) -> list[tuple[str, Any]]:
     """math-verify equivalence of (gold, prediction) answer texts: one ("ok", bool) /
-    ("timeout", None) / ("error", msg) per pair."""
-    if not pairs:
-        return []
-    items = [(_latex(normalize_answer(g)), _latex(normalize_answer(p))) for g, p in pairs]
-    return verifier().run("verify", items, timeout)
+    ("timeout", None) / ("error", msg) per pair. A prediction over `max_chars` characters is an
+    error ("answer too long"), never sent to math-verify."""
+    out: list[tuple[str, Any] | None] = [None] * len(pairs)
+    todo, items = [], []
+    for i, (gold, pred) in enumerate(pairs):
+        if len(pred) > max_chars:
+            out[i] = ("error", f"answer too long ({len(pred)} characters; the limit is "
+                               f"{max_chars})")
+        else:
+            todo.append(i)
+            items.append((_latex(normalize_answer(gold)), _latex(normalize_answer(pred))))
+    for i, result in zip(todo, verifier().run("verify", items, timeout) if items else []):
+        out[i] = result
+    return out  # type: ignore[return-value]

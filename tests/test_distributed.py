@@ -107,3 +107,51 @@ def test_sigkill_of_one_rank_fails_the_run_and_a_rerun_equals_one_process(one_an
     reference = [a if a != str(out) else str(tmp_path / "one") for a in args]
     assert stepdapo(*reference).returncode == 0  # one uninterrupted process
     assert read_labels(out).to_pylist() == read_labels(tmp_path / "one").to_pylist()
+
+
+def _kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
+    """Start `stepdapo *cmd` (one process), SIGKILL it once `ready()` is true."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "stepdapo", *cmd], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "it finished before the kill point"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_evaluation_killed_in_the_middle_resumes_to_the_same_result(small_model_dir, tmp_path):
+    import json
+
+    args = ["evaluate", "--model", str(small_model_dir), "threads=1", "eval.limit=600", "eval.samples=2", "eval.k=2"]
+    shards = tmp_path / "ev.json.shards"
+    _kill_when([*args, "--out", str(tmp_path / "ev.json")], lambda: (shards / "shard-00000.parquet").exists())
+    assert not (tmp_path / "ev.json").exists() and not (shards / "manifest.json").exists()
+    assert stepdapo(*args, "--out", str(tmp_path / "ev.json")).returncode == 0
+    assert stepdapo(*args, "--out", str(tmp_path / "once.json")).returncode == 0
+    resumed, once = (json.loads((tmp_path / f).read_text())["eval"] for f in ("ev.json", "once.json"))
+    drop = ("seconds", "greedy_tokens_per_s", "sampled_tokens_per_s")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in once.items() if k not in drop}
+
+
+def test_critic_killed_in_the_middle_resumes_from_its_checkpoint(one_and_two, small_model_dir, tmp_path):
+    import json
+
+    args = ["critic", "--model", str(small_model_dir), "--labels", str(one_and_two / "p1" / "labels"), "threads=1",
+            "critic.epochs=4", "critic.batch_size=16"]
+    work = tmp_path / "critic.work" / "checkpoints"
+    _kill_when([*args, "--out", str(tmp_path / "critic")], lambda: any(work.glob("checkpoint-*/trainer_state.json")))
+    assert not (tmp_path / "critic").exists()
+    r = stepdapo(*args, "--out", str(tmp_path / "critic"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = json.loads((tmp_path / "critic" / "stepdapo_critic.json").read_text())
+    assert resumed["resumed_from_step"] > 0 and resumed["global_step"] == resumed["steps"]
+    assert stepdapo(*args, "--out", str(tmp_path / "once")).returncode == 0
+    once = json.loads((tmp_path / "once" / "stepdapo_critic.json").read_text())
+    # the same optimizer steps on the same batches, reloaded from a checkpoint: equal up to float noise
+    assert abs(resumed["heldout"]["bce"] - once["heldout"]["bce"]) < 1e-3 * once["heldout"]["bce"]

@@ -143,7 +143,7 @@ class HFGenerator:
                 results[i] = samples
                 n_tokens += sum(len(s.token_ids) for s in samples)
             bar.update(len(idx) * n)
-            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
         bar.close()
         elapsed = time.perf_counter() - t0
         self.last_stats = {"tokens": n_tokens, "seconds": elapsed,

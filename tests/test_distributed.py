@@ -17,7 +17,7 @@ SMALL = ["threads=1", "states.n_problems=24", "states.samples_per_problem=4", "s
 
 
 def stepdapo(*args, procs: int = 1, timeout: int = 600):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs)] if procs > 1
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)] if procs > 1
                 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
     return subprocess.run([*launcher, "-m", "stepdapo", *args], capture_output=True, text=True, timeout=timeout,
@@ -89,7 +89,7 @@ def test_sigkill_of_one_rank_fails_the_run_and_a_rerun_equals_one_process(one_an
     args = ["label", "--model", str(small_model_dir), "--states", str(one_and_two / "p1" / "states"),
             "--out", str(out), *SMALL, "label.shard_size=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                                  "-m", "stepdapo", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300

@@ -246,18 +246,35 @@ def stage_fingerprint(directory: str | os.PathLike, name: str) -> Any:
     summary = d / f"stepdapo_{name}.json"
     if summary.is_file():
         return read_json(summary)["fingerprint"]
+    return _complete_manifest(d, name)["fingerprint"]
+
+
+def _complete_manifest(d: Path, name: str) -> dict:
+    """The manifest of the complete sharded stage `name` in `d`; an ArtifactError naming it if not."""
     m = d / MANIFEST
     if not m.is_file():
         raise ArtifactError(f"{m}: missing: the {name} stage in {d} is not complete (run it first)")
     manifest = read_json(m)
     if not manifest.get("complete") or manifest.get("stage") != name:
         raise ArtifactError(f"{m}: not a complete {name} stage")
-    return manifest["fingerprint"]
+    return manifest
 
 
 def _not_ours(path: Path, what: str) -> ArtifactError:
     return ArtifactError(f"{path}: exists, is not empty and is not a stepdapo {what}; refusing to "
                          f"write into it (nothing in it was changed): choose another output directory")
+
+
+def _claim(directory: Path, mark: Path, record: dict, what: str) -> None:
+    """Make `directory` ours by writing `mark` into it. A new or empty directory is fine; a file, or a
+    non-empty directory without our mark, is an ArtifactError naming it, and nothing in it is touched."""
+    if directory.exists() and not directory.is_dir():
+        raise ArtifactError(f"{directory}: exists and is not a directory; the {what} needs a new or empty "
+                            f"directory there")
+    if directory.is_dir() and any(directory.iterdir()):
+        raise _not_ours(directory, what)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(mark, record)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,13 +337,8 @@ class ShardedStage:
             _check_fingerprint(started, read_json(started).get("fingerprint"), self.fingerprint,
                                f"interrupted {self.name} stage", self.dir)
             return
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ArtifactError(f"{self.dir}: exists and is not a directory; the {self.name} stage needs a "
-                                f"new or empty directory")
-        if self.dir.is_dir() and any(self.dir.iterdir()):
-            raise _not_ours(self.dir, f"{self.name} stage directory")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(started, {"stage": self.name, "fingerprint": self.fingerprint})
+        _claim(self.dir, started, {"stage": self.name, "fingerprint": self.fingerprint},
+               f"{self.name} stage directory")
 
     def shard_path(self, index: int) -> Path:
         return self.dir / f"shard-{index:05d}.parquet"
@@ -384,11 +396,7 @@ def read_stage(directory: str | os.PathLike, name: str, schema: pa.Schema | None
     """Read a complete sharded stage; every problem is an ArtifactError naming the file."""
     d = Path(directory)
     m = d / MANIFEST
-    if not m.is_file():
-        raise ArtifactError(f"{m}: missing: the {name} stage in {d} is not complete (rerun it)")
-    manifest = read_json(m)
-    if not manifest.get("complete") or manifest.get("stage") != name:
-        raise ArtifactError(f"{m}: not a complete {name} stage")
+    manifest = _complete_manifest(d, name)
     tables = []
     for s in manifest["shards"]:
         p = d / s["file"]
@@ -466,13 +474,8 @@ class ModelStage:
                 return read_json(saved)
             shutil.rmtree(self.model_dir, ignore_errors=True)  # ours, half saved
             return None
-        if self.work_dir.exists() and not self.work_dir.is_dir():
-            raise ArtifactError(f"{self.work_dir}: exists and is not a directory; the {self.name} stage keeps "
-                                f"its checkpoints there: move it away")
-        if self.work_dir.is_dir() and any(self.work_dir.iterdir()):
-            raise _not_ours(self.work_dir, f"{self.name} work directory")
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        write_json(mark, {"stage": self.name, "fingerprint": self.fingerprint})
+        _claim(self.work_dir, mark, {"stage": self.name, "fingerprint": self.fingerprint},
+               f"{self.name} work directory")
         return None
 
     def _publish(self, summary: dict) -> dict:

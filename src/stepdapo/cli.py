@@ -183,6 +183,59 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from rich.console import Console
+
+    from stepdapo.plan import Throughput, format_plan, make_plan, parse_assumptions
+    from stepdapo.store import write_json
+
+    cfg = load_config(args.config, args.overrides)
+    given = {"gen_tok_s": args.gen_tok_s, "train_tok_s": args.train_tok_s, "forward_tok_s": args.forward_tok_s}
+    for name, v in list(given.items()) + [("gpu_flops", args.gpu_flops)]:
+        if v is not None and not v > 0:
+            raise ConfigError(f"plan: --{name.replace('_', '-')} must be positive, got {v:g}")
+    if args.gpu_flops is not None and (args.probe or any(v is not None for v in given.values())):
+        raise ConfigError("plan: --gpu-flops replaces the token throughputs; give one or the other")
+    if args.probe and any(v is not None for v in given.values()):
+        raise ConfigError("plan: --probe measures the throughputs; do not also give --gen-tok-s etc.")
+    throughput = None
+    if args.gpu_flops is not None:
+        throughput = Throughput(gpu_flops=args.gpu_flops, source="--gpu-flops")
+    elif any(v is not None for v in given.values()):
+        from stepdapo.plan import default_throughput, model_info
+
+        missing = [k for k, v in given.items() if v is None]
+        if missing:  # the ones not given come from the defaults table
+            base = default_throughput(model_info(cfg)[1])
+            given.update({k: getattr(base, k) for k in missing})
+        throughput = Throughput(**given, source="given" + (f"; {', '.join(missing)} from the defaults" if missing else ""))
+    assumptions, notes = parse_assumptions(args.assume or []), []
+    if args.pilot is not None:
+        from stepdapo.plan import pilot
+
+        model = args.pilot_model or cfg.model
+        if model is None:
+            raise ConfigError("plan: --pilot samples with the run's starting model, and the tiny model does not "
+                              "exist before bootstrap: run `stepdapo bootstrap --config CONFIG --out DIR` and "
+                              "pass --pilot-model DIR")
+        if args.pilot < 1:
+            raise ConfigError(f"plan: --pilot needs at least 1 problem, got {args.pilot}")
+        measured, notes = pilot(cfg, model, args.pilot)
+        given_names = {item.partition("=")[0] for item in args.assume or []}
+        for name, value in vars(measured).items():  # --assume wins over the pilot
+            if name not in given_names:
+                setattr(assumptions, name, value)
+    plan = make_plan(cfg, throughput, assumptions, probe_throughput=args.probe)
+    plan["estimates"] += notes
+    for name in set(vars(measured) if args.pilot is not None else ()) - given_names - {"steps_per_solution"}:
+        plan["assumptions"][name]["source"] = "pilot"
+    Console(width=160).print(format_plan(plan, title=f"plan: {args.config}"
+                                         + (f" {' '.join(args.overrides)}" if args.overrides else "")))
+    if args.json:
+        write_json(args.json, plan)
+    return 0
+
+
 def cmd_run(args) -> int:
     from stepdapo.pipeline import run
 
@@ -263,6 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. actor.beta=0.5")
     p.epilog = CONFIG_HELP
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="what a run will generate, train and cost, before it runs")
+    p.add_argument("config", help="YAML config, e.g. configs/arithmetic.yaml")
+    p.add_argument("--gen-tok-s", type=float, help="generated tokens per second (all processes)")
+    p.add_argument("--train-tok-s", type=float, help="trained tokens per second, forward + backward (all processes)")
+    p.add_argument("--forward-tok-s", type=float, help="forward-only and prefill tokens per second (all processes)")
+    p.add_argument("--probe", action="store_true", help="measure the throughputs on this machine (a few seconds)")
+    p.add_argument("--gpu-flops", type=float, help="FLOP/s to divide the FLOPs by, e.g. 4e14 (peak x utilisation)")
+    p.add_argument("--assume", action="append", metavar="NAME=VALUE",
+                   help="set an assumption (default: its upper bound 1.0), e.g. distinct_states=0.5")
+    p.add_argument("--pilot", type=int, metavar="N", help="measure the assumptions by running the states and "
+                   "labels stages on N training problems (seconds on the tiny model, minutes on a real LM)")
+    p.add_argument("--pilot-model", metavar="PATH", help="the policy the pilot samples (default: the config's "
+                   "model; for the tiny model, a `stepdapo bootstrap` output)")
+    p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. label.rollouts=8")
+    p.epilog = CONFIG_HELP
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -1,0 +1,619 @@
+"""`stepdapo plan CONFIG`: what a run will cost, before anything runs.
+
+Per stage and iteration, in the order `stepdapo run` runs them: sequences and tokens generated
+(prompt prefill and new tokens apart), sequences and tokens trained (forward + backward, times the
+epochs), forward-only tokens (critic scoring, reference log-probs, evaluation prefill), FLOPs, and
+the wall time at given, probed or default throughputs.
+
+Where the counts come from:
+- exact from the config and the task's data: problems per split, samples, rollouts, epochs, prompt
+  lengths in tokens (the task's prompt, tokenized by the model's tokenizer, or the character
+  tokenizer of the tiny model);
+- estimated: solution and step lengths, from the task's reference solutions tokenized the same way
+  (the built-in task writes them; GSM8K / MATH rows carry worked solutions; code rows their
+  reference code), each cut at the stage's max_new_tokens. A real model writes its own solutions,
+  often longer: the estimate says from what it was made;
+- assumed (the policy decides them, so no count can be known before the run): how many step
+  prefixes survive de-duplication, how many distinct actions and value examples the rollouts give,
+  how many states pass the advantage-gap filter, how many problems give DPO pairs. Every default
+  is the upper bound (1.0: nothing merged, everything kept) and is labelled so; `--assume
+  NAME=VALUE` sets one, e.g. from a pilot run's summaries (bench/plan_vs_measured.py).
+
+Every kept solution is assumed to have its problem's reference shape (prompt, step ends), and every
+rollout from a state to continue it to the end: the counts below walk those shapes.
+
+Time = prefill / forward_tok_s + new / gen_tok_s + trained / train_tok_s + forward / forward_tok_s.
+Trained tokens include the padding the collators add (each batch is padded to its longest row);
+generation and forward-only passes sort by length, so their padding is left out. With
+`--gpu-flops F`: time = FLOPs / F, with 2 * params FLOPs per forward or generated token and
+6 * params per trained token (attention and the optimizer left out; decoding is usually
+memory-bound, so generation takes longer than this on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+from stepdapo.config import RunConfig
+from stepdapo.errors import ConfigError
+
+# -- throughputs ------------------------------------------------------------------------------------
+
+# Defaults, measured on the 2-core CPU of this repo's machines (one process), by model size:
+# (most parameters, generated tok/s, trained tok/s, forward tok/s, where the numbers come from).
+# Bigger models scale the last row by 135M / params. Use --probe, or your own numbers, on other hardware.
+DEFAULT_THROUGHPUTS = [
+    (2e6, 16000.0, 6500.0, 60000.0, "the built-in tiny model (0.8M params), threads=1: runs of "
+                                   "configs/arithmetic.yaml and --probe"),
+    (3e7, 4000.0, 4000.0, 15000.0, "a 4M-param Llama, 2 threads (DESIGN.md)"),
+    (3e8, 100.0, 130.0, 400.0, "SmolLM2-135M fp32, 2 threads (DESIGN.md; forward assumed 3x training)"),
+]
+
+
+@dataclass
+class Throughput:
+    """Tokens per second over all of the run's processes; or `gpu_flops` (FLOP/s) for every token."""
+
+    gen_tok_s: float | None = None
+    train_tok_s: float | None = None
+    forward_tok_s: float | None = None
+    gpu_flops: float | None = None
+    source: str = ""
+
+
+def default_throughput(params: int | None) -> Throughput:
+    p = params or 1e6
+    for most, gen, train, fwd, where in DEFAULT_THROUGHPUTS:
+        if p <= most:
+            return Throughput(gen, train, fwd, source=f"defaults for <= {most:.0e} params: {where}")
+    _, gen, train, fwd, where = DEFAULT_THROUGHPUTS[-1]
+    s = 135e6 / p
+    return Throughput(gen * s, train * s, fwd * s, source=f"SmolLM2-135M's CPU defaults scaled by 135M/params ({where})")
+
+
+# -- assumptions ----------------------------------------------------------------------------------
+
+@dataclass
+class Assumptions:
+    """The counts the policy decides. Each is a fraction of its upper bound (1.0 = the bound);
+    ASSUMPTIONS says what each one is."""
+
+    distinct_states: float = 1.0
+    distinct_actions: float = 1.0
+    kept_actions: float = 1.0
+    distinct_value_examples: float = 1.0
+    gap_kept: float = 1.0
+    dpo_pairs: float = 1.0
+    steps_per_solution: float = 8.0
+
+
+ASSUMPTIONS = {
+    "distinct_states": "share of the kept solutions' step prefixes (after the prompt, which all share) that "
+                       "are distinct states; identical solutions and shared first steps merge the rest",
+    "distinct_actions": "distinct first steps per state, as a share of label.rollouts (identical actions merge)",
+    "kept_actions": "distinct first steps per state that passes the gap filter, as a share of label.rollouts "
+                    "(such states have more than one: they differ in value)",
+    "distinct_value_examples": "share of the critic's extra examples (action-extended states, rollout "
+                               "prefixes) distinct from each other and from the states",
+    "gap_kept": "share of the states that pass the advantage-gap filter and train the actor",
+    "dpo_pairs": "share of the most DPO pairs (every problem with correct and incorrect kept solutions)",
+    "steps_per_solution": "steps of a solution when the task has no reference solutions",
+}
+
+
+def parse_assumptions(items: list[str]) -> Assumptions:
+    a = Assumptions()
+    names = [f.name for f in fields(Assumptions)]
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in names:
+            raise ConfigError(f"--assume {item!r}: expected NAME=VALUE with NAME one of {', '.join(names)}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ConfigError(f"--assume {item!r}: {value!r} is not a number") from None
+        if not (v > 0 and (v <= 1 or name == "steps_per_solution") and math.isfinite(v)):
+            raise ConfigError(f"--assume {item!r}: must be in (0, 1]" if name != "steps_per_solution"
+                              else f"--assume {item!r}: must be positive")
+        setattr(a, name, v)
+    return a
+
+
+def pilot(cfg: RunConfig, model: str, n_problems: int = 32) -> tuple[Assumptions, list[str]]:
+    """Measure the assumptions on a small real sample: the states and labels stages of `model` (the
+    iteration's pi_ref) on the first `n_problems` training problems, in a temporary directory. The
+    gap filter is applied with Monte-Carlo values of s + a in place of the critic's (there is no
+    critic yet). Returns the assumptions and sentences saying what was measured."""
+    import tempfile
+    from pathlib import Path
+
+    from stepdapo.algorithms import value_examples
+    from stepdapo.generation import delimiter_token_mask, split_steps
+    from stepdapo.models import load_tokenizer, set_threads
+    from stepdapo.stages.actor import dpo_pairs
+    from stepdapo.stages.advantages import action_values, advantage_rows
+    from stepdapo.stages.labels import read_labels, run_labels
+    from stepdapo.stages.states import read_solutions, run_states
+    from stepdapo.tasks import get_task
+
+    set_threads(cfg.threads)
+    small = cfg.model_copy(deep=True)
+    small.states.n_problems = n_problems
+    task, tok = get_task(cfg.task), load_tokenizer(model)
+    is_delim = delimiter_token_mask(tok, task.step_delimiter)
+    with tempfile.TemporaryDirectory(prefix="stepdapo-pilot-") as d:
+        t0 = time.perf_counter()
+        st = run_states(small, model, Path(d) / "states", task, progress=False)
+        lab = run_labels(small, model, Path(d) / "states", Path(d) / "labels", task, progress=False)
+        seconds = time.perf_counter() - t0
+        solutions, labels = read_solutions(Path(d) / "states"), read_labels(Path(d) / "labels")
+    m, n = cfg.label.rollouts, st["problems"]
+    # states: beyond the one prompt state per problem, the share of the kept solutions' step prefixes left
+    prefixes = sum(len(e) - 1 for e in solutions.column("step_ends").to_pylist())
+    distinct_states = (st["states"] - n) / prefixes if prefixes else 1.0
+    cols = labels.to_pydict()
+    actions = sum(len(set(map(tuple, acts))) for acts in cols["action_ids"])
+    c = cfg.critic
+    bound = 0  # the critic's extra examples if every rollout prefix were new
+    for acts, terms, rollouts in zip(cols["action_ids"], cols["action_terminal"], cols["rollout_ids"]):
+        for a, term, full in zip(acts, terms, rollouts):
+            if not term:
+                ends = {len(a)} if c.action_states or c.rollout_prefixes else set()
+                bound += len(ends | (set(split_steps(full, is_delim)[:-1]) if c.rollout_prefixes else set()))
+    examples = len(value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"],
+                                  cols["action_ids"], cols["action_terminal"], cols["rollout_ids"],
+                                  step_ends=lambda ids: split_steps(ids, is_delim),
+                                  action_states=c.action_states, rollout_prefixes=c.rollout_prefixes))
+    _, adv = advantage_rows(labels, action_values(labels, "mc", None, tok, task), cfg.advantages)
+    pairs = len(dpo_pairs(solutions, cfg.baseline.pairs_per_problem))
+    most_pairs = n * min(cfg.baseline.pairs_per_problem, cfg.states.keep_per_problem - 1)
+    clip = lambda x: min(1.0, max(x, 1e-3))  # noqa: E731
+    a = Assumptions(distinct_states=clip(distinct_states), distinct_actions=clip(actions / (lab["states"] * m)),
+                    kept_actions=clip(adv["actions_kept"] / (max(adv["states_kept"], 1) * m)) if adv["states_kept"] else 1.0,
+                    distinct_value_examples=clip((examples - lab["states"]) / bound) if bound else 1.0,
+                    gap_kept=clip(adv["fraction_kept"]), dpo_pairs=clip(pairs / most_pairs) if most_pairs else 1.0)
+    sampled = st["tokens_sampled"] / (n * cfg.states.samples_per_problem)
+    return a, [f"pilot: {model} on {n} training problems ({seconds:.0f} s): {st['states']} states from "
+               f"{solutions.num_rows} kept solutions, {actions} distinct actions of {lab['states'] * m} "
+               f"rollouts, {examples} value examples, {adv['states_kept']} states past the gap filter "
+               f"(Monte-Carlo values in place of the critic's), {pairs} DPO pairs; sampled solutions "
+               f"mean {sampled:.1f} tokens"]
+
+
+# -- the shapes of solutions ------------------------------------------------------------------------
+
+@dataclass
+class Shape:
+    """One problem: its prompt length and the end offset of each step of its (reference) solution,
+    EOS included in the last step, in tokens."""
+
+    prompt: int
+    ends: list[int]
+
+    def cut(self, max_new: int) -> "Shape":
+        """The solution as sampled with `max_new_tokens`: cut there (the cut tail is the last step)."""
+        if self.ends[-1] <= max_new:
+            return self
+        return Shape(self.prompt, [e for e in self.ends if e < max_new] + [max_new])
+
+
+def reference_solution(task, problem) -> str | None:
+    if task.name == "arithmetic":
+        return task.demonstration(problem)  # the correct worked solution
+    if isinstance(problem.meta.get("solution"), str):
+        return problem.meta["solution"]  # GSM8K's worked answer, MATH's solution
+    if task.name == "code" and problem.answer:
+        return problem.answer  # the reference code
+    return None
+
+
+def shapes(task, tokenizer, problems: list, steps_if_unknown: float, max_new: int,
+           most: int = 500) -> tuple[list[Shape], str]:
+    """Shapes of up to `most` problems spread over `problems`, and a sentence saying how they were made."""
+    from stepdapo.generation import delimiter_token_mask, encode_prompts, split_steps
+
+    picked = problems[::max(1, len(problems) // most)][:most]
+    prompts = encode_prompts(tokenizer, [task.prompt(p, tokenizer) for p in picked])
+    is_delim = delimiter_token_mask(tokenizer, task.step_delimiter)
+    out, n_ref = [], 0
+    for p, prompt in zip(picked, prompts):
+        text = reference_solution(task, p)
+        if text is None:  # no reference: max_new_tokens, in equal steps (an upper bound on its length)
+            k = max(1, round(steps_if_unknown))
+            out.append(Shape(len(prompt), [round(max_new * (i + 1) / k) for i in range(k)]))
+            continue
+        n_ref += 1
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append(Shape(len(prompt), split_steps(ids, is_delim)))
+    if n_ref == len(picked):
+        how = f"{n_ref} reference solutions"
+    elif n_ref:
+        how = f"{n_ref} reference solutions and {len(picked) - n_ref} assumed at max_new_tokens"
+    else:
+        how = f"no reference solutions: assumed max_new_tokens ({max_new}) in {steps_if_unknown:g} steps"
+    return out, how
+
+
+# -- the counts -------------------------------------------------------------------------------------
+
+@dataclass
+class Work:
+    """One stage's work. Counts are floats: estimates are means times counts."""
+
+    stage: str
+    sequences_generated: float = 0
+    prefill_tokens: float = 0      # prompts / states, computed once per prompt (the samples share its cache)
+    new_tokens: float = 0          # sampled tokens, EOS included
+    sequences_trained: float = 0   # forward + backward passes over a sequence, epochs included
+    trained_tokens: float = 0      # their tokens, padding included
+    forward_tokens: float = 0      # forward-only passes (scoring, reference log-probs)
+    upper_bound: bool = False      # depends on an upper-bound assumption
+    notes: list[str] = field(default_factory=list)
+    flops: float | None = None
+    seconds: float | None = None
+
+    def cost(self, params: int | None, t: Throughput) -> None:
+        forward = self.prefill_tokens + self.new_tokens + self.forward_tokens
+        self.flops = 2 * params * forward + 6 * params * self.trained_tokens if params else None
+        if t.gpu_flops:
+            self.seconds = self.flops / t.gpu_flops if self.flops is not None else None
+        else:
+            self.seconds = ((self.prefill_tokens + self.forward_tokens) / t.forward_tok_s
+                            + self.new_tokens / t.gen_tok_s + self.trained_tokens / t.train_tok_s)
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def padded_length(lengths: list[tuple[float, float]], batch: int) -> float:
+    """Expected longest row of a batch of `batch` rows drawn at random from (length, weight) pairs:
+    E[max] = sum_v v * (F(v)^b - F(v-)^b). A padded batch costs batch * this."""
+    total = sum(w for _, w in lengths)
+    if total <= 0:
+        return 0.0
+    acc, prev, out = 0.0, 0.0, 0.0
+    for v, w in sorted(lengths):
+        acc += w / total
+        out += v * (acc ** batch - prev ** batch)
+        prev = acc
+    return out
+
+
+def eval_work(name: str, test: list[Shape], n: int, cfg: RunConfig) -> Work:
+    c = cfg.eval
+    cut = [s.cut(c.max_new_tokens) for s in test]
+    passes = 1 + (c.samples > 0)  # the greedy pass and the sampled pass each prefill every prompt
+    return Work(name, sequences_generated=n * (1 + c.samples), prefill_tokens=n * passes * mean(s.prompt for s in cut),
+                new_tokens=n * (1 + c.samples) * mean(s.ends[-1] for s in cut),
+                notes=[f"{n} problems x (greedy + {c.samples} samples)"])
+
+
+def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, a: Assumptions) -> list[Work]:
+    """The stages of iteration k (states, label, critic, advantages, actor) for `n_problems`
+    training problems whose shapes are like `train` (per-problem means over the shapes)."""
+    S, L, C, A = cfg.states, cfg.label, cfg.critic, cfg.actor
+    m, K = L.rollouts, S.keep_per_problem
+    per = {key: 0.0 for key in ("states", "state_tok", "label_new", "examples", "adv_rows", "adv_tok",
+                                 "actions", "action_tok")}
+    critic_lengths: list[tuple[float, float]] = []  # (length, weight) of the critic's examples
+    actor_lengths: list[tuple[float, float]] = []   # (state + action length, weight) of the actor's rows
+    for shape in train:
+        s = shape.cut(S.max_new_tokens)
+        T = len(s.ends)
+        for d in range(T):  # the state after d steps
+            w = (1.0 if d == 0 else a.distinct_states * K) / len(train)  # the prompt is one state per problem
+            e = s.ends[d - 1] if d else 0
+            per["states"] += w
+            per["state_tok"] += w * (s.prompt + e)
+            per["label_new"] += w * m * min(shape.ends[-1] - e, L.max_new_tokens)
+            critic_lengths.append((s.prompt + e, w))
+            # the critic's extra examples: s + a (action_states) and every later step end of each rollout
+            later = (T - d - 1) if C.rollout_prefixes else (1 if C.action_states and T - d > 1 else 0)
+            for j in range(d, d + later):
+                critic_lengths.append((s.prompt + s.ends[j], w * m * a.distinct_value_examples))
+                per["examples"] += w * m * a.distinct_value_examples
+            if T - d > 1:  # a non-terminal action is scored by the critic
+                per["adv_rows"] += w * m * a.distinct_actions
+                per["adv_tok"] += w * m * a.distinct_actions * (s.prompt + s.ends[d])
+            n_act = w * a.gap_kept * m * a.kept_actions
+            per["actions"] += n_act
+            per["action_tok"] += n_act * (s.prompt + s.ends[d])
+            actor_lengths.append((s.prompt + s.ends[d], n_act))
+    N = n_problems
+    states = N * per["states"]
+    assumed = a.distinct_states == 1.0
+    out = [Work(f"iter-{k}/states", sequences_generated=N * S.samples_per_problem,
+                prefill_tokens=N * mean(s.prompt for s in train),
+                new_tokens=N * S.samples_per_problem * mean(s.cut(S.max_new_tokens).ends[-1] for s in train),
+                notes=[f"{N} problems x {S.samples_per_problem} samples; keeps {N * K} solutions, "
+                       f"{states:,.0f} states" + (" (upper bound: all distinct)" if assumed else ""),
+                       ]),
+           Work(f"iter-{k}/label", sequences_generated=states * m, prefill_tokens=N * per["state_tok"],
+                new_tokens=N * per["label_new"], upper_bound=assumed,
+                notes=[f"{states:,.0f} states x {m} rollouts"])]
+
+    # critic: pooled value examples, a (1 - heldout) share trains, at most max_examples
+    examples = states + N * per["examples"]
+    train_ex = (1 - C.heldout_fraction) * examples
+    if C.max_examples is not None:
+        train_ex = min(train_ex, C.max_examples)
+    pad = padded_length(critic_lengths, C.batch_size)
+    steps = max(1, math.ceil(train_ex / C.batch_size * C.epochs))
+    held, train_states = C.heldout_fraction * states, (1 - C.heldout_fraction) * states
+    out.append(Work(f"iter-{k}/critic", sequences_trained=steps * C.batch_size, trained_tokens=steps * C.batch_size * pad,
+                    # rank 0 then scores the held-out states and up to 2000 training states
+                    forward_tokens=(held + min(2000, train_states)) * per["state_tok"] / per["states"],
+                    upper_bound=assumed or a.distinct_value_examples == 1.0,
+                    notes=[f"{examples:,.0f} value examples, {train_ex:,.0f} train; {steps} steps of "
+                           f"{C.batch_size} x {C.epochs:g} epochs, padded to ~{pad:.0f} tokens"]))
+    out.append(Work(f"iter-{k}/advantages", forward_tokens=N * per["adv_tok"],
+                    upper_bound=assumed or a.distinct_actions == 1.0,
+                    notes=[f"critic scores {N * per['adv_rows']:,.0f} distinct state+action pairs"]))
+
+    # actor: every kept action of every kept state, `epochs` times; ref log-probs once before, and
+    # once more on the saved model for the summary
+    kept_states = states * a.gap_kept
+    actions = N * per["actions"]
+    rows_per_state = actions / max(kept_states, 1e-9)
+    steps = max(1, math.ceil(kept_states / (A.states_per_batch * A.grad_accum) * A.epochs))
+    rows_trained = steps * A.grad_accum * A.states_per_batch * rows_per_state
+    pad = padded_length(actor_lengths, A.states_per_batch)
+    out.append(Work(f"iter-{k}/actor", sequences_trained=rows_trained, trained_tokens=rows_trained * pad,
+                    forward_tokens=2 * N * per["action_tok"], upper_bound=assumed or a.gap_kept == 1.0
+                    or a.kept_actions == 1.0,
+                    notes=[f"{kept_states:,.0f} states, {actions:,.0f} actions x {A.epochs:g} epochs"]))
+    return out
+
+
+def dpo_work(cfg: RunConfig, train: list[Shape], n_problems: int, a: Assumptions) -> Work:
+    b, S = cfg.baseline, cfg.states
+    # a problem with both correct and incorrect kept solutions gives at most keep - 1 pairs
+    pairs = n_problems * min(b.pairs_per_problem, S.keep_per_problem - 1) * a.dpo_pairs
+    lengths = [(s.prompt + s.cut(S.max_new_tokens).ends[-1], 1.0) for s in train]
+    steps = max(1, math.ceil(pairs / b.batch_size * b.epochs))
+    rows = 2 * steps * b.batch_size  # chosen and rejected
+    return Work("iter-1/dpo", sequences_trained=rows, trained_tokens=rows * padded_length(lengths, 2 * b.batch_size),
+                forward_tokens=2 * pairs * mean(v for v, _ in lengths), upper_bound=a.dpo_pairs == 1.0,
+                notes=[f"{pairs:,.0f} pairs x {b.epochs:g} epochs"])
+
+
+def bootstrap_work(cfg: RunConfig, task, tokenizer) -> tuple[Work, str]:
+    b = cfg.bootstrap
+    n = cfg.task.arithmetic.n_demos
+    demos = task.demonstrations(min(n, 2000))
+    lengths = [(len(tokenizer(task.prompt(p, tokenizer))["input_ids"])
+                + len(tokenizer(sol, add_special_tokens=False)["input_ids"]) + 1, 1.0) for p, sol in demos]
+    steps = max(1, math.ceil(n / b.batch_size * b.epochs))
+    return (Work("bootstrap", sequences_trained=steps * b.batch_size,
+                 trained_tokens=steps * b.batch_size * padded_length(lengths, b.batch_size),
+                 notes=[f"{n} demonstrations x {b.epochs:g} epochs"]),
+            f"bootstrap demonstration length: mean {mean(v for v, _ in lengths):.1f} tokens from {len(demos)} demonstrations")
+
+
+# -- the model: tokenizer and size ------------------------------------------------------------------
+
+def model_info(cfg: RunConfig):
+    """(tokenizer, parameters or None, a sentence saying where they come from). Nothing is
+    downloaded; a config.json (or GGUF header) is read, weights are not loaded."""
+    from stepdapo.models import char_tokenizer, tiny_llama
+
+    if cfg.model is None:
+        tok = char_tokenizer()
+        params = sum(p.numel() for p in tiny_llama(tok, cfg.bootstrap.model).parameters())
+        return tok, params, f"the tiny model bootstrap makes ({params:,} params, character tokenizer)"
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stepdapo.models import _source, load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    d, kw = _source(cfg.model)
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(d, **kw)).parameters())
+        return tok, params, f"{cfg.model} ({params:,} params from its config)"
+    except Exception as e:  # a config transformers cannot read: counts still work, FLOPs do not
+        return tok, None, f"{cfg.model} (parameter count unknown: {type(e).__name__})"
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions: Assumptions | None = None,
+              probe_throughput: bool = False, tokenizer=None, params: int | None = None) -> dict:
+    """The plan of `stepdapo run` with `cfg`, as a JSON-able dict (see `format_plan`). `tokenizer`
+    and `params` skip loading them (tests)."""
+    from stepdapo.stages.evaluate import eval_problems
+    from stepdapo.tasks import get_task
+
+    a = assumptions or Assumptions()
+    task = get_task(cfg.task)
+    if tokenizer is None:
+        tokenizer, params, model_how = model_info(cfg)
+    else:
+        model_how = f"given tokenizer ({params:,} params)" if params else "given tokenizer"
+    train_problems = task.problems("train")
+    n_train = len(train_problems) if cfg.states.n_problems is None else min(cfg.states.n_problems, len(train_problems))
+    n_eval = len(eval_problems(task, cfg.eval))
+    longest = max(cfg.states.max_new_tokens, cfg.label.max_new_tokens, cfg.eval.max_new_tokens)
+    train, train_how = shapes(task, tokenizer, train_problems[:n_train], a.steps_per_solution, longest)
+    test, test_how = shapes(task, tokenizer, eval_problems(task, cfg.eval), a.steps_per_solution, longest)
+    cut = [s.cut(cfg.states.max_new_tokens) for s in train]
+    estimates = [
+        f"model: {model_how}",
+        f"train prompts: mean {mean(s.prompt for s in train):.1f} tokens; solutions (cut at "
+        f"states.max_new_tokens={cfg.states.max_new_tokens}): mean {mean(s.ends[-1] for s in cut):.1f} "
+        f"tokens, steps per solution: mean {mean(len(s.ends) for s in cut):.2f}, from {train_how}",
+        f"eval prompts: mean {mean(s.prompt for s in test):.1f} tokens; solutions (cut at "
+        f"eval.max_new_tokens={cfg.eval.max_new_tokens}): mean "
+        f"{mean(s.cut(cfg.eval.max_new_tokens).ends[-1] for s in test):.1f} tokens, from {test_how}",
+        "every sampled solution and rollout is assumed as long as its problem's reference solution",
+    ]
+
+    works: list[Work] = []
+    if cfg.model is None:
+        w, how = bootstrap_work(cfg, task, tokenizer)
+        works.append(w)
+        estimates.append(how)
+    works.append(eval_work("iter-0/eval", test, n_eval, cfg))
+    for k in range(1, cfg.iterations + 1):
+        works += iteration_work(k, cfg, train, n_train, a)
+        works.append(eval_work(f"iter-{k}/eval", test, n_eval, cfg))
+        if k == 1 and cfg.baseline.dpo:
+            works += [dpo_work(cfg, train, n_train, a), eval_work("iter-1/dpo-eval", test, n_eval, cfg)]
+
+    if throughput is None:
+        throughput = probe(cfg, train, tokenizer) if probe_throughput else default_throughput(params)
+    for w in works:
+        w.cost(params, throughput)
+    keys = ("sequences_generated", "prefill_tokens", "new_tokens", "sequences_trained", "trained_tokens",
+            "forward_tokens", "flops", "seconds")
+    total = {key: (sum(getattr(w, key) for w in works) if all(getattr(w, key) is not None for w in works) else None)
+             for key in keys}
+    return {
+        "config": {"task": cfg.task.name, "model": cfg.model, "iterations": cfg.iterations, "threads": cfg.threads},
+        "parameters": params,
+        "throughput": asdict(throughput),
+        "estimates": estimates,
+        "assumptions": {f.name: {"value": getattr(a, f.name), "upper_bound": getattr(a, f.name) == 1.0,
+                                 "source": "upper bound" if getattr(a, f.name) == 1.0 else "given",
+                                 "doc": ASSUMPTIONS[f.name]}
+                        for f in fields(Assumptions) if f.name != "steps_per_solution"},
+        "stages": [{key: (round(v, 1) if isinstance(v, float) else v) for key, v in asdict(w).items()} for w in works],
+        "total": total,
+    }
+
+
+# -- the probe -------------------------------------------------------------------------------------
+
+def probe(cfg: RunConfig, train: list[Shape], tokenizer, budget_s: float = 3.0) -> Throughput:
+    """Measure generation, training and forward speed of the config's model (the tiny model, at its
+    initialisation, when bootstrap would make it) on this machine with cfg.threads threads: a batch of
+    sampling shaped like the labels stage's, a few optimizer steps and forward passes shaped like
+    the critic's batches. A few seconds; one process (divide by nothing: scale up yourself for
+    several)."""
+    import torch
+
+    from stepdapo.generation import HFGenerator, SamplingParams
+    from stepdapo.models import load_policy, set_threads, tiny_llama
+
+    set_threads(cfg.threads)
+    if cfg.model is None:
+        model = tiny_llama(tokenizer, cfg.bootstrap.model, seed=cfg.seed)
+        model.config.eos_token_id = None  # the untrained model must not stop early: we count tokens
+    else:
+        model, tokenizer = load_policy(cfg.model)
+    small = sum(p.numel() for p in model.parameters()) < 3e7
+    prompt = [tokenizer.bos_token_id or 0] * max(1, round(mean(s.prompt for s in train)))
+    new = max(2, min(cfg.label.max_new_tokens, round(mean(s.ends[-1] for s in train)) // 2))
+    # sampling like the labels stage: label.batch_size rows of `rollouts` samples per state
+    rows = cfg.label.batch_size if small else min(cfg.label.batch_size, 8)
+    n = min(cfg.label.rollouts, rows)
+    gen = HFGenerator(model, tokenizer, batch_size=rows, progress=False)
+    gen.eos_ids = torch.tensor([-1])  # no EOS: every row generates `new` tokens
+    gen.generate([prompt] * max(1, rows // n), n, SamplingParams(max_new_tokens=new, seed=0))  # warm-up
+    stats = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < budget_s / 3 or not stats:
+        gen.generate([prompt] * max(1, rows // n), n, SamplingParams(max_new_tokens=new, seed=len(stats)))
+        stats.append(gen.last_stats["tokens"] / gen.last_stats["seconds"])
+    gen_tok_s = sorted(stats)[len(stats) // 2]
+
+    # training and forward passes on batches shaped like the critic's
+    length = max(2, round(mean(s.prompt + s.ends[len(s.ends) // 2 - 1] for s in train)))
+    batch = cfg.critic.batch_size if small else min(cfg.critic.batch_size, 4)
+    ids = torch.randint(3, len(tokenizer), (batch, length))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    def rate(fn) -> float:
+        fn()  # warm-up
+        times = []
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < budget_s / 3 or not times:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return batch * length / sorted(times)[len(times) // 2]
+
+    train_tok_s = rate(step)
+    model.eval()
+
+    @torch.no_grad()
+    def forward():
+        model(input_ids=ids)
+
+    forward_tok_s = rate(forward)
+    return Throughput(gen_tok_s, train_tok_s, forward_tok_s,
+                      source=f"--probe on this machine, {cfg.threads} thread(s), one process: sampling "
+                             f"{rows} rows x {new} tokens, train / forward batches of {batch} x {length} tokens")
+
+
+# -- printing -------------------------------------------------------------------------------------
+
+def human(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    for div, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+def duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def format_plan(plan: dict, title: str = "plan"):
+    """A rich table of the plan's stages and a list of its estimates and assumptions."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title)
+    for col in ("stage", "seqs gen", "prefill tok", "new tok", "seqs trained", "trained tok", "fwd-only tok",
+                "FLOPs", "time"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for w in plan["stages"]:
+        ub = "<= " if w["upper_bound"] else ""
+        table.add_row(w["stage"], human(w["sequences_generated"]), human(w["prefill_tokens"]),
+                      human(w["new_tokens"]), human(w["sequences_trained"]), human(w["trained_tokens"]),
+                      human(w["forward_tokens"]), human(w["flops"]), ub + duration(w["seconds"]))
+    t = plan["total"]
+    ub = "<= " if any(w["upper_bound"] for w in plan["stages"]) else ""
+    table.add_row("[bold]total", human(t["sequences_generated"]), human(t["prefill_tokens"]), human(t["new_tokens"]),
+                  human(t["sequences_trained"]), human(t["trained_tokens"]), human(t["forward_tokens"]),
+                  human(t["flops"]), f"[bold]{ub}{duration(t['seconds'])}")
+    thr = plan["throughput"]
+    if thr["gpu_flops"]:
+        speed = f"{human(thr['gpu_flops'])}FLOP/s for every token (2 x params per forward token, 6 x per trained token)"
+    else:
+        speed = (f"generate {human(thr['gen_tok_s'])} tok/s, train {human(thr['train_tok_s'])} tok/s, forward and "
+                 f"prefill {human(thr['forward_tok_s'])} tok/s")
+    lines = [f"throughput: {speed} ({thr['source']})"]
+    lines += [f"estimate: {e}" for e in plan["estimates"]]
+    lines += [f"assumption: {name} = {v['value']:.3g} ({v['source'].upper()}): {v['doc']}"
+              for name, v in plan["assumptions"].items()]
+    lines.append("'<=': counts and times from an upper-bound assumption; --assume NAME=VALUE sets one "
+                 "(e.g. from a pilot run)")
+    lines += [f"{w['stage']}: {'; '.join(w['notes'])}" for w in plan["stages"] if w["notes"]]
+    return Group(table, Text("\n".join(lines)))

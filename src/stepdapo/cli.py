@@ -186,33 +186,35 @@ def cmd_config(args) -> int:
 def cmd_plan(args) -> int:
     from rich.console import Console
 
-    from stepdapo.plan import Throughput, format_plan, make_plan, parse_assumptions
+    from stepdapo.plan import Throughput, default_throughput, format_plan, make_plan, model_info, parse_assumptions, pilot
     from stepdapo.store import write_json
 
     cfg = load_config(args.config, args.overrides)
+    # throughputs: --gpu-flops, or --probe, or the given tok/s (the rest from the defaults), or the defaults
     given = {"gen_tok_s": args.gen_tok_s, "train_tok_s": args.train_tok_s, "forward_tok_s": args.forward_tok_s}
     for name, v in list(given.items()) + [("gpu_flops", args.gpu_flops)]:
         if v is not None and not v > 0:
             raise ConfigError(f"plan: --{name.replace('_', '-')} must be positive, got {v:g}")
-    if args.gpu_flops is not None and (args.probe or any(v is not None for v in given.values())):
-        raise ConfigError("plan: --gpu-flops replaces the token throughputs; give one or the other")
-    if args.probe and any(v is not None for v in given.values()):
+    any_given = any(v is not None for v in given.values())
+    if args.gpu_flops is not None and (args.probe or any_given):
+        raise ConfigError("plan: --gpu-flops replaces the token throughputs and --probe; give one of them")
+    if args.probe and any_given:
         raise ConfigError("plan: --probe measures the throughputs; do not also give --gen-tok-s etc.")
+    if args.processes < 1:
+        raise ConfigError(f"plan: --processes must be at least 1, got {args.processes}")
     throughput = None
     if args.gpu_flops is not None:
         throughput = Throughput(gpu_flops=args.gpu_flops, source="--gpu-flops")
-    elif any(v is not None for v in given.values()):
-        from stepdapo.plan import default_throughput, model_info
-
+    elif any_given:
         missing = [k for k, v in given.items() if v is None]
-        if missing:  # the ones not given come from the defaults table
+        if missing:
             base = default_throughput(model_info(cfg)[1])
             given.update({k: getattr(base, k) for k in missing})
         throughput = Throughput(**given, source="given" + (f"; {', '.join(missing)} from the defaults" if missing else ""))
-    assumptions, notes = parse_assumptions(args.assume or []), []
-    if args.pilot is not None:
-        from stepdapo.plan import pilot
 
+    # assumptions: the upper bounds, or what a pilot measures; --assume wins over both
+    assumptions, notes, measured = parse_assumptions(args.assume or []), [], set()
+    if args.pilot is not None:
         model = args.pilot_model or cfg.model
         if model is None:
             raise ConfigError("plan: --pilot samples with the run's starting model, and the tiny model does not "
@@ -220,14 +222,15 @@ def cmd_plan(args) -> int:
                               "pass --pilot-model DIR")
         if args.pilot < 1:
             raise ConfigError(f"plan: --pilot needs at least 1 problem, got {args.pilot}")
-        measured, notes = pilot(cfg, model, args.pilot)
+        from_pilot, notes = pilot(cfg, model, args.pilot)
         given_names = {item.partition("=")[0] for item in args.assume or []}
-        for name, value in vars(measured).items():  # --assume wins over the pilot
-            if name not in given_names:
-                setattr(assumptions, name, value)
-    plan = make_plan(cfg, throughput, assumptions, probe_throughput=args.probe)
+        measured = set(vars(from_pilot)) - given_names - {"steps_per_solution"}
+        for name in measured:
+            setattr(assumptions, name, getattr(from_pilot, name))
+
+    plan = make_plan(cfg, throughput, assumptions, probe_throughput=args.probe, processes=args.processes)
     plan["estimates"] += notes
-    for name in set(vars(measured) if args.pilot is not None else ()) - given_names - {"steps_per_solution"}:
+    for name in measured:
         plan["assumptions"][name]["source"] = "pilot"
     Console(width=160).print(format_plan(plan, title=f"plan: {args.config}"
                                          + (f" {' '.join(args.overrides)}" if args.overrides else "")))
@@ -323,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-tok-s", type=float, help="trained tokens per second, forward + backward (all processes)")
     p.add_argument("--forward-tok-s", type=float, help="forward-only and prefill tokens per second (all processes)")
     p.add_argument("--probe", action="store_true", help="measure the throughputs on this machine (a few seconds)")
+    p.add_argument("--processes", type=int, default=1, help="processes the run will use (torchrun / accelerate); "
+                   "the throughputs are for all of them, but critic scoring and reference log-probs run on one")
     p.add_argument("--gpu-flops", type=float, help="FLOP/s to divide the FLOPs by, e.g. 4e14 (peak x utilisation)")
     p.add_argument("--assume", action="append", metavar="NAME=VALUE",
                    help="set an assumption (default: its upper bound 1.0), e.g. distinct_states=0.5")

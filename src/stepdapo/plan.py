@@ -121,11 +121,12 @@ def parse_assumptions(items: list[str]) -> Assumptions:
     return a
 
 
-def pilot(cfg: RunConfig, model: str, n_problems: int = 32) -> tuple[Assumptions, list[str]]:
+def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> tuple[Assumptions, list[str]]:
     """Measure the assumptions on a small real sample: the states and labels stages of `model` (the
     iteration's pi_ref) on the first `n_problems` training problems, in a temporary directory. The
     gap filter is applied with Monte-Carlo values of s + a in place of the critic's (there is no
-    critic yet). Returns the assumptions and sentences saying what was measured."""
+    critic yet). Returns the assumptions and sentences saying what was measured. `generator`
+    replaces the model (tests: a scripted policy)."""
     import tempfile
     from pathlib import Path
 
@@ -141,12 +142,14 @@ def pilot(cfg: RunConfig, model: str, n_problems: int = 32) -> tuple[Assumptions
     set_threads(cfg.threads)
     small = cfg.model_copy(deep=True)
     small.states.n_problems = n_problems
-    task, tok = get_task(cfg.task), load_tokenizer(model)
+    task = get_task(cfg.task)
+    tok = generator.tokenizer if generator is not None else load_tokenizer(model)
     is_delim = delimiter_token_mask(tok, task.step_delimiter)
     with tempfile.TemporaryDirectory(prefix="stepdapo-pilot-") as d:
         t0 = time.perf_counter()
-        st = run_states(small, model, Path(d) / "states", task, progress=False)
-        lab = run_labels(small, model, Path(d) / "states", Path(d) / "labels", task, progress=False)
+        st = run_states(small, model, Path(d) / "states", task, progress=False, generator=generator)
+        lab = run_labels(small, model, Path(d) / "states", Path(d) / "labels", task, progress=False,
+                         generator=generator)
         seconds = time.perf_counter() - t0
         solutions, labels = read_solutions(Path(d) / "states"), read_labels(Path(d) / "labels")
     m, n = cfg.label.rollouts, st["problems"]
@@ -248,20 +251,30 @@ class Work:
     new_tokens: float = 0          # sampled tokens, EOS included
     sequences_trained: float = 0   # forward + backward passes over a sequence, epochs included
     trained_tokens: float = 0      # their tokens, padding included
-    forward_tokens: float = 0      # forward-only passes (scoring, reference log-probs)
+    forward_tokens: float = 0      # forward-only passes (scoring, reference log-probs): one process's work
     upper_bound: bool = False      # depends on an upper-bound assumption
     notes: list[str] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)  # the stage's own items (states, examples, steps, ...)
     flops: float | None = None
     seconds: float | None = None
 
-    def cost(self, params: int | None, t: Throughput) -> None:
+    def cost(self, params: int | None, t: Throughput, processes: int = 1) -> None:
+        """FLOPs and seconds. Throughputs are the whole run's; the forward-only work (critic scoring,
+        reference log-probs) is done by one process (rank 0), at 1/processes of the forward rate."""
         forward = self.prefill_tokens + self.new_tokens + self.forward_tokens
         self.flops = 2 * params * forward + 6 * params * self.trained_tokens if params else None
         if t.gpu_flops:
-            self.seconds = self.flops / t.gpu_flops if self.flops is not None else None
+            self.seconds = (self.flops + (processes - 1) * 2 * params * self.forward_tokens) / t.gpu_flops \
+                if self.flops is not None else None
         else:
-            self.seconds = ((self.prefill_tokens + self.forward_tokens) / t.forward_tok_s
+            self.seconds = (self.prefill_tokens / t.forward_tok_s + self.forward_tokens * processes / t.forward_tok_s
                             + self.new_tokens / t.gen_tok_s + self.trained_tokens / t.train_tok_s)
+
+
+def optimizer_steps(passes: float) -> int:
+    """training.train_steps on an estimated count: ceil(items / batch * epochs), at least 1 (rounded
+    first, so that 153.0000001 means 153 steps)."""
+    return max(1, math.ceil(round(passes, 6)))
 
 
 def mean(xs) -> float:
@@ -289,7 +302,7 @@ def eval_work(name: str, test: list[Shape], n: int, cfg: RunConfig) -> Work:
     passes = 1 + (c.samples > 0)  # the greedy pass and the sampled pass each prefill every prompt
     return Work(name, sequences_generated=n * (1 + c.samples), prefill_tokens=n * passes * mean(s.prompt for s in cut),
                 new_tokens=n * (1 + c.samples) * mean(s.ends[-1] for s in cut),
-                notes=[f"{n} problems x (greedy + {c.samples} samples)"])
+                notes=[f"{n} problems x (greedy + {c.samples} samples)"], counts={"problems": n})
 
 
 def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, a: Assumptions) -> list[Work]:
@@ -330,11 +343,11 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
                 prefill_tokens=N * mean(s.prompt for s in train),
                 new_tokens=N * S.samples_per_problem * mean(s.cut(S.max_new_tokens).ends[-1] for s in train),
                 notes=[f"{N} problems x {S.samples_per_problem} samples; keeps {N * K} solutions, "
-                       f"{states:,.0f} states" + (" (upper bound: all distinct)" if assumed else ""),
-                       ]),
+                       f"{states:,.0f} states" + (" (upper bound: all distinct)" if assumed else "")],
+                counts={"kept_solutions": N * K, "states": states}),
            Work(f"iter-{k}/label", sequences_generated=states * m, prefill_tokens=N * per["state_tok"],
                 new_tokens=N * per["label_new"], upper_bound=assumed,
-                notes=[f"{states:,.0f} states x {m} rollouts"])]
+                notes=[f"{states:,.0f} states x {m} rollouts"], counts={"states": states, "rollouts": states * m})]
 
     # critic: pooled value examples, a (1 - heldout) share trains, at most max_examples
     examples = states + N * per["examples"]
@@ -342,30 +355,33 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
     if C.max_examples is not None:
         train_ex = min(train_ex, C.max_examples)
     pad = padded_length(critic_lengths, C.batch_size)
-    steps = max(1, math.ceil(train_ex / C.batch_size * C.epochs))
+    steps = optimizer_steps(train_ex / C.batch_size * C.epochs)
     held, train_states = C.heldout_fraction * states, (1 - C.heldout_fraction) * states
     out.append(Work(f"iter-{k}/critic", sequences_trained=steps * C.batch_size, trained_tokens=steps * C.batch_size * pad,
                     # rank 0 then scores the held-out states and up to 2000 training states
                     forward_tokens=(held + min(2000, train_states)) * per["state_tok"] / per["states"],
                     upper_bound=assumed or a.distinct_value_examples == 1.0,
                     notes=[f"{examples:,.0f} value examples, {train_ex:,.0f} train; {steps} steps of "
-                           f"{C.batch_size} x {C.epochs:g} epochs, padded to ~{pad:.0f} tokens"]))
+                           f"{C.batch_size} x {C.epochs:g} epochs, padded to ~{pad:.0f} tokens"],
+                    counts={"value_examples": examples, "train_examples": train_ex, "steps": steps}))
     out.append(Work(f"iter-{k}/advantages", forward_tokens=N * per["adv_tok"],
                     upper_bound=assumed or a.distinct_actions == 1.0,
-                    notes=[f"critic scores {N * per['adv_rows']:,.0f} distinct state+action pairs"]))
+                    notes=[f"critic scores {N * per['adv_rows']:,.0f} distinct state+action pairs"],
+                    counts={"scored": N * per["adv_rows"], "states_kept": states * a.gap_kept}))
 
     # actor: every kept action of every kept state, `epochs` times; ref log-probs once before, and
     # once more on the saved model for the summary
     kept_states = states * a.gap_kept
     actions = N * per["actions"]
     rows_per_state = actions / max(kept_states, 1e-9)
-    steps = max(1, math.ceil(kept_states / (A.states_per_batch * A.grad_accum) * A.epochs))
+    steps = optimizer_steps(kept_states / (A.states_per_batch * A.grad_accum) * A.epochs)
     rows_trained = steps * A.grad_accum * A.states_per_batch * rows_per_state
     pad = padded_length(actor_lengths, A.states_per_batch)
     out.append(Work(f"iter-{k}/actor", sequences_trained=rows_trained, trained_tokens=rows_trained * pad,
                     forward_tokens=2 * N * per["action_tok"], upper_bound=assumed or a.gap_kept == 1.0
                     or a.kept_actions == 1.0,
-                    notes=[f"{kept_states:,.0f} states, {actions:,.0f} actions x {A.epochs:g} epochs"]))
+                    notes=[f"{kept_states:,.0f} states, {actions:,.0f} actions x {A.epochs:g} epochs"],
+                    counts={"states": kept_states, "actions": actions, "steps": steps}))
     return out
 
 
@@ -374,11 +390,11 @@ def dpo_work(cfg: RunConfig, train: list[Shape], n_problems: int, a: Assumptions
     # a problem with both correct and incorrect kept solutions gives at most keep - 1 pairs
     pairs = n_problems * min(b.pairs_per_problem, S.keep_per_problem - 1) * a.dpo_pairs
     lengths = [(s.prompt + s.cut(S.max_new_tokens).ends[-1], 1.0) for s in train]
-    steps = max(1, math.ceil(pairs / b.batch_size * b.epochs))
+    steps = optimizer_steps(pairs / b.batch_size * b.epochs)
     rows = 2 * steps * b.batch_size  # chosen and rejected
     return Work("iter-1/dpo", sequences_trained=rows, trained_tokens=rows * padded_length(lengths, 2 * b.batch_size),
                 forward_tokens=2 * pairs * mean(v for v, _ in lengths), upper_bound=a.dpo_pairs == 1.0,
-                notes=[f"{pairs:,.0f} pairs x {b.epochs:g} epochs"])
+                notes=[f"{pairs:,.0f} pairs x {b.epochs:g} epochs"], counts={"pairs": pairs, "steps": steps})
 
 
 def bootstrap_work(cfg: RunConfig, task, tokenizer) -> tuple[Work, str]:
@@ -387,10 +403,10 @@ def bootstrap_work(cfg: RunConfig, task, tokenizer) -> tuple[Work, str]:
     demos = task.demonstrations(min(n, 2000))
     lengths = [(len(tokenizer(task.prompt(p, tokenizer))["input_ids"])
                 + len(tokenizer(sol, add_special_tokens=False)["input_ids"]) + 1, 1.0) for p, sol in demos]
-    steps = max(1, math.ceil(n / b.batch_size * b.epochs))
+    steps = optimizer_steps(n / b.batch_size * b.epochs)
     return (Work("bootstrap", sequences_trained=steps * b.batch_size,
                  trained_tokens=steps * b.batch_size * padded_length(lengths, b.batch_size),
-                 notes=[f"{n} demonstrations x {b.epochs:g} epochs"]),
+                 notes=[f"{n} demonstrations x {b.epochs:g} epochs"], counts={"demonstrations": n, "steps": steps}),
             f"bootstrap demonstration length: mean {mean(v for v, _ in lengths):.1f} tokens from {len(demos)} demonstrations")
 
 
@@ -424,9 +440,10 @@ def model_info(cfg: RunConfig):
 # -- the plan ---------------------------------------------------------------------------------------
 
 def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions: Assumptions | None = None,
-              probe_throughput: bool = False, tokenizer=None, params: int | None = None) -> dict:
-    """The plan of `stepdapo run` with `cfg`, as a JSON-able dict (see `format_plan`). `tokenizer`
-    and `params` skip loading them (tests)."""
+              probe_throughput: bool = False, tokenizer=None, params: int | None = None,
+              processes: int = 1) -> dict:
+    """The plan of `stepdapo run` with `cfg` on `processes` processes, as a JSON-able dict (see
+    `format_plan`). `tokenizer` and `params` skip loading them (tests)."""
     from stepdapo.stages.evaluate import eval_problems
     from stepdapo.tasks import get_task
 
@@ -469,13 +486,14 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
     if throughput is None:
         throughput = probe(cfg, train, tokenizer) if probe_throughput else default_throughput(params)
     for w in works:
-        w.cost(params, throughput)
+        w.cost(params, throughput, processes)
     keys = ("sequences_generated", "prefill_tokens", "new_tokens", "sequences_trained", "trained_tokens",
             "forward_tokens", "flops", "seconds")
     total = {key: (sum(getattr(w, key) for w in works) if all(getattr(w, key) is not None for w in works) else None)
              for key in keys}
     return {
-        "config": {"task": cfg.task.name, "model": cfg.model, "iterations": cfg.iterations, "threads": cfg.threads},
+        "config": {"task": cfg.task.name, "model": cfg.model, "iterations": cfg.iterations, "threads": cfg.threads,
+                   "processes": processes},
         "parameters": params,
         "throughput": asdict(throughput),
         "estimates": estimates,
@@ -483,7 +501,7 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
                                  "source": "upper bound" if getattr(a, f.name) == 1.0 else "given",
                                  "doc": ASSUMPTIONS[f.name]}
                         for f in fields(Assumptions) if f.name != "steps_per_solution"},
-        "stages": [{key: (round(v, 1) if isinstance(v, float) else v) for key, v in asdict(w).items()} for w in works],
+        "stages": [asdict(w) for w in works],
         "total": total,
     }
 

@@ -1,0 +1,212 @@
+"""`stepdapo plan`: counts against hand-computed values, against the stages run with a scripted
+policy, the time and FLOP arithmetic, the CLI and its JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from scripted import ScriptedArithmeticPolicy
+
+from stepdapo.algorithms import value_examples
+from stepdapo.cli import main
+from stepdapo.config import load_config
+from stepdapo.generation import split_steps
+from stepdapo.models import char_tokenizer
+from stepdapo.plan import Assumptions, Throughput, make_plan, padded_length, pilot
+from stepdapo.stages.labels import read_labels, run_labels
+from stepdapo.stages.states import run_states
+from stepdapo.tasks import get_task
+
+# Every problem has exactly 3 operations on one-digit numbers, so with the character tokenizer:
+#   prompt   "<s>" + "a+b-c+d" + "\n"                    = 9 tokens
+#   solution 3 x "r+x=y\n" (6 tokens) + "A=r" + "</s>"    = 22 tokens, step ends [6, 12, 18, 22], T = 4
+SMALL = ["task.arithmetic.n_ops_min=3", "task.arithmetic.n_ops_max=3", "task.arithmetic.n_train=40",
+         "task.arithmetic.n_test=20", "task.arithmetic.n_demos=100", "states.n_problems=10",
+         "states.samples_per_problem=4", "states.keep_per_problem=2", "label.rollouts=3", "eval.limit=5",
+         "eval.samples=2", "eval.k=2", "critic.epochs=2.0", "critic.batch_size=4", "iterations=1", "threads=1"]
+P, L, T = 9, 22, 4
+THR = Throughput(gen_tok_s=100.0, train_tok_s=10.0, forward_tok_s=1000.0, source="test")
+
+
+def small_cfg(*extra):
+    return load_config(None, SMALL + list(extra))
+
+
+def plan_of(cfg, assumptions=None, **kw):
+    return make_plan(cfg, THR, assumptions, tokenizer=char_tokenizer(), params=1000, **kw)
+
+
+def stage(plan, name):
+    """The stage's entry, its floats rounded to 6 places (counts are means times counts)."""
+    s = next(s for s in plan["stages"] if s["stage"] == name)
+    r = lambda v: round(v, 6) if isinstance(v, float) else v  # noqa: E731
+    return {k: ({kk: r(vv) for kk, vv in v.items()} if isinstance(v, dict) else r(v)) for k, v in s.items()}
+
+
+def test_counts_match_hand_computed_values():
+    plan = plan_of(small_cfg())
+    assert [s["stage"] for s in plan["stages"]] == [
+        "bootstrap", "iter-0/eval", "iter-1/states", "iter-1/label", "iter-1/critic", "iter-1/advantages",
+        "iter-1/actor", "iter-1/eval", "iter-1/dpo", "iter-1/dpo-eval"]
+
+    ev = stage(plan, "iter-0/eval")  # 5 problems x (greedy + 2 samples); each pass prefills every prompt once
+    assert ev["sequences_generated"] == 15 and ev["prefill_tokens"] == 5 * 2 * P and ev["new_tokens"] == 15 * L
+
+    st = stage(plan, "iter-1/states")  # 10 problems x 4 samples, the prompt prefilled once per problem
+    assert st["sequences_generated"] == 40 and st["prefill_tokens"] == 10 * P and st["new_tokens"] == 40 * L
+    # states: the prompt (shared by the kept solutions) + 2 kept solutions x 3 later step prefixes
+    assert st["counts"]["states"] == 10 * (1 + 2 * (T - 1)) == 70
+
+    lab = stage(plan, "iter-1/label")  # 70 states x 3 rollouts, each state prefilled once
+    assert lab["sequences_generated"] == 70 * 3
+    assert lab["prefill_tokens"] == 10 * (P + 2 * ((P + 6) + (P + 12) + (P + 18)))
+    # a rollout from the state after d steps writes the rest of the solution: 22, 16, 10, 4 tokens
+    assert lab["new_tokens"] == 10 * 3 * (22 + 2 * (16 + 10 + 4))
+    assert lab["upper_bound"]
+
+    cr = stage(plan, "iter-1/critic")
+    # every rollout prefix of a non-terminal rollout: 3 x (T - d - 1) per state at depth d
+    examples = 70 + 10 * 3 * ((T - 1) + 2 * ((T - 2) + (T - 3)))
+    assert cr["counts"]["value_examples"] == examples == 340
+    steps = math.ceil(0.9 * examples / 4 * 2)  # 10% held out, batch 4, 2 epochs
+    assert cr["counts"]["steps"] == steps and cr["sequences_trained"] == steps * 4
+
+    adv = stage(plan, "iter-1/advantages")  # terminal actions are not scored: states at depth < 3
+    assert adv["counts"]["scored"] == 10 * (1 + 2 * 2) * 3
+
+    act = stage(plan, "iter-1/actor")  # every state, every rollout a distinct action (upper bounds)
+    assert act["counts"]["states"] == 70 and act["counts"]["actions"] == 210
+    assert act["counts"]["steps"] == math.ceil(70 / 16 * 3)
+    assert act["forward_tokens"] == 2 * 10 * 3 * ((P + 6) + 2 * ((P + 12) + (P + 18) + (P + 22)))
+
+    dpo = stage(plan, "iter-1/dpo")  # at most keep - 1 = 1 pair per problem
+    assert dpo["counts"]["pairs"] == 10 and dpo["counts"]["steps"] == math.ceil(10 / 16 * 3)
+    assert dpo["sequences_trained"] == 2 * dpo["counts"]["steps"] * 16
+
+    boot = stage(plan, "bootstrap")
+    assert boot["counts"]["steps"] == math.ceil(100 / 64) and boot["trained_tokens"] == 2 * 64 * (P + L)
+
+
+def test_assumptions_scale_the_uncertain_counts():
+    full = plan_of(small_cfg())
+    half = plan_of(small_cfg(), Assumptions(distinct_states=0.5, gap_kept=0.25, kept_actions=1 / 3, dpo_pairs=0.5))
+    assert stage(half, "iter-1/states")["counts"]["states"] == 10 * (1 + 0.5 * 2 * 3)
+    assert stage(half, "iter-1/label")["sequences_generated"] == 40 * 3
+    assert stage(half, "iter-1/actor")["counts"]["states"] == 0.25 * 40
+    assert stage(half, "iter-1/actor")["counts"]["actions"] == pytest.approx(0.25 * 40 * 1)
+    assert stage(half, "iter-1/dpo")["counts"]["pairs"] == 5
+    # the counts that need no assumption do not move
+    for name in ("iter-0/eval", "iter-1/states", "bootstrap"):
+        for key in ("sequences_generated", "new_tokens", "prefill_tokens", "trained_tokens"):
+            assert stage(half, name)[key] == stage(full, name)[key]
+
+
+def test_seconds_and_flops_follow_the_throughputs():
+    plan = plan_of(small_cfg(), processes=2)
+    for s in plan["stages"]:
+        want = (s["prefill_tokens"] / 1000 + s["forward_tokens"] * 2 / 1000 + s["new_tokens"] / 100
+                + s["trained_tokens"] / 10)
+        assert s["seconds"] == pytest.approx(want, rel=1e-3)
+        fwd = s["prefill_tokens"] + s["new_tokens"] + s["forward_tokens"]
+        assert s["flops"] == pytest.approx(2 * 1000 * fwd + 6 * 1000 * s["trained_tokens"], rel=1e-3)
+    assert plan["total"]["seconds"] == pytest.approx(sum(s["seconds"] for s in plan["stages"]), rel=1e-3)
+    gpu = make_plan(small_cfg(), Throughput(gpu_flops=1e6), tokenizer=char_tokenizer(), params=1000)
+    for s in gpu["stages"]:
+        assert s["seconds"] == pytest.approx(s["flops"] / 1e6, rel=1e-3)
+
+
+def test_padded_length_is_the_expected_longest_row():
+    assert padded_length([(1, 1.0), (3, 1.0)], 1) == pytest.approx(2.0)
+    assert padded_length([(1, 1.0), (3, 1.0)], 2) == pytest.approx(1 * 0.25 + 3 * 0.75)
+    assert padded_length([(5, 2.0)], 64) == pytest.approx(5)
+
+
+def test_plan_matches_the_stages_run_with_a_scripted_policy(tmp_path):
+    """The states and labels stages, run for real with a scripted policy that writes solutions of
+    the reference shape (some steps wrong): the plan with upper bounds bounds every count; with the
+    assumptions a pilot measures on the same problems it reproduces them."""
+    cfg = small_cfg()
+    task = get_task(cfg.task)
+    policy = ScriptedArithmeticPolicy(task, char_tokenizer(), 0.3)
+    st = run_states(cfg, "scripted", tmp_path / "s", task, progress=False, generator=policy)
+    lab = run_labels(cfg, "scripted", tmp_path / "s", tmp_path / "l", task, progress=False, generator=policy)
+    c = read_labels(tmp_path / "l").to_pydict()
+    examples = len(value_examples(c["problem_id"], c["ids"], c["n_correct"], c["outcome"], c["action_ids"],
+                                  c["action_terminal"], c["rollout_ids"],
+                                  step_ends=lambda ids: split_steps(ids, policy.is_delim),
+                                  action_states=True, rollout_prefixes=True))
+    measured = {"states": st["states"], "rollouts": lab["states"] * 3, "label_tokens": sum(len(r) for rs in c["rollout_ids"] for r in rs),
+                "examples": examples}
+
+    def predicted(plan):
+        return {"states": stage(plan, "iter-1/states")["counts"]["states"],
+                "rollouts": stage(plan, "iter-1/label")["sequences_generated"],
+                "label_tokens": stage(plan, "iter-1/label")["new_tokens"],
+                "examples": stage(plan, "iter-1/critic")["counts"]["value_examples"]}
+
+    upper = predicted(plan_of(cfg))
+    assert stage(plan_of(cfg), "iter-1/states")["new_tokens"] == st["tokens_sampled"]  # the exact count
+    for k, v in measured.items():
+        assert upper[k] >= v, k
+    assert upper["states"] > measured["states"]  # identical correct prefixes did merge
+
+    assumed, notes = pilot(cfg, "scripted", cfg.states.n_problems, generator=policy)
+    assert "10 training problems" in notes[0]
+    got = predicted(plan_of(cfg, assumed))
+    assert got["states"] == pytest.approx(measured["states"])
+    assert got["rollouts"] == pytest.approx(measured["rollouts"])
+    # deduplication merges shallow prefixes more than deep ones, and the plan spreads it evenly over
+    # the depths: the counts that depend on the depths of the states are close, not equal
+    assert got["examples"] == pytest.approx(measured["examples"], rel=0.1)
+    assert got["label_tokens"] == pytest.approx(measured["label_tokens"], rel=0.2)
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def write_cfg(tmp_path):
+    p = tmp_path / "small.yaml"
+    p.write_text("\n".join(f"{k.replace('=', ': ', 1)}" for k in ["seed=0"]) + "\n")
+    return p
+
+
+def test_cli_prints_a_table_and_writes_json(tmp_path, capsys):
+    cfg = write_cfg(tmp_path)
+    out = tmp_path / "plan.json"
+    rc = main(["plan", str(cfg), *SMALL, "--gen-tok-s", "100", "--train-tok-s", "10", "--forward-tok-s", "1000",
+               "--assume", "gap_kept=0.5", "--json", str(out)])
+    assert rc == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    for word in ("iter-1/label", "iter-1/critic", "total", "UPPER BOUND", "steps per solution: mean 4.00",
+                 "from 10 reference solutions"):
+        assert word in text, word
+    plan = json.loads(out.read_text())
+    assert set(plan) == {"config", "parameters", "throughput", "estimates", "assumptions", "stages", "total"}
+    assert plan["throughput"]["gen_tok_s"] == 100 and plan["parameters"] > 0
+    assert plan["assumptions"]["gap_kept"] == {"value": 0.5, "upper_bound": False, "source": "given",
+                                               "doc": plan["assumptions"]["gap_kept"]["doc"]}
+    assert plan["assumptions"]["distinct_states"]["source"] == "upper bound"
+    keys = {"stage", "sequences_generated", "prefill_tokens", "new_tokens", "sequences_trained", "trained_tokens",
+            "forward_tokens", "upper_bound", "notes", "counts", "flops", "seconds"}
+    for s in plan["stages"]:
+        assert set(s) == keys and s["seconds"] >= 0
+    assert plan["total"]["sequences_generated"] == pytest.approx(sum(s["sequences_generated"] for s in plan["stages"]))
+    assert stage(plan, "iter-1/states")["sequences_generated"] == 40
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no-such.yaml"], "config file not found"),
+    (["{cfg}", "critic.no_such_key=1"], "no_such_key"),
+    (["{cfg}", "--assume", "nonsense=0.5"], "--assume 'nonsense=0.5'"),
+    (["{cfg}", "--assume", "gap_kept=2"], "must be in (0, 1]"),
+    (["{cfg}", "--gen-tok-s", "-5"], "--gen-tok-s must be positive"),
+    (["{cfg}", "--gpu-flops", "1e12", "--probe"], "--gpu-flops replaces"),
+    (["{cfg}", "--pilot", "10"], "--pilot-model"),
+])
+def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
+    cfg = write_cfg(tmp_path)
+    rc = main(["plan", *[a.format(cfg=cfg) for a in args]])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stepdapo plan: error:") and message in err, err

@@ -152,9 +152,11 @@ def test_plan_matches_the_stages_run_with_a_scripted_policy(tmp_path):
         assert upper[k] >= v, k
     assert upper["states"] > measured["states"]  # identical correct prefixes did merge
 
-    assumed, notes = pilot(cfg, "scripted", cfg.states.n_problems, generator=policy)
+    assumed, notes, sampled = pilot(cfg, "scripted", cfg.states.n_problems, generator=policy)
     assert "10 training problems" in notes[0]
+    assert len(sampled) == 20 and all(s.prompt == P and s.ends == [6, 12, 18, 22] for s in sampled)
     got = predicted(plan_of(cfg, assumed))
+    assert predicted(plan_of(cfg, assumed, sampled=sampled)) == got  # the scripted policy writes reference shapes
     assert got["states"] == pytest.approx(measured["states"])
     assert got["rollouts"] == pytest.approx(measured["rollouts"])
     # deduplication merges shallow prefixes more than deep ones, and the plan spreads it evenly over
@@ -210,3 +212,16 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("stepdapo plan: error:") and message in err, err
+
+
+def test_pilot_solution_lengths_replace_the_reference_ones():
+    """A model that writes twice as long as the references: the pilot's solutions set the training
+    shapes, and scale the eval solutions by the same ratio (2)."""
+    from stepdapo.plan import Shape
+
+    sampled = [Shape(P, [12, 24, 36, 44])] * 20  # 10 problems x 2 kept
+    plan = plan_of(small_cfg(), sampled=sampled)
+    assert stage(plan, "iter-1/states")["new_tokens"] == 40 * 44
+    assert stage(plan, "iter-1/label")["new_tokens"] == 10 * 3 * (44 + 2 * (32 + 20 + 8))
+    assert stage(plan, "iter-0/eval")["new_tokens"] == 15 * 44
+    assert any("scaled by 2.00" in e for e in plan["estimates"])

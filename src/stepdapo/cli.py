@@ -212,8 +212,9 @@ def cmd_plan(args) -> int:
             given.update({k: getattr(base, k) for k in missing})
         throughput = Throughput(**given, source="given" + (f"; {', '.join(missing)} from the defaults" if missing else ""))
 
-    # assumptions: the upper bounds, or what a pilot measures; --assume wins over both
-    assumptions, notes, measured = parse_assumptions(args.assume or []), [], set()
+    # assumptions: the upper bounds, or what a pilot measures (and the lengths of the solutions it
+    # samples); --assume wins over both
+    assumptions, notes, measured, sampled = parse_assumptions(args.assume or []), [], set(), None
     if args.pilot is not None:
         model = args.pilot_model or cfg.model
         if model is None:
@@ -222,13 +223,14 @@ def cmd_plan(args) -> int:
                               "pass --pilot-model DIR")
         if args.pilot < 1:
             raise ConfigError(f"plan: --pilot needs at least 1 problem, got {args.pilot}")
-        from_pilot, notes = pilot(cfg, model, args.pilot)
+        from_pilot, notes, sampled = pilot(cfg, model, args.pilot)
         given_names = {item.partition("=")[0] for item in args.assume or []}
         measured = set(vars(from_pilot)) - given_names - {"steps_per_solution"}
         for name in measured:
             setattr(assumptions, name, getattr(from_pilot, name))
 
-    plan = make_plan(cfg, throughput, assumptions, probe_throughput=args.probe, processes=args.processes)
+    plan = make_plan(cfg, throughput, assumptions, probe_throughput=args.probe, processes=args.processes,
+                     sampled=sampled)
     plan["estimates"] += notes
     for name in measured:
         plan["assumptions"][name]["source"] = "pilot"

@@ -121,12 +121,13 @@ def parse_assumptions(items: list[str]) -> Assumptions:
     return a
 
 
-def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> tuple[Assumptions, list[str]]:
+def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> tuple[Assumptions, list[str], list]:
     """Measure the assumptions on a small real sample: the states and labels stages of `model` (the
     iteration's pi_ref) on the first `n_problems` training problems, in a temporary directory. The
     gap filter is applied with Monte-Carlo values of s + a in place of the critic's (there is no
-    critic yet). Returns the assumptions and sentences saying what was measured. `generator`
-    replaces the model (tests: a scripted policy)."""
+    critic yet). Returns the assumptions, sentences saying what was measured, and the shapes of the
+    kept solutions (what the model writes, in place of the reference solutions' lengths).
+    `generator` replaces the model (tests: a scripted policy)."""
     import tempfile
     from pathlib import Path
 
@@ -178,11 +179,13 @@ def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> t
                     distinct_value_examples=clip((examples - lab["states"]) / bound) if bound else 1.0,
                     gap_kept=clip(adv["fraction_kept"]), dpo_pairs=clip(pairs / most_pairs) if most_pairs else 1.0)
     sampled = st["tokens_sampled"] / (n * cfg.states.samples_per_problem)
+    kept = [Shape(len(p), e) for p, e in zip(solutions.column("prompt_ids").to_pylist(),
+                                             solutions.column("step_ends").to_pylist())]
     return a, [f"pilot: {model} on {n} training problems ({seconds:.0f} s): {st['states']} states from "
                f"{solutions.num_rows} kept solutions, {actions} distinct actions of {lab['states'] * m} "
                f"rollouts, {examples} value examples, {adv['states_kept']} states past the gap filter "
                f"(Monte-Carlo values in place of the critic's), {pairs} DPO pairs; sampled solutions "
-               f"mean {sampled:.1f} tokens"]
+               f"mean {sampled:.1f} tokens"], kept
 
 
 # -- the shapes of solutions ------------------------------------------------------------------------
@@ -441,9 +444,12 @@ def model_info(cfg: RunConfig):
 
 def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions: Assumptions | None = None,
               probe_throughput: bool = False, tokenizer=None, params: int | None = None,
-              processes: int = 1) -> dict:
+              processes: int = 1, sampled: list[Shape] | None = None) -> dict:
     """The plan of `stepdapo run` with `cfg` on `processes` processes, as a JSON-able dict (see
-    `format_plan`). `tokenizer` and `params` skip loading them (tests)."""
+    `format_plan`). `sampled`: a pilot's kept solutions (from the first len(set of their problems)
+    training problems); they replace the reference solutions' shapes, and the eval solutions'
+    lengths are scaled by sampled / reference length on the pilot's problems. `tokenizer` and
+    `params` skip loading them (tests)."""
     from stepdapo.stages.evaluate import eval_problems
     from stepdapo.tasks import get_task
 
@@ -459,6 +465,15 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
     longest = max(cfg.states.max_new_tokens, cfg.label.max_new_tokens, cfg.eval.max_new_tokens)
     train, train_how = shapes(task, tokenizer, train_problems[:n_train], a.steps_per_solution, longest)
     test, test_how = shapes(task, tokenizer, eval_problems(task, cfg.eval), a.steps_per_solution, longest)
+    length_note = "every sampled solution and rollout is assumed as long as its problem's reference solution"
+    if sampled:
+        n_pilot = min(n_train, max(1, round(len(sampled) / cfg.states.keep_per_problem)))
+        ref, _ = shapes(task, tokenizer, train_problems[:n_pilot], a.steps_per_solution, longest)
+        ratio = mean(s.ends[-1] for s in sampled) / mean(s.cut(cfg.states.max_new_tokens).ends[-1] for s in ref)
+        train, train_how = sampled, f"{len(sampled)} solutions the pilot sampled and kept"
+        test = [Shape(s.prompt, [max(1, round(e * ratio)) for e in s.ends]) for s in test]
+        test_how = f"{test_how}, scaled by {ratio:.2f} (pilot's solutions / reference ones on its problems)"
+        length_note = "every sampled solution and rollout is assumed as long as one the pilot sampled"
     cut = [s.cut(cfg.states.max_new_tokens) for s in train]
     estimates = [
         f"model: {model_how}",
@@ -468,7 +483,7 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
         f"eval prompts: mean {mean(s.prompt for s in test):.1f} tokens; solutions (cut at "
         f"eval.max_new_tokens={cfg.eval.max_new_tokens}): mean "
         f"{mean(s.cut(cfg.eval.max_new_tokens).ends[-1] for s in test):.1f} tokens, from {test_how}",
-        "every sampled solution and rollout is assumed as long as its problem's reference solution",
+        length_note,
     ]
 
     works: list[Work] = []

@@ -45,8 +45,8 @@ from stepdapo.errors import ConfigError
 # (most parameters, generated tok/s, trained tok/s, forward tok/s, where the numbers come from).
 # Bigger models scale the last row by 135M / params. Use --probe, or your own numbers, on other hardware.
 DEFAULT_THROUGHPUTS = [
-    (2e6, 16000.0, 6500.0, 60000.0, "the built-in tiny model (0.8M params), threads=1: runs of "
-                                   "configs/arithmetic.yaml and --probe"),
+    (2e6, 23000.0, 12000.0, 44000.0, "the built-in tiny model (0.8M params), --probe with threads=1 "
+                                    "on an idle machine"),
     (3e7, 4000.0, 4000.0, 15000.0, "a 4M-param Llama, 2 threads (DESIGN.md)"),
     (3e8, 100.0, 130.0, 400.0, "SmolLM2-135M fp32, 2 threads (DESIGN.md; forward assumed 3x training)"),
 ]
@@ -609,6 +609,8 @@ def human(x: float | None, unit: str = "") -> str:
 def duration(s: float | None) -> str:
     if s is None:
         return "-"
+    if s < 1:
+        return f"{s:.2g} s"
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:

@@ -16,11 +16,13 @@ Where the counts come from:
 - assumed (the policy decides them, so no count can be known before the run): how many step
   prefixes survive de-duplication, how many distinct actions and value examples the rollouts give,
   how many states pass the advantage-gap filter, how many problems give DPO pairs. Every default
-  is the upper bound (1.0: nothing merged, everything kept) and is labelled so; `--assume
-  NAME=VALUE` sets one, e.g. from a pilot run's summaries (bench/plan_vs_measured.py).
+  is the upper bound (1.0: nothing merged, everything kept) and is labelled so. `--pilot N` measures
+  them by running the states and labels stages on N training problems (`pilot`); `--assume
+  NAME=VALUE` sets one.
 
-Every kept solution is assumed to have its problem's reference shape (prompt, step ends), and every
-rollout from a state to continue it to the end: the counts below walk those shapes.
+Every kept solution is assumed to have its problem's reference shape (prompt, step ends), or with a
+pilot the shape of one the pilot sampled, and every rollout from a state to continue it to the end:
+the counts below walk those shapes.
 
 Time = prefill / forward_tok_s + new / gen_tok_s + trained / train_tok_s + forward / forward_tok_s.
 Trained tokens include the padding the collators add (each batch is padded to its longest row);
@@ -119,73 +121,6 @@ def parse_assumptions(items: list[str]) -> Assumptions:
                               else f"--assume {item!r}: must be positive")
         setattr(a, name, v)
     return a
-
-
-def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> tuple[Assumptions, list[str], list]:
-    """Measure the assumptions on a small real sample: the states and labels stages of `model` (the
-    iteration's pi_ref) on the first `n_problems` training problems, in a temporary directory. The
-    gap filter is applied with Monte-Carlo values of s + a in place of the critic's (there is no
-    critic yet). Returns the assumptions, sentences saying what was measured, and the shapes of the
-    kept solutions (what the model writes, in place of the reference solutions' lengths).
-    `generator` replaces the model (tests: a scripted policy)."""
-    import tempfile
-    from pathlib import Path
-
-    from stepdapo.algorithms import value_examples
-    from stepdapo.generation import delimiter_token_mask, split_steps
-    from stepdapo.models import load_tokenizer, set_threads
-    from stepdapo.stages.actor import dpo_pairs
-    from stepdapo.stages.advantages import action_values, advantage_rows
-    from stepdapo.stages.labels import read_labels, run_labels
-    from stepdapo.stages.states import read_solutions, run_states
-    from stepdapo.tasks import get_task
-
-    set_threads(cfg.threads)
-    small = cfg.model_copy(deep=True)
-    small.states.n_problems = n_problems
-    task = get_task(cfg.task)
-    tok = generator.tokenizer if generator is not None else load_tokenizer(model)
-    is_delim = delimiter_token_mask(tok, task.step_delimiter)
-    with tempfile.TemporaryDirectory(prefix="stepdapo-pilot-") as d:
-        t0 = time.perf_counter()
-        st = run_states(small, model, Path(d) / "states", task, progress=False, generator=generator)
-        lab = run_labels(small, model, Path(d) / "states", Path(d) / "labels", task, progress=False,
-                         generator=generator)
-        seconds = time.perf_counter() - t0
-        solutions, labels = read_solutions(Path(d) / "states"), read_labels(Path(d) / "labels")
-    m, n = cfg.label.rollouts, st["problems"]
-    # states: beyond the one prompt state per problem, the share of the kept solutions' step prefixes left
-    prefixes = sum(len(e) - 1 for e in solutions.column("step_ends").to_pylist())
-    distinct_states = (st["states"] - n) / prefixes if prefixes else 1.0
-    cols = labels.to_pydict()
-    actions = sum(len(set(map(tuple, acts))) for acts in cols["action_ids"])
-    c = cfg.critic
-    bound = 0  # the critic's extra examples if every rollout prefix were new
-    for acts, terms, rollouts in zip(cols["action_ids"], cols["action_terminal"], cols["rollout_ids"]):
-        for a, term, full in zip(acts, terms, rollouts):
-            if not term:
-                ends = {len(a)} if c.action_states or c.rollout_prefixes else set()
-                bound += len(ends | (set(split_steps(full, is_delim)[:-1]) if c.rollout_prefixes else set()))
-    examples = len(value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"],
-                                  cols["action_ids"], cols["action_terminal"], cols["rollout_ids"],
-                                  step_ends=lambda ids: split_steps(ids, is_delim),
-                                  action_states=c.action_states, rollout_prefixes=c.rollout_prefixes))
-    _, adv = advantage_rows(labels, action_values(labels, "mc", None, tok, task), cfg.advantages)
-    pairs = len(dpo_pairs(solutions, cfg.baseline.pairs_per_problem))
-    most_pairs = n * min(cfg.baseline.pairs_per_problem, cfg.states.keep_per_problem - 1)
-    clip = lambda x: min(1.0, max(x, 1e-3))  # noqa: E731
-    a = Assumptions(distinct_states=clip(distinct_states), distinct_actions=clip(actions / (lab["states"] * m)),
-                    kept_actions=clip(adv["actions_kept"] / (max(adv["states_kept"], 1) * m)) if adv["states_kept"] else 1.0,
-                    distinct_value_examples=clip((examples - lab["states"]) / bound) if bound else 1.0,
-                    gap_kept=clip(adv["fraction_kept"]), dpo_pairs=clip(pairs / most_pairs) if most_pairs else 1.0)
-    sampled = st["tokens_sampled"] / (n * cfg.states.samples_per_problem)
-    kept = [Shape(len(p), e) for p, e in zip(solutions.column("prompt_ids").to_pylist(),
-                                             solutions.column("step_ends").to_pylist())]
-    return a, [f"pilot: {model} on {n} training problems ({seconds:.0f} s): {st['states']} states from "
-               f"{solutions.num_rows} kept solutions, {actions} distinct actions of {lab['states'] * m} "
-               f"rollouts, {examples} value examples, {adv['states_kept']} states past the gap filter "
-               f"(Monte-Carlo values in place of the critic's), {pairs} DPO pairs; sampled solutions "
-               f"mean {sampled:.1f} tokens"], kept
 
 
 # -- the shapes of solutions ------------------------------------------------------------------------
@@ -411,6 +346,75 @@ def bootstrap_work(cfg: RunConfig, task, tokenizer) -> tuple[Work, str]:
                  trained_tokens=steps * b.batch_size * padded_length(lengths, b.batch_size),
                  notes=[f"{n} demonstrations x {b.epochs:g} epochs"], counts={"demonstrations": n, "steps": steps}),
             f"bootstrap demonstration length: mean {mean(v for v, _ in lengths):.1f} tokens from {len(demos)} demonstrations")
+
+
+# -- measuring the assumptions ------------------------------------------------------------------
+
+def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> tuple[Assumptions, list[str], list]:
+    """Measure the assumptions on a small real sample: the states and labels stages of `model` (the
+    iteration's pi_ref) on the first `n_problems` training problems, in a temporary directory. The
+    gap filter is applied with Monte-Carlo values of s + a in place of the critic's (there is no
+    critic yet). Returns the assumptions, sentences saying what was measured, and the shapes of the
+    kept solutions (what the model writes, in place of the reference solutions' lengths).
+    `generator` replaces the model (tests: a scripted policy)."""
+    import tempfile
+    from pathlib import Path
+
+    from stepdapo.algorithms import value_examples
+    from stepdapo.generation import delimiter_token_mask, split_steps
+    from stepdapo.models import load_tokenizer, set_threads
+    from stepdapo.stages.actor import dpo_pairs
+    from stepdapo.stages.advantages import action_values, advantage_rows
+    from stepdapo.stages.labels import read_labels, run_labels
+    from stepdapo.stages.states import read_solutions, run_states
+    from stepdapo.tasks import get_task
+
+    set_threads(cfg.threads)
+    small = cfg.model_copy(deep=True)
+    small.states.n_problems = n_problems
+    task = get_task(cfg.task)
+    tok = generator.tokenizer if generator is not None else load_tokenizer(model)
+    is_delim = delimiter_token_mask(tok, task.step_delimiter)
+    with tempfile.TemporaryDirectory(prefix="stepdapo-pilot-") as d:
+        t0 = time.perf_counter()
+        st = run_states(small, model, Path(d) / "states", task, progress=False, generator=generator)
+        lab = run_labels(small, model, Path(d) / "states", Path(d) / "labels", task, progress=False,
+                         generator=generator)
+        seconds = time.perf_counter() - t0
+        solutions, labels = read_solutions(Path(d) / "states"), read_labels(Path(d) / "labels")
+    m, n = cfg.label.rollouts, st["problems"]
+    # states: beyond the one prompt state per problem, the share of the kept solutions' step prefixes left
+    prefixes = sum(len(e) - 1 for e in solutions.column("step_ends").to_pylist())
+    distinct_states = (st["states"] - n) / prefixes if prefixes else 1.0
+    cols = labels.to_pydict()
+    actions = sum(len(set(map(tuple, acts))) for acts in cols["action_ids"])
+    c = cfg.critic
+    bound = 0  # the critic's extra examples if every rollout prefix were new
+    for acts, terms, rollouts in zip(cols["action_ids"], cols["action_terminal"], cols["rollout_ids"]):
+        for a, term, full in zip(acts, terms, rollouts):
+            if not term:
+                ends = {len(a)} if c.action_states or c.rollout_prefixes else set()
+                bound += len(ends | (set(split_steps(full, is_delim)[:-1]) if c.rollout_prefixes else set()))
+    examples = len(value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"],
+                                  cols["action_ids"], cols["action_terminal"], cols["rollout_ids"],
+                                  step_ends=lambda ids: split_steps(ids, is_delim),
+                                  action_states=c.action_states, rollout_prefixes=c.rollout_prefixes))
+    _, adv = advantage_rows(labels, action_values(labels, "mc", None, tok, task), cfg.advantages)
+    pairs = len(dpo_pairs(solutions, cfg.baseline.pairs_per_problem))
+    most_pairs = n * min(cfg.baseline.pairs_per_problem, cfg.states.keep_per_problem - 1)
+    clip = lambda x: min(1.0, max(x, 1e-3))  # noqa: E731
+    a = Assumptions(distinct_states=clip(distinct_states), distinct_actions=clip(actions / (lab["states"] * m)),
+                    kept_actions=clip(adv["actions_kept"] / (max(adv["states_kept"], 1) * m)) if adv["states_kept"] else 1.0,
+                    distinct_value_examples=clip((examples - lab["states"]) / bound) if bound else 1.0,
+                    gap_kept=clip(adv["fraction_kept"]), dpo_pairs=clip(pairs / most_pairs) if most_pairs else 1.0)
+    sampled = st["tokens_sampled"] / (n * cfg.states.samples_per_problem)
+    kept = [Shape(len(p), e) for p, e in zip(solutions.column("prompt_ids").to_pylist(),
+                                             solutions.column("step_ends").to_pylist())]
+    return a, [f"pilot: {model} on {n} training problems ({seconds:.0f} s): {st['states']} states from "
+               f"{solutions.num_rows} kept solutions, {actions} distinct actions of {lab['states'] * m} "
+               f"rollouts, {examples} value examples, {adv['states_kept']} states past the gap filter "
+               f"(Monte-Carlo values in place of the critic's), {pairs} DPO pairs; sampled solutions "
+               f"mean {sampled:.1f} tokens"], kept
 
 
 # -- the model: tokenizer and size ------------------------------------------------------------------

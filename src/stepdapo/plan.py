@@ -47,8 +47,8 @@ from stepdapo.errors import ConfigError
 # (most parameters, generated tok/s, trained tok/s, forward tok/s, where the numbers come from).
 # Bigger models scale the last row by 135M / params. Use --probe, or your own numbers, on other hardware.
 DEFAULT_THROUGHPUTS = [
-    (2e6, 23000.0, 12000.0, 44000.0, "the built-in tiny model (0.8M params), --probe with threads=1 "
-                                    "on an idle machine"),
+    (2e6, 21000.0, 14500.0, 48500.0, "the built-in tiny model (0.8M params), --probe with threads=1, "
+                                    "configs/arithmetic.yaml"),
     (3e7, 4000.0, 4000.0, 15000.0, "a 4M-param Llama, 2 threads (DESIGN.md)"),
     (3e8, 100.0, 130.0, 400.0, "SmolLM2-135M fp32, 2 threads (DESIGN.md; forward assumed 3x training)"),
 ]
@@ -541,12 +541,12 @@ def probe(cfg: RunConfig, train: list[Shape], tokenizer, budget_s: float = 3.0) 
     set_threads(cfg.threads)
     if cfg.model is None:
         model = tiny_llama(tokenizer, cfg.bootstrap.model, seed=cfg.seed)
-        model.config.eos_token_id = None  # the untrained model must not stop early: we count tokens
     else:
         model, tokenizer = load_policy(cfg.model)
     small = sum(p.numel() for p in model.parameters()) < 3e7
     prompt = [tokenizer.bos_token_id or 0] * max(1, round(mean(s.prompt for s in train)))
-    new = max(2, min(cfg.label.max_new_tokens, round(mean(s.ends[-1] for s in train)) // 2))
+    # whole solutions: a rollout from a deeper state is shorter but starts from a longer state
+    new = max(2, min(cfg.label.max_new_tokens, round(mean(s.ends[-1] for s in train))))
     # sampling like the labels stage: label.batch_size rows of `rollouts` samples per state
     rows = cfg.label.batch_size if small else min(cfg.label.batch_size, 8)
     n = min(cfg.label.rollouts, rows)
@@ -560,9 +560,10 @@ def probe(cfg: RunConfig, train: list[Shape], tokenizer, budget_s: float = 3.0) 
         stats.append(gen.last_stats["tokens"] / gen.last_stats["seconds"])
     gen_tok_s = sorted(stats)[len(stats) // 2]
 
-    # training and forward passes on batches shaped like the critic's
-    length = max(2, round(mean(s.prompt + s.ends[len(s.ends) // 2 - 1] for s in train)))
+    # training and forward passes on batches shaped like the critic's: padded to the longest row, as
+    # the trained tokens are counted
     batch = cfg.critic.batch_size if small else min(cfg.critic.batch_size, 4)
+    length = max(2, round(padded_length([(s.prompt + s.ends[-1], 1.0) for s in train], batch)))
     ids = torch.randint(3, len(tokenizer), (batch, length))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -571,6 +572,7 @@ def probe(cfg: RunConfig, train: list[Shape], tokenizer, budget_s: float = 3.0) 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as every trainer does (max_grad_norm)
         opt.step()
         opt.zero_grad()
 

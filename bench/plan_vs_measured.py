@@ -12,7 +12,8 @@ For each run directory, the plan of its config.yaml, made as a user would make i
   after the bootstrap stage; iteration 2's policy does not exist before the run, so its assumptions
   are iteration 1's).
 Measured: each stage's summary (summary.json, or the model directory's stepdapo_<stage>.json) and
-timings.json (wall seconds per stage). Writes the markdown report and a JSON next to it.
+timings.json (wall seconds per stage). Writes the markdown report and a JSON next to it; the
+"Findings" section of the committed report is written by hand from the tables.
 """
 
 from __future__ import annotations

@@ -225,3 +225,11 @@ def test_pilot_solution_lengths_replace_the_reference_ones():
     assert stage(plan, "iter-1/label")["new_tokens"] == 10 * 3 * (44 + 2 * (32 + 20 + 8))
     assert stage(plan, "iter-0/eval")["new_tokens"] == 15 * 44
     assert any("scaled by 2.00" in e for e in plan["estimates"])
+
+
+def test_probe_measures_positive_rates_quickly():
+    from stepdapo.plan import Shape, probe
+
+    t = probe(small_cfg(), [Shape(P, [6, 12, 18, 22])], char_tokenizer(), budget_s=0.3)
+    assert t.gen_tok_s > 0 and t.train_tok_s > 0 and t.forward_tok_s > 0
+    assert "--probe" in t.source and "1 thread(s)" in t.source

@@ -1,0 +1,216 @@
+"""Shared-prefix forward passes (stepdapo.logprobs.grouped_sequence_logprobs, models.critic_logits)
+against the plain per-pair computation: values AND gradients w.r.t. every parameter, with ragged
+prefix and continuation lengths, on a tiny Llama in fp32, LoRA-wrapped, and in bf16.
+
+Tolerances. fp32: both sides compute the same attention scores over the same keys, only in a different
+batch layout (different matmul shapes, so different summation orders); float32 rounding
+(2^-24 ~ 6e-8 per op) accumulated over a few layers and ~10 summed tokens stays far below 1e-5
+relative, so 1e-5 would catch any real error (a wrong position id, a pad key attended, a token
+scored by the wrong logit moves a log-prob by > 1e-2). bf16 keeps 8 mantissa bits (2^-8 ~ 4e-3
+relative per rounding); both computations are compared with the fp32 reference, and the shared one
+must be about as close to it as the plain one is.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from stepdapo.logprobs import (
+    batched_sequence_logprobs,
+    grouped_sequence_logprobs,
+    sequence_logprobs,
+)
+from stepdapo.models import critic_logits, critic_values
+
+V, PAD = 40, 0
+
+
+def _config(**kw):
+    # 2 query heads per key/value head (grouped-query attention, as in SmolLM2); weights 10x the
+    # default scale, so attention is sharp and a wrong position or mask shows in the outputs
+    return LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       pad_token_id=PAD, initializer_range=0.2, **kw)
+
+
+def _policy(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(_config()).eval()
+
+
+def _data(seed=1):
+    """Ragged prefixes (1..13 tokens) with 1, 2 or 3 continuations of 0..6 tokens (one empty)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(1, V, (n,), generator=g).tolist()  # noqa: E731
+    prefixes = [rand(n) for n in (7, 1, 13, 4)]
+    conts = [[rand(n) for n in ns] for ns in ((2, 5), (4,), (1, 3, 6), (0, 2))]
+    return prefixes, conts
+
+
+def _flat(prefixes, conts):
+    return [p for p, cs in zip(prefixes, conts) for _ in cs], [c for cs in conts for c in cs]
+
+
+def _value_and_grads(model, fn):
+    """fn(model) -> 1-D tensor; its values and the gradient of a random weighting of them w.r.t.
+    every trainable parameter (a weighting, so each value's gradient counts separately)."""
+    model.zero_grad()
+    values = fn(model)
+    w = torch.linspace(-1.0, 2.0, len(values))
+    (values.float() * w).sum().backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g.abs().sum() > 0 for n, g in grads.items() if "embed" not in n)
+    return values.detach().float(), grads
+
+
+def _assert_close(a, b, rtol, atol=0.0):
+    va, ga = a
+    vb, gb = b
+    torch.testing.assert_close(va, vb, rtol=rtol, atol=atol)
+    assert ga.keys() == gb.keys()
+    for n in ga:  # relative to the gradient's scale: single tiny entries are rounding noise
+        scale = gb[n].abs().max().item()
+        torch.testing.assert_close(ga[n], gb[n], rtol=rtol, atol=atol + rtol * scale, msg=n)
+
+
+def _shared(prefixes, conts):
+    return lambda m: grouped_sequence_logprobs(m, prefixes, conts, PAD)
+
+
+def _plain(prefixes, conts):
+    return lambda m: sequence_logprobs(m, *_flat(prefixes, conts), PAD)
+
+
+def test_logprobs_and_gradients_match_plain_fp32():
+    model, (prefixes, conts) = _policy(), _data()
+    shared = _value_and_grads(model, _shared(prefixes, conts))
+    plain = _value_and_grads(model, _plain(prefixes, conts))
+    assert shared[0][6] == 0  # the empty continuation
+    _assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bug", ["positions_restart", "pad_keys_attended"])
+def test_the_comparison_has_teeth(bug):
+    """Continuation positions restarting at 0, or the prefixes' left padding attended, change the
+    values far beyond the tolerance."""
+    import stepdapo.logprobs as lp
+
+    model, (prefixes, conts) = _policy(), _data()
+    plain = sequence_logprobs(model, *_flat(prefixes, conts), PAD)
+    real = lp._run_continuations
+
+    def broken(model, cache, attn, next_pos, *a, **kw):
+        if bug == "positions_restart":
+            next_pos = torch.zeros_like(next_pos)
+        else:
+            attn = torch.ones_like(attn)
+        return real(model, cache, attn, next_pos, *a, **kw)
+
+    lp._run_continuations = broken
+    try:
+        bad = grouped_sequence_logprobs(model, prefixes, conts, PAD)
+    finally:
+        lp._run_continuations = real
+    assert (bad - plain).abs().max() > 1e-2
+
+
+def test_flat_pairs_with_repeated_prompts_keep_their_order():
+    model, (prefixes, conts) = _policy(), _data()
+    prompts, completions = _flat(prefixes, conts)
+    order = [5, 0, 7, 2, 1, 4, 3, 6]  # prompts repeated, not adjacent
+    prompts, completions = [prompts[i] for i in order], [completions[i] for i in order]
+    shared = _value_and_grads(model, lambda m: sequence_logprobs(m, prompts, completions, PAD, shared_prefix=True))
+    plain = _value_and_grads(model, lambda m: sequence_logprobs(m, prompts, completions, PAD))
+    _assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+    batched = batched_sequence_logprobs(model, prompts, completions, PAD, batch_size=3, shared_prefix=True)
+    torch.testing.assert_close(torch.tensor(batched), plain[0], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_wrapped_policy():
+    from peft import LoraConfig, get_peft_model
+
+    # init_lora_weights=False: random B, so the adapters change the outputs and have gradients
+    model = get_peft_model(_policy(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+    prefixes, conts = _data()
+    shared = _value_and_grads(model, _shared(prefixes, conts))
+    plain = _value_and_grads(model, _plain(prefixes, conts))
+    assert all("lora" in n for n in shared[1])
+    _assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["bf16_weights", "bf16_autocast"])
+def test_bf16_as_close_to_fp32_as_plain(mode):
+    prefixes, conts = _data()
+    ref = _value_and_grads(_policy(), _plain(prefixes, conts))
+    model = _policy()
+    if mode == "bf16_weights":
+        model = model.to(torch.bfloat16)
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16_autocast"):
+            return _value_and_grads(model, fn)
+
+    shared, plain = run(_shared(prefixes, conts)), run(_plain(prefixes, conts))
+    # 8 mantissa bits: ~4e-3 relative per rounding, a few roundings deep; log-probs are O(10)
+    _assert_close(shared, ref, rtol=5e-2, atol=5e-2)
+    _assert_close(plain, ref, rtol=5e-2, atol=5e-2)
+    # and not systematically worse than the plain computation
+    err = lambda x: (x[0] - ref[0]).abs().max().item()  # noqa: E731
+    assert err(shared) <= 2 * err(plain) + 1e-2
+
+
+# -- the critic ----------------------------------------------------------------------------------
+
+def _critic(seed=0, pad=PAD):
+    torch.manual_seed(seed)
+    cfg = _config()
+    cfg.num_labels, cfg.pad_token_id = 1, pad
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+def _critic_data(pad=PAD):
+    """States and their s + a (ragged), as the critic sees them; one s + a ends in pad tokens (eos
+    used as pad), so its value is read before its end, inside the state for the last one."""
+    prefixes, conts = _data(seed=2)
+    seqs, lens = [], []
+    for s, cs in zip(prefixes, conts):
+        for x in [s] + [s + c for c in cs]:
+            seqs.append(x)
+            lens.append(len(s) - 1)  # the state's own value shares s[:-1] with its actions
+    seqs += [prefixes[0] + [5, pad, pad], prefixes[2] + [pad, pad]]
+    lens += [len(prefixes[0]) - 1, len(prefixes[2]) - 1]
+    return seqs, lens
+
+
+def test_critic_values_and_gradients_match_plain():
+    model = _critic()
+    seqs, lens = _critic_data()
+    shared = _value_and_grads(model, lambda m: critic_logits(m, seqs, PAD, lens))
+    plain = _value_and_grads(model, lambda m: critic_logits(m, seqs, PAD))
+    # the plain path is HF's own: one right-padded call reads each logit where the head does
+    ids = torch.full((len(seqs), max(map(len, seqs))), PAD)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    with torch.no_grad():
+        hf = model(input_ids=ids, attention_mask=(torch.arange(ids.shape[1]) < torch.tensor(
+            [len(s) for s in seqs])[:, None]).long()).logits.squeeze(-1)
+    torch.testing.assert_close(plain[0], hf, rtol=1e-5, atol=1e-6)
+    _assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+    batched = critic_values(model, seqs, PAD, batch_size=4, prefix_lens=lens)
+    torch.testing.assert_close(torch.tensor(batched), torch.sigmoid(plain[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_critic_lora_and_bf16():
+    from peft import LoraConfig, get_peft_model
+
+    seqs, lens = _critic_data()
+    model = get_peft_model(_critic(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False, task_type="SEQ_CLS"))
+    shared = _value_and_grads(model, lambda m: critic_logits(m, seqs, PAD, lens))
+    plain = _value_and_grads(model, lambda m: critic_logits(m, seqs, PAD))
+    assert any("score" in n for n in shared[1])  # the value head trains next to the adapters
+    _assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = _value_and_grads(model, lambda m: critic_logits(m, seqs, PAD, lens))
+    _assert_close(low, plain, rtol=5e-2, atol=5e-2)

@@ -214,3 +214,62 @@ def test_critic_lora_and_bf16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = _value_and_grads(model, lambda m: critic_logits(m, seqs, PAD, lens))
     _assert_close(low, plain, rtol=5e-2, atol=5e-2)
+
+
+# -- the trainers: the switch changes how a batch is computed, not its loss or gradients ------------
+
+def _args(tmp_path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
+                             remove_unused_columns=False)
+
+
+def _trainer_loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    return loss.detach()[None], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_actor_and_dpo_loss_and_gradients_unchanged_by_the_switch(tmp_path):
+    from stepdapo.stages.actor import DAPOTrainer, OutcomeDPOTrainer, _PairCollator, _StateCollator, group_by_state
+
+    prefixes, conts = _data()
+    rows = [{"state_index": g, "state_ids": s, "action_ids": a, "advantage": 0.3 * (j - 1), "weight": 1.0 + j,
+             "ref_logprob": -5.0 + j} for g, (s, cs) in enumerate(zip(prefixes, conts)) for j, a in enumerate(cs)]
+    batch = _StateCollator()(group_by_state(rows))
+    pairs = [{"prompt": s, "chosen": cs[0] + [3], "rejected": cs[-1] + [4], "ref_chosen": -4.0, "ref_rejected": -6.0}
+             for s, cs in zip(prefixes, conts)] + [{"prompt": prefixes[0], "chosen": [5, 6], "rejected": [7],
+                                                    "ref_chosen": -3.0, "ref_rejected": -2.0}]
+    dpo_batch = _PairCollator()(pairs)
+    for cls, b in ((DAPOTrainer, batch), (OutcomeDPOTrainer, dpo_batch)):
+        results = [_trainer_loss_and_grads(cls(model=_policy(), args=_args(tmp_path), beta=0.3, pad_id=PAD,
+                                               shared_prefix=shared), b) for shared in (True, False)]
+        _assert_close(*results, rtol=1e-5, atol=1e-6)
+
+
+def test_critic_trainer_loss_and_gradients_unchanged_by_the_switch(tmp_path):
+    from stepdapo.algorithms import ValueExample
+    from stepdapo.stages.critic import CriticTrainer, _StateGroupedSampler, _ValueCollator
+
+    seqs, lens = _critic_data()
+    examples = [ValueExample(tuple(x), (i % 3) / 2, 1, "p", False, n + 1) for i, (x, n) in enumerate(zip(seqs, lens))]
+    results = []
+    for shared in (True, False):
+        trainer = CriticTrainer(model=_critic(), args=_args(tmp_path), pad_id=PAD, shared_prefix=shared)
+        results.append(_trainer_loss_and_grads(trainer, _ValueCollator(shared)(examples)))
+    _assert_close(*results, rtol=1e-5, atol=1e-6)
+
+    # the grouped order: every example once, each state's examples consecutive, reshuffled per epoch
+    sampler = _StateGroupedSampler(examples, seed=0)
+    orders = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(examples)))
+        states = [examples[i].input_ids[:examples[i].state_len] for i in order]
+        assert sum(a != b for a, b in zip(states, states[1:])) == len(set(states)) - 1
+        orders.append(order)
+    assert orders[0] != orders[1]

@@ -273,3 +273,31 @@ def test_critic_trainer_loss_and_gradients_unchanged_by_the_switch(tmp_path):
         assert sum(a != b for a, b in zip(states, states[1:])) == len(set(states)) - 1
         orders.append(order)
     assert orders[0] != orders[1]
+
+
+# -- a real LM --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_logprobs_and_gradients():
+    """SmolLM2-135M (LlamaForCausalLM, GQA 9:3, 30 layers, tied 49k vocabulary) on real text.
+    Tolerance: the plain computation itself moves by 3e-6 relative (values) and 2.5e-5 of a
+    parameter's gradient scale when only its padding changes (measured: 30 layers of float32
+    summation-order noise); 1e-4 is 4x that, and 100x below what a wrong position or mask does."""
+    from test_smollm2 import GGUF
+
+    from stepdapo.models import load_policy
+
+    if not GGUF.is_file():
+        pytest.skip(f"SmolLM2 not found at {GGUF}: run ../shared/tools/get-smollm2")
+    model, tok = load_policy(GGUF)
+    model.train()
+    states = ["Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+              "in May. How many clips did Natalia sell altogether?\nAnswer: ",
+              "Question: Weng earns $12 an hour for babysitting. Yesterday, she did 50 minutes of babysitting. "
+              "How much did she earn?\nAnswer: Weng earns 12/60 = $"]
+    actions = [["In April she sold 48.", "She sold 48/2 = 24 clips in May.", "48+24=72"], ["0.2 per minute.", "10"]]
+    prefixes = [tok(s)["input_ids"] for s in states]
+    conts = [[tok(a, add_special_tokens=False)["input_ids"] for a in acts] for acts in actions]
+    shared = _value_and_grads(model, lambda m: grouped_sequence_logprobs(m, prefixes, conts, tok.pad_token_id))
+    plain = _value_and_grads(model, lambda m: sequence_logprobs(m, *_flat(prefixes, conts), tok.pad_token_id))
+    _assert_close(shared, plain, rtol=1e-4)

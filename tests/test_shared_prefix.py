@@ -114,6 +114,14 @@ def test_the_comparison_has_teeth(bug):
     assert (bad - plain).abs().max() > 1e-2
 
 
+def test_gradient_checkpointing_is_refused_not_silently_wrong():
+    """Gradient checkpointing makes HF layers drop the KV cache: the continuations would see no prefix."""
+    model, (prefixes, conts) = _policy().train(), _data()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(RuntimeError, match="turn shared_prefix off"):
+        grouped_sequence_logprobs(model, prefixes, conts, PAD)
+
+
 def test_flat_pairs_with_repeated_prompts_keep_their_order():
     model, (prefixes, conts) = _policy(), _data()
     prompts, completions = _flat(prefixes, conts)

@@ -247,7 +247,8 @@ class ActorConfig(Section):
     """compute each state once per batch for all its actions (log pi_ref, and log pi_theta with
     gradients flowing back through the shared state): the same loss and gradients, several times
     faster (bench/results/shared-prefix.md). false runs each (state, action) pair as its own row: for
-    an architecture whose KV cache cannot be reused this way."""
+    gradient checkpointing (which drops the KV cache) or an architecture whose cache cannot be reused
+    this way."""
 
 
 class BaselineConfig(Section):
@@ -270,7 +271,8 @@ class BaselineConfig(Section):
     shared_prefix: bool = True
     """compute each prompt once per batch for all its solutions (chosen and rejected, and every pair
     of the same problem in the batch): the same loss and gradients, fewer tokens. false runs each
-    (prompt, solution) as its own row: for an architecture whose KV cache cannot be reused this way."""
+    (prompt, solution) as its own row: for gradient checkpointing (which drops the KV cache) or an
+    architecture whose cache cannot be reused this way."""
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "dvclive", "swanlab"]

@@ -106,6 +106,9 @@ def _run_prefixes(model, prefixes: list[list[int]], pad_id: int, device, **kw):
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{CACHE_KW: cache}, **kw)
+    if cache.get_seq_length() != P:  # e.g. gradient checkpointing drops the cache: never score on an empty one
+        raise RuntimeError("the model did not keep the prefixes' keys/values (gradient checkpointing drops them): "
+                           "turn shared_prefix off")
     return out, cache, attn, attn.sum(-1)
 
 

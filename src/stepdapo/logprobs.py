@@ -48,7 +48,7 @@ def sequence_logprobs(model, prompts: list[list[int]], completions: list[list[in
     if all(len(c) == 0 for c in completions):
         return torch.zeros(len(prompts))
     if shared_prefix:
-        prefixes, members = group_pairs(prompts, completions)
+        prefixes, members = group_pairs(prompts)
         values = grouped_sequence_logprobs(model, prefixes, [[completions[i] for i in m] for m in members], pad_id)
         where = torch.empty(len(prompts), dtype=torch.long)
         where[[i for m in members for i in m]] = torch.arange(len(prompts))
@@ -154,7 +154,7 @@ def grouped_sequence_logprobs(model, prefixes: list[list[int]], continuations: l
     return result.index_copy(0, torch.tensor(keep, device=device), values)
 
 
-def group_pairs(prompts: list[list[int]], completions: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+def group_pairs(prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
     """The distinct prompts (first-seen order) and, for each, the indices of its pairs: how a flat
     list of (prompt, completion) pairs shares its prompts."""
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -168,7 +168,7 @@ def batched_grouped_logprobs(model, prompts: list[list[int]], completions: list[
                              batch_size: int = 64) -> list[float]:
     """`batched_sequence_logprobs` with each distinct prompt computed once: pairs are grouped by
     prompt, groups batched (about `batch_size` pairs each) in order of prompt length."""
-    prefixes, members = group_pairs(prompts, completions)
+    prefixes, members = group_pairs(prompts)
     order = sorted(range(len(prefixes)), key=lambda g: (len(prefixes[g]), g))
     out = [0.0] * len(prompts)
     start = 0

@@ -309,3 +309,26 @@ def test_smollm2_logprobs_and_gradients():
     shared = _value_and_grads(model, lambda m: grouped_sequence_logprobs(m, prefixes, conts, tok.pad_token_id))
     plain = _value_and_grads(model, lambda m: sequence_logprobs(m, *_flat(prefixes, conts), tok.pad_token_id))
     _assert_close(shared, plain, rtol=1e-4)
+
+
+def test_advantage_stage_scores_the_same_with_and_without_the_switch(tmp_path):
+    """advantages.action_values: each state's s + a_j scored on one pass of s equals one row each."""
+    import pyarrow as pa
+
+    from stepdapo.models import char_tokenizer
+    from stepdapo.stages.advantages import action_values
+
+    tok = char_tokenizer()
+    critic = _critic(pad=tok.pad_token_id)
+    critic.save_pretrained(tmp_path / "critic")
+    tok.save_pretrained(tmp_path / "critic")
+    prefixes, conts = _data(seed=3)
+    prefixes = [[tok.bos_token_id] + [4 + t % 18 for t in p] for p in prefixes]  # valid character ids
+    conts = [[[4 + t % 18 for t in c] or [5] for c in cs] for cs in conts]
+    labels = pa.table({"ids": prefixes, "action_ids": conts,
+                       "action_terminal": [[j == 1 for j in range(len(cs))] for cs in conts]})  # some terminal
+    shared = action_values(labels, "critic", tmp_path / "critic", None, None, shared_prefix=True)
+    plain = action_values(labels, "critic", tmp_path / "critic", None, None, shared_prefix=False)
+    assert shared.keys() == plain.keys() and len(shared) == sum(len(cs) for cs in conts) - 3
+    for k in plain:
+        assert shared[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-6)

@@ -225,6 +225,11 @@ class CriticConfig(Section):
     max_examples: int | None = Field(None, ge=1)
     """cap on the training examples (a random subset; null: all). Rollout prefixes multiply the
     examples; on a real LM each costs a forward and backward pass."""
+    shared_prefix: bool = False
+    """batch the examples of a state together (the state, its s + a and rollout prefixes, shuffled
+    state by state instead of one by one) and run the state once per batch for all of them: the same
+    loss for a given batch, far fewer tokens, but each batch holds few states, which changes the
+    optimisation (more correlated batches); off until measured on the critic's quality."""
 
 
 class AdvantagesConfig(Section):
@@ -237,6 +242,10 @@ class AdvantagesConfig(Section):
     state summing to zero); "unique" keeps each once, as the paper does."""
     min_gap: float = Field(0.1, ge=0)
     """keep a state only if max advantage - min advantage is at least this."""
+    shared_prefix: bool = True
+    """score a state's actions on one forward pass of the state (its keys/values reused for every
+    s + a): the same values, several times faster (bench/results/shared-prefix.md). false runs each
+    s + a as its own row: for a critic architecture whose KV cache cannot be reused this way."""
 
 
 class ActorConfig(Section):
@@ -264,6 +273,12 @@ class ActorConfig(Section):
     """LoRA scaling numerator."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     """LoRA dropout."""
+    shared_prefix: bool = True
+    """compute each state once per batch for all its actions (log pi_ref, and log pi_theta with
+    gradients flowing back through the shared state): the same loss and gradients, several times
+    faster (bench/results/shared-prefix.md). false runs each (state, action) pair as its own row: for
+    gradient checkpointing (which drops the KV cache) or an architecture whose cache cannot be reused
+    this way."""
 
 
 class BaselineConfig(Section):
@@ -283,6 +298,11 @@ class BaselineConfig(Section):
     batch_size: int = Field(16, ge=1)
     """pairs per optimizer step, over all processes: each of N processes takes batch_size / N, so it
     must be a multiple of N."""
+    shared_prefix: bool = True
+    """compute each prompt once per batch for all its solutions (chosen and rejected, and every pair
+    of the same problem in the batch): the same loss and gradients, fewer tokens. false runs each
+    (prompt, solution) as its own row: for gradient checkpointing (which drops the KV cache) or an
+    architecture whose cache cannot be reused this way."""
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "dvclive", "swanlab"]

@@ -256,7 +256,7 @@ class VLLMGenerator:
         limit = model_config.get("max_position_embeddings")
         # a longer max_model_len than the model's positions is refused by vLLM: cap it
         self.max_model_len = min(x for x in (settings.max_model_len, limit) if x) if (settings.max_model_len or limit) else 4096
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gb))
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gb)  # read by vllm-cpu only
         t0 = time.perf_counter()
         print(f"starting a vLLM engine on {model_dir} (dtype {settings.dtype}, "
               f"enforce_eager {settings.enforce_eager})", file=sys.stderr, flush=True)

@@ -124,10 +124,12 @@ class KillAtFirstCheckpoint(TrainerCallback):
         raise Killed(state.global_step)
 
 
-@pytest.mark.parametrize("name,trainer,metric", [("critic", "CriticTrainer", lambda s: s["heldout"]["bce"]),
-                                                 ("actor", "DAPOTrainer", lambda s: s["final_loss"])])
-def test_killed_trainer_resumes_from_its_checkpoint(name, trainer, metric, inputs, tmp_path, monkeypatch):
-    cfg = load_config(None, TINY + DATA + [f"{name}.epochs=2"])
+@pytest.mark.parametrize("name,trainer,metric,extra", [
+    ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], []),
+    ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], ["critic.shared_prefix=true"]),  # state-wise batches
+    ("actor", "DAPOTrainer", lambda s: s["final_loss"], [])])
+def test_killed_trainer_resumes_from_its_checkpoint(name, trainer, metric, extra, inputs, tmp_path, monkeypatch):
+    cfg = load_config(None, TINY + DATA + [f"{name}.epochs=2"] + extra)
     whole = run(name, inputs, tmp_path / "whole", cfg)
     assert whole["resumed_from_step"] is None
 

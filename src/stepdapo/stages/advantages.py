@@ -52,18 +52,26 @@ def fingerprint(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Pat
             "advantages": to_dict(cfg.advantages)}
 
 
-def action_values(labels: pa.Table, source: str, critic: str | Path | None, tokenizer, task) -> dict:
-    """v(s + a) for every non-terminal sampled action s + a: the critic's value, or (source="mc") the
-    pooled Monte-Carlo value of every rollout through s + a."""
+def action_values(labels: pa.Table, source: str, critic: str | Path | None, tokenizer, task,
+                  shared_prefix: bool = True) -> dict:
+    """v(s + a) for every non-terminal sampled action s + a: the critic's value (with `shared_prefix`,
+    each state s computed once for all its actions), or (source="mc") the pooled Monte-Carlo value
+    of every rollout through s + a."""
     if source == "critic":
         if critic is None:
             raise StageInputError("advantages.source=critic needs a critic directory")
         model, tok = load_critic(critic)
         model.to(device())
         cols = labels.select(["ids", "action_ids", "action_terminal"]).to_pydict()
-        keys = sorted({tuple(s + a) for s, acts, terms in zip(cols["ids"], cols["action_ids"], cols["action_terminal"])
-                       for a, term in zip(acts, terms) if not term})
-        return dict(zip(keys, critic_values(model, [list(k) for k in keys], tok.pad_token_id)))
+        state_len: dict[tuple, int] = {}  # each distinct s + a -> the length of (the first) s it extends
+        for s, acts, terms in zip(cols["ids"], cols["action_ids"], cols["action_terminal"]):
+            for a, term in zip(acts, terms):
+                if not term:
+                    state_len.setdefault(tuple(s + a), len(s))
+        keys = sorted(state_len)
+        values = critic_values(model, [list(k) for k in keys], tok.pad_token_id,
+                               prefix_lens=[state_len[k] for k in keys] if shared_prefix else None)
+        return dict(zip(keys, values))
     if tokenizer is None:
         raise StageInputError("advantages.source=mc needs the policy's tokenizer")
     is_delim = delimiter_token_mask(tokenizer, task.step_delimiter)
@@ -131,7 +139,7 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
         raise StageInputError("advantages.source=mc needs the policy's tokenizer")
 
     def make_shard(_: int) -> tuple[dict, dict]:
-        return advantage_rows(labels, action_values(labels, c.source, critic, tokenizer, task), c)
+        return advantage_rows(labels, action_values(labels, c.source, critic, tokenizer, task, c.shared_prefix), c)
 
     return stage.run(1, make_shard, lambda table, infos: infos[0])
 

@@ -7,7 +7,8 @@ it. Training examples are the labelled states and, with `action_states`, the act
 s+a where the advantage stage queries the critic: their label pools the outcomes of the rollouts that
 began with a (and the rollouts from s+a itself when it is also a state), all unbiased samples of
 V^{pi_ref}(s+a); with `rollout_prefixes`, every step boundary of every rollout likewise
-(`stepdapo.algorithms.value_examples`).
+(`stepdapo.algorithms.value_examples`). With `shared_prefix`, batches are made state by state and each
+state is computed once for all its examples (stepdapo.models.critic_logits).
 
 Quality is measured on states of held-out problems, each metric next to the constant predictor
 (the training mean): BCE, Brier score, expected calibration error with a reliability plot, AUC for
@@ -39,7 +40,7 @@ from stepdapo.config import CriticConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.generation import delimiter_token_mask, split_steps
 from stepdapo.losses import critic_loss
-from stepdapo.models import check_model_dir, critic_values, load_critic, model_fingerprint, pad_right
+from stepdapo.models import check_model_dir, critic_logits, critic_values, load_critic, model_fingerprint
 from stepdapo.runner import ModelStage, on_main, stage_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.training import (
@@ -76,23 +77,56 @@ def critic_examples(labels, c: CriticConfig, is_delim, seed: int) -> tuple[list[
 
 
 class _ValueCollator:
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, shared_prefix: bool):
+        self.shared_prefix = shared_prefix
 
-    def __call__(self, examples: list[ValueExample]) -> dict[str, torch.Tensor]:
-        ids, attn = pad_right([e.input_ids for e in examples], self.pad_id)
-        return {"input_ids": ids, "attention_mask": attn,
+    def __call__(self, examples: list[ValueExample]) -> dict:
+        return {"sequences": [list(e.input_ids) for e in examples],
+                # a state shares all but its last token with its s + a and rollout prefixes: the
+                # head reads each example's own last token, which must lie after the shared part
+                "prefix_lens": [e.state_len - 1 for e in examples] if self.shared_prefix else None,
                 "targets": torch.tensor([e.target for e in examples], dtype=torch.float)}
 
 
+class _StateGroupedSampler(torch.utils.data.Sampler):
+    """The examples state by state: the states in a seeded random order each epoch, each state's
+    examples shuffled and consecutive, so a batch holds few states and computes each once."""
+
+    def __init__(self, examples: list[ValueExample], seed: int):
+        groups: dict[tuple, list[int]] = {}
+        for i, e in enumerate(examples):
+            groups.setdefault(e.input_ids[:e.state_len], []).append(i)
+        self.groups, self.seed, self.epoch = list(groups.values()), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at every epoch (and on resume)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for g in rng.permutation(len(self.groups)):
+            yield from (int(i) for i in rng.permutation(self.groups[g]))
+
+
 class CriticTrainer(Trainer):
-    """A Trainer whose loss is `critic_loss` on the scalar head's logit."""
+    """A Trainer whose loss is `critic_loss` on the scalar head's logit; with `shared_prefix`, batches
+    of whole states, each state computed once."""
+
+    def __init__(self, *args, pad_id: int, shared_prefix: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad_id, self.shared_prefix = pad_id, shared_prefix
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if not self.shared_prefix:
+            return super()._get_train_sampler(*args, **kwargs)
+        return _StateGroupedSampler(self.train_dataset, self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = inputs.pop("targets")
-        outputs = model(**inputs)
-        loss = critic_loss(outputs.logits.squeeze(-1), targets)
-        return (loss, outputs) if return_outputs else loss
+        logits = critic_logits(model, inputs["sequences"], self.pad_id, inputs["prefix_lens"])
+        loss = critic_loss(logits, inputs["targets"].to(logits.device))
+        return (loss, logits) if return_outputs else loss
 
 
 def train_critic(init: str | Path, train: list[ValueExample], pad_id: int, c: CriticConfig,
@@ -108,7 +142,8 @@ def train_critic(init: str | Path, train: list[ValueExample], pad_id: int, c: Cr
 
         model = get_peft_model(model, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                                                  target_modules="all-linear", task_type="SEQ_CLS"))
-    trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_ValueCollator(pad_id))
+    trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_ValueCollator(c.shared_prefix),
+                            pad_id=pad_id, shared_prefix=c.shared_prefix)
     check_lora_supported(trainer, c.lora_r > 0)
     result = trainer.train(resume_from_checkpoint=resume)
     finish_tracker_run(args.report_to)

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from stepdapo.config import EvalConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
-from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts, policy_generator
+from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts, policy_generator, sampler_fingerprint
 from stepdapo.models import model_fingerprint
 from stepdapo.runner import ShardedStage, shard_seed
 from stepdapo.tasks import verify_all
@@ -195,7 +195,8 @@ def _rate(infos: list[dict], kind: str) -> float:
 
 def fingerprint(cfg: RunConfig, model_path: str | Path) -> dict:
     return {"model": model_fingerprint(model_path), "task": cfg.task.name,
-            "task_settings": to_dict(getattr(cfg.task, cfg.task.name)), "eval": to_dict(cfg.eval), "seed": cfg.seed}
+            "task_settings": to_dict(getattr(cfg.task, cfg.task.name)), "eval": to_dict(cfg.eval), "seed": cfg.seed,
+            **sampler_fingerprint(cfg.generation)}
 
 
 def run_evaluate(cfg: RunConfig, model_path: str | Path, out_dir: str | Path, task, progress: bool = True) -> dict:
@@ -207,7 +208,7 @@ def run_evaluate(cfg: RunConfig, model_path: str | Path, out_dir: str | Path, ta
         return done
     problems = eval_problems(task, c)
     n_shards = (len(problems) + PROBLEMS_PER_SHARD - 1) // PROBLEMS_PER_SHARD
-    sampler = policy_generator(model_path, task.step_delimiter, c.batch_size, progress)
+    sampler = policy_generator(model_path, task.step_delimiter, c.batch_size, progress, engine=cfg.generation)
 
     def make_shard(si: int) -> tuple[dict, dict]:
         chunk = problems[si * PROBLEMS_PER_SHARD:(si + 1) * PROBLEMS_PER_SHARD]

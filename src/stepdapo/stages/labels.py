@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from stepdapo.config import RunConfig, to_dict
-from stepdapo.generation import Generator, SamplingParams, policy_generator, split_steps
+from stepdapo.generation import Generator, SamplingParams, policy_generator, sampler_fingerprint, split_steps
 from stepdapo.models import load_tokenizer, model_fingerprint
 from stepdapo.runner import ShardedStage, read_stage, shard_seed, stage_fingerprint
 from stepdapo.stages.states import IDS, read_solutions, unique_states
@@ -77,7 +77,7 @@ def label_shard(states: list[dict], problems: dict, task, gen: Generator, rollou
 
 def fingerprint(cfg: RunConfig, policy: str | Path, states_dir: str | Path) -> dict:
     return {"policy": model_fingerprint(policy), "states": stage_fingerprint(states_dir, "states"),
-            "label": to_dict(cfg.label), "seed": cfg.seed}
+            "label": to_dict(cfg.label), "seed": cfg.seed, **sampler_fingerprint(cfg.generation)}
 
 
 def run_labels(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_dir: str | Path, task,
@@ -94,7 +94,7 @@ def run_labels(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_d
         s["index"] = i
     problems = {p.id: p for p in task.problems("train")}
     n_shards = (len(states) + c.shard_size - 1) // c.shard_size
-    sampler = policy_generator(policy, task.step_delimiter, c.batch_size, progress, generator)
+    sampler = policy_generator(policy, task.step_delimiter, c.batch_size, progress, generator, cfg.generation)
 
     def make_shard(si: int) -> tuple[dict, dict]:
         gen = sampler()
@@ -111,6 +111,7 @@ def run_labels(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_d
         seconds, tokens = sum(i["seconds"] for i in infos), sum(i["tokens"] for i in infos)
         return {
             "states": len(states),
+            "backend": cfg.generation.backend,
             "rollouts_per_state": c.rollouts,
             "mean_mc": sum(mc) / max(len(mc), 1),
             "fraction_mc_0": sum(v == 0 for v in mc) / max(len(mc), 1),

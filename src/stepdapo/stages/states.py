@@ -19,6 +19,7 @@ from stepdapo.generation import (
     SamplingParams,
     encode_prompts,
     policy_generator,
+    sampler_fingerprint,
     split_steps,
 )
 from stepdapo.models import model_fingerprint
@@ -62,7 +63,7 @@ def fingerprint(cfg: RunConfig, policy: str | Path) -> dict:
     # only the settings of the task in use: adding another task's settings must not void old runs
     return {"policy": model_fingerprint(policy), "task": cfg.task.name,
             "task_settings": to_dict(getattr(cfg.task, cfg.task.name)), "states": to_dict(cfg.states),
-            "seed": cfg.seed}
+            "seed": cfg.seed, **sampler_fingerprint(cfg.generation)}
 
 
 def run_states(cfg: RunConfig, policy: str | Path, out_dir: str | Path, task, progress: bool = True,
@@ -78,7 +79,7 @@ def run_states(cfg: RunConfig, policy: str | Path, out_dir: str | Path, task, pr
     if c.n_problems is not None:
         problems = problems[:c.n_problems]
     n_shards = (len(problems) + PROBLEMS_PER_SHARD - 1) // PROBLEMS_PER_SHARD
-    sampler = policy_generator(policy, task.step_delimiter, c.batch_size, progress, generator)
+    sampler = policy_generator(policy, task.step_delimiter, c.batch_size, progress, generator, cfg.generation)
 
     def make_shard(si: int) -> tuple[dict, dict]:
         gen = sampler()
@@ -105,6 +106,7 @@ def run_states(cfg: RunConfig, policy: str | Path, out_dir: str | Path, task, pr
                                 table.column("problem_n_correct").to_pylist()))
         return {
             "problems": len(problems),
+            "backend": cfg.generation.backend,
             "solutions_kept": table.num_rows,
             "kept_correct_fraction": sum(correct) / max(len(correct), 1),
             "sampled_accuracy": sum(n_correct_of.values()) / max(len(problems) * c.samples_per_problem, 1),

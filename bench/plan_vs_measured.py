@@ -74,7 +74,11 @@ def ratio(pred, meas) -> str:
 
 
 def compare(run: Path, n_pilot: int, given: Throughput | None = None) -> tuple[str, dict]:
-    cfg = load_config(run / "config.yaml")
+    # a run from before the shared-prefix options ran every (state, action) row in full
+    saved = (run / "config.yaml").read_text()
+    plain = [f"{sec}.shared_prefix=false" for sec in ("advantages", "actor", "baseline")
+             if "shared_prefix" not in saved]
+    cfg = load_config(run / "config.yaml", plain)
     processes = json.loads((run / "iter-1/critic/stepdapo_critic.json").read_text()).get("processes", 1)
     timings = json.loads((run / "timings.json").read_text())
     # the probe, as `stepdapo plan --probe` runs it (tokenizer and shapes as make_plan makes them)

@@ -79,14 +79,30 @@ def test_counts_match_hand_computed_values():
     act = stage(plan, "iter-1/actor")  # every state, every rollout a distinct action (upper bounds)
     assert act["counts"]["states"] == 70 and act["counts"]["actions"] == 210
     assert act["counts"]["steps"] == math.ceil(70 / 16 * 3)
-    assert act["forward_tokens"] == 2 * 10 * 3 * ((P + 6) + 2 * ((P + 12) + (P + 18) + (P + 22)))
+    # reference and final log-probs, each state once for its 3 actions (actor.shared_prefix, the default);
+    # the actions: 3 steps of 6 tokens, then "A=r</s>" of 4
+    assert act["forward_tokens"] == 2 * 10 * ((P + 2 * ((P + 6) + (P + 12) + (P + 18))) + 3 * (6 + 2 * (6 + 6 + 4)))
+    assert adv["forward_tokens"] == 10 * ((P + 3 * 6) + 2 * ((P + 6) + 3 * 6) + 2 * ((P + 12) + 3 * 6))
 
     dpo = stage(plan, "iter-1/dpo")  # at most keep - 1 = 1 pair per problem
+    assert dpo["forward_tokens"] == 10 * (P + 2 * L)  # the prompt once for both solutions (shared_prefix)
     assert dpo["counts"]["pairs"] == 10 and dpo["counts"]["steps"] == math.ceil(10 / 16 * 3)
     assert dpo["sequences_trained"] == 2 * dpo["counts"]["steps"] * 16
 
     boot = stage(plan, "bootstrap")
     assert boot["counts"]["steps"] == math.ceil(100 / 64) and boot["trained_tokens"] == 2 * 64 * (P + L)
+
+
+def test_without_shared_prefix_every_row_is_counted_in_full():
+    plan = plan_of(small_cfg("actor.shared_prefix=false", "advantages.shared_prefix=false",
+                             "baseline.shared_prefix=false"))
+    shared = plan_of(small_cfg())
+    assert stage(plan, "iter-1/actor")["forward_tokens"] == 2 * 10 * 3 * ((P + 6) + 2 * ((P + 12) + (P + 18) + (P + 22)))
+    assert stage(plan, "iter-1/advantages")["forward_tokens"] == 10 * 3 * ((P + 6) + 2 * ((P + 12) + (P + 18)))
+    assert stage(plan, "iter-1/dpo")["forward_tokens"] == 2 * 10 * (P + L)
+    for name in ("iter-1/actor", "iter-1/dpo"):
+        assert stage(plan, name)["trained_tokens"] > stage(shared, name)["trained_tokens"]
+        assert stage(plan, name)["sequences_trained"] == stage(shared, name)["sequences_trained"]
 
 
 def test_assumptions_scale_the_uncertain_counts():

@@ -249,9 +249,12 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
     S, L, C, A = cfg.states, cfg.label, cfg.critic, cfg.actor
     m, K = L.rollouts, S.keep_per_problem
     per = {key: 0.0 for key in ("states", "state_tok", "label_new", "examples", "adv_rows", "adv_tok",
-                                 "actions", "action_tok")}
+                                 "adv_tok_shared", "actions", "action_tok", "kept_state_tok", "action_only_tok")}
     critic_lengths: list[tuple[float, float]] = []  # (length, weight) of the critic's examples
     actor_lengths: list[tuple[float, float]] = []   # (state + action length, weight) of the actor's rows
+    # with shared_prefix the actor runs each state once and its actions on the state's keys/values
+    state_lengths: list[tuple[float, float]] = []   # (state length, weight) of the actor's states
+    action_lengths: list[tuple[float, float]] = []  # (action length, weight) of the actor's actions
     for shape in train:
         s = shape.cut(S.max_new_tokens)
         T = len(s.ends)
@@ -270,10 +273,15 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
             if T - d > 1:  # a non-terminal action is scored by the critic
                 per["adv_rows"] += w * m * a.distinct_actions
                 per["adv_tok"] += w * m * a.distinct_actions * (s.prompt + s.ends[d])
+                per["adv_tok_shared"] += w * (s.prompt + e) + w * m * a.distinct_actions * (s.ends[d] - e)
             n_act = w * a.gap_kept * m * a.kept_actions
             per["actions"] += n_act
             per["action_tok"] += n_act * (s.prompt + s.ends[d])
+            per["kept_state_tok"] += w * a.gap_kept * (s.prompt + e)
+            per["action_only_tok"] += n_act * (s.ends[d] - e)
             actor_lengths.append((s.prompt + s.ends[d], n_act))
+            state_lengths.append((s.prompt + e, w * a.gap_kept))
+            action_lengths.append((s.ends[d] - e, n_act))
     N = n_problems
     states = N * per["states"]
     assumed = a.distinct_states == 1.0
@@ -300,9 +308,13 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
                     forward_tokens=(held + min(2000, train_states)) * per["state_tok"] / per["states"],
                     upper_bound=assumed or a.distinct_value_examples == 1.0,
                     notes=[f"{examples:,.0f} value examples, {train_ex:,.0f} train; {steps} steps of "
-                           f"{C.batch_size} x {C.epochs:g} epochs, padded to ~{pad:.0f} tokens"],
+                           f"{C.batch_size} x {C.epochs:g} epochs, padded to ~{pad:.0f} tokens"
+                           + ("; critic.shared_prefix is not modelled: every example counted in full (an "
+                              "upper bound)" if C.shared_prefix else "")],
                     counts={"value_examples": examples, "train_examples": train_ex, "steps": steps}))
-    out.append(Work(f"iter-{k}/advantages", forward_tokens=N * per["adv_tok"],
+    # with advantages.shared_prefix each state runs once and its actions on its keys/values
+    out.append(Work(f"iter-{k}/advantages",
+                    forward_tokens=N * per["adv_tok_shared" if cfg.advantages.shared_prefix else "adv_tok"],
                     upper_bound=assumed or a.distinct_actions == 1.0,
                     notes=[f"critic scores {N * per['adv_rows']:,.0f} distinct state+action pairs"],
                     counts={"scored": N * per["adv_rows"], "states_kept": states * a.gap_kept}))
@@ -313,12 +325,19 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
     actions = N * per["actions"]
     rows_per_state = actions / max(kept_states, 1e-9)
     steps = optimizer_steps(kept_states / (A.states_per_batch * A.grad_accum) * A.epochs)
-    rows_trained = steps * A.grad_accum * A.states_per_batch * rows_per_state
-    pad = padded_length(actor_lengths, A.states_per_batch)
-    out.append(Work(f"iter-{k}/actor", sequences_trained=rows_trained, trained_tokens=rows_trained * pad,
-                    forward_tokens=2 * N * per["action_tok"], upper_bound=assumed or a.gap_kept == 1.0
-                    or a.kept_actions == 1.0,
-                    notes=[f"{kept_states:,.0f} states, {actions:,.0f} actions x {A.epochs:g} epochs"],
+    states_trained = steps * A.grad_accum * A.states_per_batch
+    rows_trained = states_trained * rows_per_state
+    if A.shared_prefix:  # each state once, padded among the batch's states; the actions among theirs
+        trained = (states_trained * padded_length(state_lengths, A.states_per_batch)
+                   + rows_trained * padded_length(action_lengths, max(1, round(A.states_per_batch * rows_per_state))))
+        forward = 2 * N * (per["kept_state_tok"] + per["action_only_tok"])
+    else:  # every (state, action) row in full, padded to the batch's longest
+        trained = rows_trained * padded_length(actor_lengths, A.states_per_batch)
+        forward = 2 * N * per["action_tok"]
+    out.append(Work(f"iter-{k}/actor", sequences_trained=rows_trained, trained_tokens=trained,
+                    forward_tokens=forward, upper_bound=assumed or a.gap_kept == 1.0 or a.kept_actions == 1.0,
+                    notes=[f"{kept_states:,.0f} states, {actions:,.0f} actions x {A.epochs:g} epochs"
+                           + (", each state once for its actions (shared_prefix)" if A.shared_prefix else "")],
                     counts={"states": kept_states, "actions": actions, "steps": steps}))
     return out
 
@@ -327,12 +346,21 @@ def dpo_work(cfg: RunConfig, train: list[Shape], n_problems: int, a: Assumptions
     b, S = cfg.baseline, cfg.states
     # a problem with both correct and incorrect kept solutions gives at most keep - 1 pairs
     pairs = n_problems * min(b.pairs_per_problem, S.keep_per_problem - 1) * a.dpo_pairs
-    lengths = [(s.prompt + s.cut(S.max_new_tokens).ends[-1], 1.0) for s in train]
+    cut = [s.cut(S.max_new_tokens) for s in train]
+    lengths = [(s.prompt + s.ends[-1], 1.0) for s in cut]
     steps = optimizer_steps(pairs / b.batch_size * b.epochs)
     rows = 2 * steps * b.batch_size  # chosen and rejected
-    return Work("iter-1/dpo", sequences_trained=rows, trained_tokens=rows * padded_length(lengths, 2 * b.batch_size),
-                forward_tokens=2 * pairs * mean(v for v, _ in lengths), upper_bound=a.dpo_pairs == 1.0,
-                notes=[f"{pairs:,.0f} pairs x {b.epochs:g} epochs"], counts={"pairs": pairs, "steps": steps})
+    if b.shared_prefix:  # the prompt once per pair (or fewer: pairs of one problem in one batch share it)
+        trained = (steps * b.batch_size * padded_length([(s.prompt, 1.0) for s in cut], b.batch_size)
+                   + rows * padded_length([(s.ends[-1], 1.0) for s in cut], 2 * b.batch_size))
+        forward = pairs * mean(s.prompt + 2 * s.ends[-1] for s in cut)
+    else:
+        trained = rows * padded_length(lengths, 2 * b.batch_size)
+        forward = 2 * pairs * mean(v for v, _ in lengths)
+    return Work("iter-1/dpo", sequences_trained=rows, trained_tokens=trained, forward_tokens=forward,
+                upper_bound=a.dpo_pairs == 1.0, notes=[f"{pairs:,.0f} pairs x {b.epochs:g} epochs"
+                                                       + (", each prompt once per pair (shared_prefix)" if b.shared_prefix else "")],
+                counts={"pairs": pairs, "steps": steps})
 
 
 def bootstrap_work(cfg: RunConfig, task, tokenizer) -> tuple[Work, str]:

@@ -291,7 +291,7 @@ def test_smollm2_logprobs_and_gradients():
     Tolerance: the plain computation itself moves by 3e-6 relative (values) and 2.5e-5 of a
     parameter's gradient scale when only its padding changes (measured: 30 layers of float32
     summation-order noise); 1e-4 is 4x that, and 100x below what a wrong position or mask does."""
-    from test_smollm2 import GGUF
+    from smollm2 import GGUF
 
     from stepdapo.models import load_policy
 

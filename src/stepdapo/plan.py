@@ -153,11 +153,12 @@ def reference_solution(task, problem) -> str | None:
 def shapes(task, tokenizer, problems: list, steps_if_unknown: float, max_new: int,
            most: int = 500) -> tuple[list[Shape], str]:
     """Shapes of up to `most` problems spread over `problems`, and a sentence saying how they were made."""
-    from stepdapo.generation import delimiter_token_mask, encode_prompts, split_steps
+    from stepdapo.generation import check_step_delimiter, delimiter_token_mask, encode_prompts, split_steps
 
     picked = problems[::max(1, len(problems) // most)][:most]
     prompts = encode_prompts(tokenizer, [task.prompt(p, tokenizer) for p in picked])
     is_delim = delimiter_token_mask(tokenizer, task.step_delimiter)
+    check_step_delimiter(tokenizer, task.step_delimiter, is_delim)  # the states stage would refuse it
     out, n_ref = [], 0
     for p, prompt in zip(picked, prompts):
         text = reference_solution(task, p)

@@ -17,6 +17,7 @@ from stepdapo.config import RunConfig, to_dict
 from stepdapo.generation import (
     Generator,
     SamplingParams,
+    check_step_delimiter,
     encode_prompts,
     policy_generator,
     sampler_fingerprint,
@@ -83,6 +84,7 @@ def run_states(cfg: RunConfig, policy: str | Path, out_dir: str | Path, task, pr
 
     def make_shard(si: int) -> tuple[dict, dict]:
         gen = sampler()
+        check_step_delimiter(gen.tokenizer, task.step_delimiter, gen.is_delim)  # one the tokenizer splits ends no step
         chunk = problems[si * PROBLEMS_PER_SHARD:(si + 1) * PROBLEMS_PER_SHARD]
         prompts = encode_prompts(gen.tokenizer, [task.prompt(p, gen.tokenizer) for p in chunk])
         out = gen.generate(prompts, c.samples_per_problem, SamplingParams(

@@ -163,10 +163,8 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
-        eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
-        self.eos_ids = torch.tensor(sorted(e for e in eos if e is not None))
+        self.eos_ids = torch.tensor(end_token_ids(tokenizer, gen_eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.is_delim = delimiter_token_mask(tokenizer, step_delimiter)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -388,13 +386,44 @@ class VLLMGenerator:
 
 
 def _eos_ids(tokenizer, model_dir: Path) -> list[int]:
-    """The tokens that end a solution: the tokenizer's EOS and the generation config's (an instruct
-    model's end-of-turn token), as the HF backend."""
-    eos = {tokenizer.eos_token_id}
+    """The tokens that end a solution (`end_token_ids`), the generation config read from its file."""
     gen_config = model_dir / "generation_config.json"
-    if gen_config.is_file():
-        gen_eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+    gen_eos = json.loads(gen_config.read_text()).get("eos_token_id") if gen_config.is_file() else None
+    return end_token_ids(tokenizer, gen_eos)
+
+
+def chat_turn_end_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>), found by rendering one; None without a template or when
+    the template writes plain text there."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "Answer 7d1f."
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Question?"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this conversation: no answer
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    ids = tokenizer(text.split(marker)[-1], add_special_tokens=False)["input_ids"]
+    if not ids:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(ids[0])
+    special = ids[0] in tokenizer.all_special_ids or (added is not None and getattr(added, "special", False))
+    return ids[0] if special else None
+
+
+def end_token_ids(tokenizer, generation_eos=None) -> list[int]:
+    """The tokens that end a solution, for both backends: the tokenizer's EOS, the generation
+    config's eos_token_id (an int or a list: an instruct model's end-of-turn, e.g. Llama 3.1's
+    <|eot_id|> beside <|end_of_text|>), and the chat template's end of an assistant turn. The last
+    one matters where the tokenizer's EOS is the end of a document (<|endoftext|>) and no
+    generation config names the turn's end (a base model given a chat template, a GGUF file): the
+    policy ends its answer with <|im_end|>, and without it sampling would run on into an invented
+    next turn, up to max_new_tokens, whose text the verifier would read."""
+    eos = {tokenizer.eos_token_id, chat_turn_end_id(tokenizer)}
+    eos |= set(generation_eos) if isinstance(generation_eos, (list, tuple)) else {generation_eos}
     return sorted(e for e in eos if e is not None)
 
 

@@ -132,7 +132,11 @@ def read_labels(labels_dir: str | Path) -> pa.Table:
 def export_stepwise(solutions: pa.Table, labels: pa.Table, task, tokenizer, path: Path) -> None:
     """TRL stepwise supervision: per kept solution the prompt, its steps as `completions`, and
     `labels[t]` = MC(state after step t) > 0 (Math-Shepherd's hard estimate; the last step's is the
-    verifier's verdict), with the soft values in `values`."""
+    verifier's verdict), with the soft values in `values`. `prompt` is the task's prompt text, the
+    chat template's special tokens (<|im_start|>, <|im_end|>) included: the prompt's ids decoded
+    without special tokens would leave "system\n...user\n...assistant\n", which a trainer
+    re-tokenizing the export would read as plain text."""
+    problems = {p.id: p for p in task.problems("train")}
     mc = {tuple(ids): v for ids, v in zip(labels.column("ids").to_pylist(), labels.column("mc").to_pylist())}
     rows: dict[str, list] = {"problem_id": [], "prompt": [], "completions": [], "labels": [], "values": []}
     cols = {n: solutions.column(n).to_pylist() for n in ("problem_id", "prompt_ids", "solution_ids", "step_ends", "correct")}
@@ -140,7 +144,7 @@ def export_stepwise(solutions: pa.Table, labels: pa.Table, task, tokenizer, path
         steps = [tokenizer.decode(sol[a:b], skip_special_tokens=True) for a, b in zip([0] + ends[:-1], ends)]
         values = [mc[tuple(prompt + sol[:e])] for e in ends[:-1]] + [float(correct)]
         rows["problem_id"].append(pid)
-        rows["prompt"].append(tokenizer.decode(prompt, skip_special_tokens=True))
+        rows["prompt"].append(task.prompt(problems[pid], tokenizer))
         rows["completions"].append(steps)
         rows["values"].append(values)
         rows["labels"].append([v > 0 for v in values])

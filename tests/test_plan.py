@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from scripted import ScriptedArithmeticPolicy
@@ -13,7 +14,7 @@ from stepdapo.algorithms import value_examples
 from stepdapo.cli import main
 from stepdapo.config import load_config
 from stepdapo.generation import split_steps
-from stepdapo.models import char_tokenizer
+from stepdapo.models import char_tokenizer, tiny_llama
 from stepdapo.plan import Assumptions, Throughput, make_plan, padded_length, pilot
 from stepdapo.stages.labels import read_labels, run_labels
 from stepdapo.stages.states import run_states
@@ -221,6 +222,8 @@ def test_cli_prints_a_table_and_writes_json(tmp_path, capsys):
     (["{cfg}", "--gen-tok-s", "-5"], "--gen-tok-s must be positive"),
     (["{cfg}", "--gpu-flops", "1e12", "--probe"], "--gpu-flops replaces"),
     (["{cfg}", "--pilot", "10"], "--pilot-model"),
+    (["{cfg}", "--params", "8e9"], "--tokenizer and --params go together"),
+    (["{cfg}", "--assume", "train_problems=2.5"], "whole number"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
     cfg = write_cfg(tmp_path)
@@ -249,3 +252,48 @@ def test_probe_measures_positive_rates_quickly():
     t = probe(small_cfg(), [Shape(P, [6, 12, 18, 22])], char_tokenizer(), budget_s=0.3)
     assert t.gen_tok_s > 0 and t.train_tok_s > 0 and t.forward_tok_s > 0
     assert "--probe" in t.source and "1 thread(s)" in t.source
+
+
+# -- the paper-scale recipes: they load, and plan offline with stand-ins -----------------------------
+
+RECIPES = ["configs/math-llama3.1-8b.yaml", "configs/math-qwen2.5-math-1.5b.yaml"]
+MATH500 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "math500" / "test.jsonl"
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_recipe_has_the_papers_settings(path):
+    cfg = load_config(path)
+    assert cfg.generation.backend == "vllm" and cfg.generation.dtype == "bfloat16" and cfg.bf16
+    assert (cfg.states.samples_per_problem, cfg.states.keep_per_problem, cfg.label.rollouts) == (32, 6, 16)
+    assert cfg.states.n_problems is None and cfg.iterations == 2 and cfg.critic.epochs == 1.0
+    assert cfg.eval.max_new_tokens == 2048 and cfg.advantages.min_gap == 0.1 and cfg.advantages.weighting == "unique"
+    assert cfg.task.name == "math" and cfg.task.math.step_delimiter == "\n"
+    text = Path(path).read_text()
+    assert "configs/accelerate/" in text and "NOT RUN" in text
+
+
+@pytest.mark.skipif(not MATH500.is_file(), reason=f"MATH-500 not found at {MATH500}")
+@pytest.mark.parametrize("path", RECIPES)
+def test_recipe_plans_offline(tmp_path, capsys, path):
+    """Neither the model nor the hub train split is on this machine (and the tests run with
+    HF_HUB_OFFLINE): --tokenizer / --params stand in for the model, --assume train_problems for the
+    train split, which is then not read."""
+    tok_dir = tmp_path / "tok"
+    tok = char_tokenizer()
+    tok.save_pretrained(tok_dir)
+    tiny_llama(tok, load_config(None).bootstrap.model).config.save_pretrained(tok_dir)
+    out = tmp_path / "plan.json"
+    rc = main(["plan", path, f"task.math.test={MATH500}", "--tokenizer", str(tok_dir), "--params", "8.03e9",
+               "--assume", "train_problems=7500", "--processes", "8", "--gen-tok-s", "48000",
+               "--train-tok-s", "56000", "--forward-tok-s", "200000", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    text = " ".join(capsys.readouterr().out.split())
+    assert "not read: 8,030,000,000 params (given)" in text and "standing in for the 7500 training problems" in text
+    plan = json.loads(out.read_text())
+    assert plan["parameters"] == 8_030_000_000 and plan["config"]["processes"] == 8
+    assert "train_problems" not in plan["assumptions"]
+    st, lab = stage(plan, "iter-1/states"), stage(plan, "iter-1/label")
+    assert st["sequences_generated"] == 7500 * 32 and st["notes"][0].startswith("7500 problems x 32 samples")
+    assert lab["sequences_generated"] == st["counts"]["states"] * 16
+    assert [s["stage"] for s in plan["stages"]][-1] == "iter-2/eval"
+    assert all(s["seconds"] > 0 for s in plan["stages"])

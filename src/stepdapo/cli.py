@@ -186,7 +186,8 @@ def cmd_config(args) -> int:
 def cmd_plan(args) -> int:
     from rich.console import Console
 
-    from stepdapo.plan import Throughput, default_throughput, format_plan, make_plan, model_info, parse_assumptions, pilot
+    from stepdapo.plan import (COUNTS, Throughput, default_throughput, format_plan, make_plan, model_info,
+                               parse_assumptions, pilot)
     from stepdapo.store import write_json
 
     cfg = load_config(args.config, args.overrides)
@@ -208,7 +209,7 @@ def cmd_plan(args) -> int:
     elif any_given:
         missing = [k for k, v in given.items() if v is None]
         if missing:
-            base = default_throughput(model_info(cfg)[1])
+            base = default_throughput(args.params or model_info(cfg)[1])
             given.update({k: getattr(base, k) for k in missing})
         throughput = Throughput(**given, source="given" + (f"; {', '.join(missing)} from the defaults" if missing else ""))
 
@@ -225,12 +226,19 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"plan: --pilot needs at least 1 problem, got {args.pilot}")
         from_pilot, notes, sampled = pilot(cfg, model, args.pilot)
         given_names = {item.partition("=")[0] for item in args.assume or []}
-        measured = set(vars(from_pilot)) - given_names - {"steps_per_solution"}
+        measured = set(vars(from_pilot)) - given_names - set(COUNTS)
         for name in measured:
             setattr(assumptions, name, getattr(from_pilot, name))
 
+    # a model that is not on this machine: a stand-in tokenizer and its parameter count
+    stand_in = {}
+    if args.tokenizer is not None or args.params is not None:
+        if args.params is not None and not args.params >= 1:
+            raise ConfigError(f"plan: --params must be positive, got {args.params:g}")
+        tok, params, how = model_info(cfg, args.tokenizer, int(args.params) if args.params is not None else None)
+        stand_in = {"tokenizer": tok, "params": params, "model_how": how}
     plan = make_plan(cfg, throughput, assumptions, probe_throughput=args.probe, processes=args.processes,
-                     sampled=sampled)
+                     sampled=sampled, **stand_in)
     plan["estimates"] += notes
     for name in measured:
         plan["assumptions"][name]["source"] = "pilot"
@@ -337,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "labels stages on N training problems (seconds on the tiny model, minutes on a real LM)")
     p.add_argument("--pilot-model", metavar="PATH", help="the policy the pilot samples (default: the config's "
                    "model; for the tiny model, a `stepdapo bootstrap` output)")
+    p.add_argument("--tokenizer", metavar="PATH", help="count tokens with this tokenizer (an HF directory or "
+                   ".gguf file) instead of the model's, for a model that is not on this machine; with --params")
+    p.add_argument("--params", type=float, metavar="N", help="the model's parameter count (e.g. 8.03e9), for a "
+                   "model that is not on this machine; with --tokenizer")
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. label.rollouts=8")
     p.epilog = CONFIG_HELP

@@ -89,6 +89,7 @@ class Assumptions:
     gap_kept: float = 1.0
     dpo_pairs: float = 1.0
     steps_per_solution: float = 8.0
+    train_problems: float = 0.0  # 0: read the train split
 
 
 ASSUMPTIONS = {
@@ -102,7 +103,10 @@ ASSUMPTIONS = {
     "gap_kept": "share of the states that pass the advantage-gap filter and train the actor",
     "dpo_pairs": "share of the most DPO pairs (every problem with correct and incorrect kept solutions)",
     "steps_per_solution": "steps of a solution when the task has no reference solutions",
+    "train_problems": "training problems, for a train split this machine cannot read (a hub dataset offline): "
+                      "planned with the test split's problems as stand-ins for their shapes, the split is not read",
 }
+COUNTS = ("steps_per_solution", "train_problems")  # assumptions that are not fractions of an upper bound
 
 
 def parse_assumptions(items: list[str]) -> Assumptions:
@@ -116,9 +120,11 @@ def parse_assumptions(items: list[str]) -> Assumptions:
             v = float(value)
         except ValueError:
             raise ConfigError(f"--assume {item!r}: {value!r} is not a number") from None
-        if not (v > 0 and (v <= 1 or name == "steps_per_solution") and math.isfinite(v)):
-            raise ConfigError(f"--assume {item!r}: must be in (0, 1]" if name != "steps_per_solution"
+        if not (v > 0 and (v <= 1 or name in COUNTS) and math.isfinite(v)):
+            raise ConfigError(f"--assume {item!r}: must be in (0, 1]" if name not in COUNTS
                               else f"--assume {item!r}: must be positive")
+        if name == "train_problems" and v != int(v):
+            raise ConfigError(f"--assume {item!r}: a number of problems must be a whole number")
         setattr(a, name, v)
     return a
 
@@ -448,10 +454,19 @@ def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> t
 
 # -- the model: tokenizer and size ------------------------------------------------------------------
 
-def model_info(cfg: RunConfig):
+def model_info(cfg: RunConfig, tokenizer_path: str | None = None, params: int | None = None):
     """(tokenizer, parameters or None, a sentence saying where they come from). Nothing is
-    downloaded; a config.json (or GGUF header) is read, weights are not loaded."""
-    from stepdapo.models import char_tokenizer, tiny_llama
+    downloaded; a config.json (or GGUF header) is read, weights are not loaded. For a model that
+    is not on this machine: `tokenizer_path`, another model's tokenizer to count tokens with, and
+    `params`, its parameter count; with both, the model's path is not read."""
+    from stepdapo.models import char_tokenizer, load_tokenizer, tiny_llama
+
+    if tokenizer_path is not None or params is not None:
+        if tokenizer_path is None or params is None:
+            raise ConfigError("plan: --tokenizer and --params go together (a model that is not on this machine)")
+        return (load_tokenizer(tokenizer_path), params,
+                f"{cfg.model}, not read: {params:,} params (given), tokens counted with {tokenizer_path}'s "
+                f"tokenizer (given: a stand-in; the model's own tokenizer gives other counts)")
 
     if cfg.model is None:
         tok = char_tokenizer()
@@ -460,7 +475,7 @@ def model_info(cfg: RunConfig):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from stepdapo.models import _source, load_tokenizer
+    from stepdapo.models import _source
 
     tok = load_tokenizer(cfg.model)
     d, kw = _source(cfg.model)
@@ -477,12 +492,14 @@ def model_info(cfg: RunConfig):
 
 def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions: Assumptions | None = None,
               probe_throughput: bool = False, tokenizer=None, params: int | None = None,
-              processes: int = 1, sampled: list[Shape] | None = None) -> dict:
+              processes: int = 1, sampled: list[Shape] | None = None, model_how: str | None = None) -> dict:
     """The plan of `stepdapo run` with `cfg` on `processes` processes, as a JSON-able dict (see
     `format_plan`). `sampled`: a pilot's kept solutions (from the first len(set of their problems)
     training problems); they replace the reference solutions' shapes, and the eval solutions'
     lengths are scaled by sampled / reference length on the pilot's problems. `tokenizer` and
-    `params` skip loading them (tests)."""
+    `params` skip loading them (tests, or a model not on this machine: `model_how` says so).
+    `assumptions.train_problems` plans that many training problems without reading the train
+    split, shaped like the test split's."""
     from stepdapo.stages.evaluate import eval_problems
     from stepdapo.tasks import get_task
 
@@ -490,13 +507,21 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
     task = get_task(cfg.task)
     if tokenizer is None:
         tokenizer, params, model_how = model_info(cfg)
-    else:
+    elif model_how is None:
         model_how = f"given tokenizer ({params:,} params)" if params else "given tokenizer"
-    train_problems = task.problems("train")
-    n_train = len(train_problems) if cfg.states.n_problems is None else min(cfg.states.n_problems, len(train_problems))
     n_eval = len(eval_problems(task, cfg.eval))
     longest = max(cfg.states.max_new_tokens, cfg.label.max_new_tokens, cfg.eval.max_new_tokens)
-    train, train_how = shapes(task, tokenizer, train_problems[:n_train], a.steps_per_solution, longest)
+    if a.train_problems:  # the train split is not read: the test split's problems stand in for its shapes
+        train_problems = task.problems("test")
+        n_train = int(a.train_problems) if cfg.states.n_problems is None else min(cfg.states.n_problems,
+                                                                                   int(a.train_problems))
+        train, train_how = shapes(task, tokenizer, train_problems, a.steps_per_solution, longest)
+        train_how += (f" of the TEST split, standing in for the {n_train} training problems "
+                      f"(--assume train_problems={int(a.train_problems)}: the train split was not read)")
+    else:
+        train_problems = task.problems("train")
+        n_train = len(train_problems) if cfg.states.n_problems is None else min(cfg.states.n_problems, len(train_problems))
+        train, train_how = shapes(task, tokenizer, train_problems[:n_train], a.steps_per_solution, longest)
     test, test_how = shapes(task, tokenizer, eval_problems(task, cfg.eval), a.steps_per_solution, longest)
     length_note = "every sampled solution and rollout is assumed as long as its problem's reference solution"
     if sampled:
@@ -548,7 +573,7 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
         "assumptions": {f.name: {"value": getattr(a, f.name), "upper_bound": getattr(a, f.name) == 1.0,
                                  "source": "upper bound" if getattr(a, f.name) == 1.0 else "given",
                                  "doc": ASSUMPTIONS[f.name]}
-                        for f in fields(Assumptions) if f.name != "steps_per_solution"},
+                        for f in fields(Assumptions) if f.name not in COUNTS},
         "stages": [asdict(w) for w in works],
         "total": total,
     }

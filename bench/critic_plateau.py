@@ -27,6 +27,8 @@ def main():
     ap.add_argument("out_dir")
     ap.add_argument("--init")
     ap.add_argument("--zero-head", action="store_true")
+    ap.add_argument("--reinit-top", type=int, default=0, help="re-initialise the backbone's top K layers")
+    ap.add_argument("--freeze-backbone", action="store_true", help="train the value head alone (a linear probe)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -40,6 +42,36 @@ def main():
             return model
 
         critic_stage.AutoModelForSequenceClassification.from_pretrained = zero_head
+    if args.reinit_top:
+        load_reinit = critic_stage.AutoModelForSequenceClassification.from_pretrained
+
+        def reinit(*a, **k):
+            model = load_reinit(*a, **k)
+            for layer in model.base_model.layers[-args.reinit_top:]:  # HF's _init_weights skips loaded modules
+                for name, p in layer.named_parameters():
+                    torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.02)
+            return model
+
+        critic_stage.AutoModelForSequenceClassification.from_pretrained = reinit
+    if args.freeze_backbone:
+        load_frozen = critic_stage.AutoModelForSequenceClassification.from_pretrained
+
+        def frozen(*a, **k):
+            model = load_frozen(*a, **k)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("score"))
+            return model
+
+        critic_stage.AutoModelForSequenceClassification.from_pretrained = frozen
+    history = []
+    train = critic_stage.train_critic
+
+    def keep_history(*a, **k):  # the training-loss curve: when the critic leaves the plateau
+        trainer, result = train(*a, **k)
+        history.extend((h["step"], round(h["loss"], 3)) for h in trainer.state.log_history if "loss" in h)
+        return trainer, result
+
+    critic_stage.train_critic = keep_history
     cfg = load_config(f"{args.run_dir}/config.yaml", args.overrides)
     shutil.rmtree(args.out_dir, ignore_errors=True)
     s = critic_stage.run_critic(cfg, args.init or f"{args.run_dir}/sft", f"{args.run_dir}/iter-1/labels",
@@ -47,7 +79,8 @@ def main():
     q = s["heldout"]
     print(json.dumps({"steps": s["steps"], "train_loss": s["train_loss"], "bce": q["bce"], "bce_constant": q["bce_constant"],
                       "auc": q["auc_mc0_vs_positive"], "right_above_wrong": q["step_ranking"]["right_above_wrong"],
-                      "seconds": s["seconds"]}))
+                      "seconds": s["seconds"], "train_examples": s["train_examples"],
+                      "loss_curve": history[::max(1, len(history) // 20)]}))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ import pytest
 
 from stepdapo.algorithms import (
     DistinctAction,
+    TokenValueExample,
     ValueExample,
     advantage_gap,
     distinct_actions,
     keeps_state,
     state_advantages,
+    token_value_examples,
     value_examples,
 )
 
@@ -103,6 +105,58 @@ def test_value_examples_by_hand():
               "rollout_ids": [[9]] * 4, "action_ids": [[9]] * 4, "action_terminal": [True] * 4}
     pooled = call_value_examples([label, deeper], action_states=True, rollout_prefixes=False)
     assert pooled[1] == ValueExample((1, 2, 0), (1 + 1) / (2 + 4), 6, "p", True)
+
+
+def call_token_value_examples(labels):
+    cols = {k: [r[k] for r in labels] for k in ("problem_id", "ids", "n_correct", "outcome", "rollout_ids")}
+    return token_value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"],
+                                cols["rollout_ids"])
+
+
+def reference_token_target(labels, x):
+    """Brute force: the rollouts (s, r, ok) whose sequence s + r[:-1] passes through x at or after s."""
+    correct = rollouts = 0
+    for r in labels:
+        s = tuple(r["ids"])
+        for ok, full in zip(r["outcome"], r["rollout_ids"]):
+            seq = s + tuple(full[:-1])
+            if len(s) <= len(x) <= len(seq) and seq[:len(x)] == x:
+                correct, rollouts = correct + ok, rollouts + 1
+    return correct / rollouts
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_value_examples_match_brute_force(seed):
+    labels = random_labels(random.Random(seed), 12)
+    got = call_token_value_examples(labels)
+    seqs = {tuple(r["ids"]) + tuple(full[:-1]) for r in labels for full in r["rollout_ids"]}
+    assert sorted(e.input_ids for e in got) == sorted(seqs)  # one example per distinct rollout sequence
+    for e in got:
+        starts = [len(r["ids"]) - 1 for r in labels for full in r["rollout_ids"]
+                  if tuple(r["ids"]) + tuple(full[:-1]) == e.input_ids]
+        assert e.start == min(starts)
+        assert len(e.targets) == len(e.input_ids) - e.start
+        for j, t in enumerate(e.targets):
+            assert math.isclose(t, reference_token_target(labels, e.input_ids[:e.start + j + 1]), abs_tol=1e-12)
+    # at step ends (where real states end) both poolings see the same rollouts and agree
+    token_targets = {e.input_ids[:e.start + j + 1]: t for e in got for j, t in enumerate(e.targets)}
+    step_level = [v for v in call_value_examples(labels, action_states=False, rollout_prefixes=True)
+                  if v.input_ids[-1] == DELIM]
+    assert step_level
+    for v in step_level:
+        assert math.isclose(token_targets[v.input_ids], v.target, abs_tol=1e-12)
+
+
+def test_token_value_examples_by_hand():
+    label = {"problem_id": "p", "ids": [1], "n_correct": 2, "outcome": [True, False, True],
+             "rollout_ids": [[2, 0, 3, 0, 4], [2, 0, 5], [7]], "action_ids": [[2, 0], [2, 0], [7]],
+             "action_terminal": [False, False, True]}
+    assert call_token_value_examples([label]) == [
+        # V(1) = 2/3 (all three); (1, 2) and (1, 2, 0): rollouts 1 and 2 (1/2); later: rollout 1 alone
+        TokenValueExample((1, 2, 0, 3, 0), 0, (2 / 3, 0.5, 0.5, 1.0, 1.0), "p"),
+        TokenValueExample((1, 2, 0), 0, (2 / 3, 0.5, 0.5), "p"),
+        TokenValueExample((1,), 0, (2 / 3,), "p"),  # the rollout that finished at once: the state only
+    ]
 
 
 # -- advantages, the gap filter, distinct actions ----------------------------------------------------

@@ -127,6 +127,7 @@ class KillAtFirstCheckpoint(TrainerCallback):
 @pytest.mark.parametrize("name,trainer,metric,extra", [
     ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], []),
     ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], ["critic.shared_prefix=true"]),  # state-wise batches
+    ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], ["critic.token_targets=true"]),  # every token
     ("actor", "DAPOTrainer", lambda s: s["final_loss"], [])])
 def test_killed_trainer_resumes_from_its_checkpoint(name, trainer, metric, extra, inputs, tmp_path, monkeypatch):
     cfg = load_config(None, TINY + DATA + [f"{name}.epochs=2"] + extra)
@@ -257,3 +258,29 @@ def test_two_processes_train_like_one(inputs, tmp_path):
     one_ratios, two_ratios = one_actor["scatter"]["log_ratio"], two_actor["scatter"]["log_ratio"]
     assert two_ratios == pytest.approx(one_ratios, abs=2e-4)  # each action's log-ratio (rounded to 1e-4)
     assert sum(map(abs, one_ratios)) / len(one_ratios) > 0.02
+
+
+def test_check_critic():
+    q = {"bce": 0.30, "bce_constant": 0.68, "auc_mc0_vs_positive": 0.96}
+    assert critic.check_critic(q, 0.05) is None
+    assert critic.check_critic({**q, "bce": 0.64}, 0.05) is not None  # better, but not by enough
+    failed = critic.check_critic({**q, "bce": 0.71, "auc_mc0_vs_positive": 0.70}, 0.05)
+    assert "0.710" in failed and "0.680" in failed and "0.70" in failed
+    assert critic.check_critic({"bce": None, "bce_constant": None}, 0.05) is None  # no held-out states
+
+
+def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
+    """A whole tiny run whose critic cannot pass (min_bce_gain 100): the report leads with the
+    warning, and the advantages came from the Monte-Carlo values, not from the failed critic."""
+    from stepdapo.pipeline import run as run_pipeline
+
+    cfg = load_config(None, TINY + ["states.n_problems=30", "label.rollouts=8", "critic.epochs=1",
+                                    "critic.heldout_fraction=0.3", "critic.min_bce_gain=100", "actor.epochs=1",
+                                    "eval.limit=40", "eval.samples=1", "eval.k=1", "iterations=1", "baseline.dpo=false"])
+    assert cfg.advantages.source == "critic"
+    report = run_pipeline(cfg, tmp_path / "run", progress=False)
+    it = report["iterations"][1]
+    assert "no better than a constant" in it["critic"]["warning"] and "Monte-Carlo" in it["critic"]["warning"]
+    assert it["advantages"]["source"] == "mc"
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert md.index("WARNING: critic check failed") < md.index("## Test accuracy")

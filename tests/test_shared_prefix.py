@@ -20,7 +20,7 @@ from stepdapo.logprobs import (
     grouped_sequence_logprobs,
     sequence_logprobs,
 )
-from stepdapo.models import critic_logits, critic_values
+from stepdapo.models import critic_logits, critic_token_logits, critic_values
 
 V, PAD = 40, 0
 
@@ -281,6 +281,56 @@ def test_critic_trainer_loss_and_gradients_unchanged_by_the_switch(tmp_path):
         assert sum(a != b for a, b in zip(states, states[1:])) == len(set(states)) - 1
         orders.append(order)
     assert orders[0] != orders[1]
+
+
+# -- per-token values (critic.token_targets): one pass gives the value of every prefix ---------------
+
+def _every_prefix(seqs):
+    return [(i, p) for i, x in enumerate(seqs) for p in range(len(x))]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_token_logits_equal_each_prefix_alone(lora):
+    """Position p of a right-padded batch gives the logit the head gives x[:p + 1] on its own, with
+    the same gradients: causal attention and right padding leave earlier positions untouched."""
+    seqs = [x for x in _critic_data()[0] if PAD not in x]
+    model = _critic()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False, task_type="SEQ_CLS"))
+    where = _every_prefix(seqs)
+    one_pass = _value_and_grads(model, lambda m: torch.stack([critic_token_logits(m, seqs, PAD)[i, p]
+                                                              for i, p in where]))
+    alone = _value_and_grads(model, lambda m: critic_logits(m, [seqs[i][:p + 1] for i, p in where], PAD))
+    if lora:
+        assert any("score" in n for n in one_pass[1])  # the head trains next to the adapters
+    _assert_close(one_pass, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_critic_trainer_token_targets_loss_by_hand(tmp_path):
+    """The token-target loss is the mean BCE over every (sequence, position) target, each logit the
+    prefix's own: checked against a loop over the prefixes, loss and gradients."""
+    from stepdapo.algorithms import TokenValueExample
+    from stepdapo.stages.critic import CriticTrainer, _ValueCollator
+
+    seqs = [x for x in _critic_data()[0] if PAD not in x][:6]
+    examples = [TokenValueExample(tuple(x), i % 3, tuple((j % 4) / 3 for j in range(len(x) - i % 3)), "p")
+                for i, x in enumerate(seqs) if len(x) > i % 3]
+    trainer = CriticTrainer(model=_critic(), args=_args(tmp_path), pad_id=PAD)
+    got = _trainer_loss_and_grads(trainer, _ValueCollator(False)(examples))
+
+    model = trainer.model
+    model.zero_grad()
+    prefixes = [list(e.input_ids[:e.start + j + 1]) for e in examples for j in range(len(e.targets))]
+    targets = torch.tensor([t for e in examples for t in e.targets])
+    logits = critic_logits(model, prefixes, PAD)
+    loss = -(targets * torch.nn.functional.logsigmoid(logits)
+             + (1 - targets) * torch.nn.functional.logsigmoid(-logits)).mean()
+    loss.backward()
+    want = (loss.detach()[None], {n: p.grad.clone() for n, p in model.named_parameters()})
+    _assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # -- a real LM --------------------------------------------------------------------------------------

@@ -77,6 +77,54 @@ def value_examples(problem_id: Sequence[str], ids: Sequence[list[int]], n_correc
             for k, (n_ok, n, pid, is_state, state_len) in pooled.items()]
 
 
+@dataclass(frozen=True)
+class TokenValueExample:
+    """A rollout's whole sequence x = s + r (its last token dropped: the verifier scores the finished
+    solution) with a pooled Monte-Carlo value target for each of its prefixes from the state on:
+    targets[j] is the target of x[:start + j + 1], read at position start + j."""
+
+    input_ids: tuple[int, ...]
+    start: int
+    targets: tuple[float, ...]
+    problem_id: str
+
+
+def token_value_examples(problem_id: Sequence[str], ids: Sequence[list[int]], n_correct: Sequence[int],
+                         outcome: Sequence[list[bool]], rollout_ids: Sequence[list[list[int]]]
+                         ) -> list[TokenValueExample]:
+    """Value targets at every token of every rollout (`critic.token_targets`), pooled like
+    `value_examples` but over all prefixes, not only step ends:
+
+        target(x) = sum of the outcomes of the rollouts through x / number of those rollouts
+
+    for x = s (all M rollouts of s) and x = s + r_k[:e], 1 <= e < len(r_k). A rollout from s is an
+    unbiased sample of the value of each of these prefixes, never of a prefix shorter than s. One
+    example per distinct rollout sequence: a causal model computes the values of all its prefixes in
+    one pass, so this costs one forward per rollout, however many targets it carries. A sequence
+    reached from several states starts at the shortest one."""
+    pooled: dict[tuple[int, ...], list[int]] = {}
+    seqs: dict[tuple[int, ...], tuple[int, str]] = {}  # sequence -> (first target position, problem)
+    for pid, s, n_ok, outs, rollouts in zip(problem_id, ids, n_correct, outcome, rollout_ids):
+        s = tuple(s)
+        entry = pooled.setdefault(s, [0, 0])
+        entry[0] += n_ok
+        entry[1] += len(outs)
+        for ok, full in zip(outs, rollouts):
+            x = s + tuple(full[:-1])
+            for e in range(len(s) + 1, len(x) + 1):
+                entry = pooled.setdefault(x[:e], [0, 0])
+                entry[0] += ok
+                entry[1] += 1
+            start = len(s) - 1
+            if x not in seqs or start < seqs[x][0]:
+                seqs[x] = (start, pid)
+    out = []
+    for x, (start, pid) in seqs.items():
+        targets = tuple(pooled[x[:e]][0] / pooled[x[:e]][1] for e in range(start + 1, len(x) + 1))
+        out.append(TokenValueExample(x, start, targets, pid))
+    return out
+
+
 def state_advantages(values: Sequence[float]) -> list[float]:
     """The sibling-mean advantage of each of the M sampled actions of one state:
 

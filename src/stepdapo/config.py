@@ -225,6 +225,22 @@ class CriticConfig(Section):
     max_examples: int | None = Field(None, ge=1)
     """cap on the training examples (a random subset; null: all). Rollout prefixes multiply the
     examples; on a real LM each costs a forward and backward pass."""
+    min_bce_gain: float = Field(0.05, ge=0)
+    """the critic's check: its held-out BCE must be at least this much below the constant
+    prediction's (the training mean). A critic that fails it is worse than knowing the average
+    value: its advantages are noise. The log and the report warn, and `fallback` decides what the
+    advantages use."""
+    fallback: Literal["mc", "critic"] = "mc"
+    """what the advantage stage uses when the critic fails its check: "mc" the pooled Monte-Carlo
+    values of s + a from the labelling rollouts (unbiased, noisier; what `advantages.source=mc`
+    always uses), "critic" the failed critic all the same."""
+    token_targets: bool = False
+    """train on every token of every rollout instead of the pooled step-level examples: one example
+    per distinct rollout sequence s + r, the value head read at each position from the state's last
+    token on, each with the pooled Monte-Carlo target of that prefix (stepdapo.algorithms.
+    token_value_examples). A causal model computes all those prefixes' values in one pass, so this
+    gives many more targets per forward pass; the error of a wrong step shows at the very token that
+    makes it. `action_states`, `rollout_prefixes` and `shared_prefix` do not apply."""
     shared_prefix: bool = False
     """batch the examples of a state together (the state, its s + a and rollout prefixes, shuffled
     state by state instead of one by one) and run the state once per batch for all of them: the same

@@ -166,6 +166,30 @@ def critic_logits(model, sequences: list[list[int]], pad_id: int, prefix_lens: l
     return out
 
 
+def value_head(model) -> torch.nn.Module:
+    """The sequence-classification model's head: `score` (Llama, Qwen, Mistral, GPT-2, ...) or
+    `classifier`; under PEFT, the wrapper that runs the trained copy."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("score", "classifier"):
+            return module
+    raise ValueError(f"{type(model).__name__}: no value head named score or classifier")
+
+
+def critic_token_logits(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    """The critic's logit at every position of each (right-padded) sequence, differentiable: [B, T].
+    Position p's logit is V's of the prefix x[:p + 1] (causal attention), the same number the
+    sequence-classification head gives for that prefix alone."""
+    device = next(model.parameters()).device
+    ids, attn = pad_right(sequences, pad_id)
+    seen = []
+    hook = value_head(model).register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:  # the head runs on every position before HF pools the last one: keep them all
+        model(input_ids=ids.to(device), attention_mask=attn.to(device))
+    finally:
+        hook.remove()
+    return seen[0].squeeze(-1)
+
+
 @torch.no_grad()
 def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: int = 512,
                   prefix_lens: list[int] | None = None) -> list[float]:

@@ -34,7 +34,7 @@ from stepdapo.runner import is_main, on_main
 from stepdapo.stages.actor import run_actor, train_dpo
 from stepdapo.stages.advantages import run_advantages
 from stepdapo.stages.bootstrap import bootstrap
-from stepdapo.stages.critic import run_critic
+from stepdapo.stages.critic import check_critic, run_critic
 from stepdapo.stages.evaluate import format_table, run_evaluate
 from stepdapo.stages.labels import run_labels
 from stepdapo.stages.states import read_solutions, run_states
@@ -90,9 +90,17 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         init = critic_init if cfg.critic.init == "previous" else policy
         critic = stage(f"iter-{k}/critic", lambda: run_critic(cfg, init, d / "labels", d / "critic", task, progress))
         it["critic"] = {key: v for key, v in critic.items() if key != "fingerprint"}
-        tok = AutoTokenizer.from_pretrained(policy) if cfg.advantages.source == "mc" else None
+        adv_cfg = cfg
+        if (problem := check_critic(critic["heldout"], cfg.critic.min_bce_gain)) is not None:
+            fallback = cfg.critic.fallback == "mc" and cfg.advantages.source == "critic"
+            it["critic"]["warning"] = problem + (
+                "; the advantages use the Monte-Carlo values of s + a instead (critic.fallback=mc)" if fallback else "")
+            console.print(f"[bold red]WARNING iteration {k}: {it['critic']['warning']}")
+            if fallback:
+                adv_cfg = cfg.model_copy(update={"advantages": cfg.advantages.model_copy(update={"source": "mc"})})
+        tok = AutoTokenizer.from_pretrained(policy) if adv_cfg.advantages.source == "mc" else None
         it["advantages"] = stage(f"iter-{k}/advantages", lambda: run_advantages(
-            cfg, d / "critic", d / "labels", d / "advantages", task, tokenizer=tok, progress=progress))
+            adv_cfg, d / "critic", d / "labels", d / "advantages", task, tokenizer=tok, progress=progress))
         if it["advantages"]["states_kept"] == 0:
             # No training signal (e.g. every rollout failed: MC = 0 everywhere). Training on nothing
             # would change nothing, and so would further iterations: say so and stop here.

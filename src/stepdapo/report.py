@@ -93,6 +93,10 @@ def write_report(report: dict, out: Path) -> None:
           f"Final model: `{report['final_model']}`.", "", "## Test accuracy", "",
           "| model | greedy pass@1 % | 95% CI | sampled pass@1 % (T=1) | 95% CI | flaw-case steps right (greedy) % | n |",
           "|---|---|---|---|---|---|---|"]
+    warnings = [f"- **iteration {it['iteration']}**: {it['critic']['warning']}" for it in its
+                if it.get("critic", {}).get("warning")]
+    if warnings:  # before the tables: a result built on a failed critic must not read as a normal one
+        md[4:4] = ["## WARNING: critic check failed", "", *warnings, ""]
 
     def acc_row(name, ev):
         return (f"| {name} | {_pct(ev['accuracy'])} | {_ci(ev, 'ci95')} | {_pct(ev.get('sampled_accuracy'))} | "

@@ -35,12 +35,19 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-from stepdapo.algorithms import ValueExample, value_examples
+from stepdapo.algorithms import TokenValueExample, ValueExample, token_value_examples, value_examples
 from stepdapo.config import CriticConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.generation import delimiter_token_mask, split_steps
 from stepdapo.losses import critic_loss
-from stepdapo.models import check_model_dir, critic_logits, critic_values, load_critic, model_fingerprint
+from stepdapo.models import (
+    check_model_dir,
+    critic_logits,
+    critic_token_logits,
+    critic_values,
+    load_critic,
+    model_fingerprint,
+)
 from stepdapo.runner import ModelStage, on_main, stage_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.training import (
@@ -59,28 +66,42 @@ def heldout(problem_id: str, fraction: float) -> bool:
     return int(hashlib.sha1(problem_id.encode()).hexdigest()[:8], 16) / 16**8 < fraction
 
 
-def critic_examples(labels, c: CriticConfig, is_delim, seed: int) -> tuple[list[ValueExample], list[ValueExample]]:
-    """(train, held): the pooled value examples of the training problems (at most
-    `c.max_examples`, a seeded sample) and the labelled states of the held-out problems."""
+def critic_examples(labels, c: CriticConfig, is_delim, seed: int
+                    ) -> tuple[list[ValueExample] | list[TokenValueExample], list[ValueExample], list[ValueExample]]:
+    """(train, held, train_states): the examples of the training problems (pooled step-level ones,
+    or with `c.token_targets` one per rollout with a target at every token; at most
+    `c.max_examples`, a seeded sample), the labelled states of the held-out problems and those of
+    the training problems."""
     cols = labels.select(["problem_id", "ids", "n_correct", "outcome", "action_ids", "action_terminal",
                           "rollout_ids"]).to_pydict()
     examples = value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"],
                               cols["action_ids"], cols["action_terminal"], cols["rollout_ids"],
                               step_ends=lambda ids: split_steps(ids, is_delim),
-                              action_states=c.action_states, rollout_prefixes=c.rollout_prefixes)
-    train = [e for e in examples if not heldout(e.problem_id, c.heldout_fraction)]
+                              action_states=c.action_states and not c.token_targets,
+                              rollout_prefixes=c.rollout_prefixes and not c.token_targets)
     held = [e for e in examples if heldout(e.problem_id, c.heldout_fraction) and e.is_state]
+    train_states = [e for e in examples if not heldout(e.problem_id, c.heldout_fraction) and e.is_state]
+    if c.token_targets:
+        examples = token_value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"],
+                                        cols["rollout_ids"])
+    train = [e for e in examples if not heldout(e.problem_id, c.heldout_fraction)]
     if c.max_examples is not None and len(train) > c.max_examples:
         keep = np.random.default_rng(seed).choice(len(train), c.max_examples, replace=False)
         train = [train[i] for i in sorted(keep)]
-    return train, held
+    return train, held, train_states
 
 
 class _ValueCollator:
     def __init__(self, shared_prefix: bool):
         self.shared_prefix = shared_prefix
 
-    def __call__(self, examples: list[ValueExample]) -> dict:
+    def __call__(self, examples: list[ValueExample] | list[TokenValueExample]) -> dict:
+        if isinstance(examples[0], TokenValueExample):  # targets [B, T], NaN where there is none
+            T = max(len(e.input_ids) for e in examples)
+            targets = torch.full((len(examples), T), float("nan"))
+            for i, e in enumerate(examples):
+                targets[i, e.start:e.start + len(e.targets)] = torch.tensor(e.targets)
+            return {"sequences": [list(e.input_ids) for e in examples], "prefix_lens": None, "targets": targets}
         return {"sequences": [list(e.input_ids) for e in examples],
                 # a state shares all but its last token with its s + a and rollout prefixes: the
                 # head reads each example's own last token, which must lie after the shared part
@@ -124,12 +145,18 @@ class CriticTrainer(Trainer):
         return _StateGroupedSampler(self.train_dataset, self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = critic_logits(model, inputs["sequences"], self.pad_id, inputs["prefix_lens"])
-        loss = critic_loss(logits, inputs["targets"].to(logits.device))
+        targets = inputs["targets"]
+        if targets.dim() == 2:  # token targets: the mean over every target of the batch
+            logits = critic_token_logits(model, inputs["sequences"], self.pad_id)
+            keep = ~torch.isnan(targets).to(logits.device)
+            logits, targets = logits[keep], targets.to(logits.device)[keep]
+        else:
+            logits = critic_logits(model, inputs["sequences"], self.pad_id, inputs["prefix_lens"])
+        loss = critic_loss(logits, targets.to(logits.device))
         return (loss, logits) if return_outputs else loss
 
 
-def train_critic(init: str | Path, train: list[ValueExample], pad_id: int, c: CriticConfig,
+def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueExample], pad_id: int, c: CriticConfig,
                  args: TrainingArguments, resume: str | None = None):
     """A value head on `init`'s backbone (LoRA adapters with `c.lora_r`), trained on `train`
     (continuing from the Trainer checkpoint `resume`); returns (the Trainer, its TrainOutput)."""
@@ -244,18 +271,31 @@ def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -
             "mean_gap": float((vr - vw).mean())}
 
 
-def evaluate_critic(model, tok, train: list[ValueExample], held: list[ValueExample], labels, task) -> dict:
+def evaluate_critic(model, tok, train_states: list[ValueExample], held: list[ValueExample], labels, task) -> dict:
     """The critic's quality on the held-out states and on (up to 2000) training states, each metric
     next to the constant prediction of the training states' mean target."""
-    baseline = float(np.mean([e.target for e in train if e.is_state]))
+    baseline = float(np.mean([e.target for e in train_states]))
     q = quality(critic_values(model, [e.input_ids for e in held], tok.pad_token_id), [e.target for e in held], baseline)
     problems = {p.id: p for p in task.problems("train")}
     q["step_ranking"] = step_ranking(model, tok, labels, task, problems, {e.problem_id for e in held})
-    tr_sample = [e for e in train if e.is_state][:2000]
+    tr_sample = train_states[:2000]
     q_train = quality(critic_values(model, [e.input_ids for e in tr_sample], tok.pad_token_id),
                       [e.target for e in tr_sample], baseline)
     return {"constant_prediction": baseline, "heldout": q,
             "train_subset": {k: v for k, v in q_train.items() if k != "calibration"}}
+
+
+def check_critic(heldout: dict, min_gain: float) -> str | None:
+    """None when the critic's held-out BCE is at least `min_gain` below the constant prediction's
+    (or when there were no held-out states to tell); otherwise what is wrong, in words."""
+    if heldout.get("bce") is None:
+        return None
+    if heldout["bce"] <= heldout["bce_constant"] - min_gain:
+        return None
+    auc_ = heldout.get("auc_mc0_vs_positive")
+    return (f"the critic is no better than a constant: held-out BCE {heldout['bce']:.3f} against the constant "
+            f"prediction's {heldout['bce_constant']:.3f} (needs at least {min_gain} below it; AUC "
+            f"{'–' if auc_ is None else f'{auc_:.2f}'}), so its advantages would be noise")
 
 
 def plot_reliability(q: dict, path: Path, title: str) -> None:
@@ -299,7 +339,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     c = cfg.critic
     labels = read_labels(labels_dir)
     tok = AutoTokenizer.from_pretrained(check_model_dir(init))
-    train, held = critic_examples(labels, c, delimiter_token_mask(tok, task.step_delimiter), cfg.seed)
+    train, held, train_states = critic_examples(labels, c, delimiter_token_mask(tok, task.step_delimiter), cfg.seed)
     if not train:
         raise StageInputError(f"{labels_dir}: no training states for the critic")
     if tok.pad_token is None:
@@ -322,7 +362,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
 
         def evaluate() -> dict:  # on the saved critic: what is published, however training was sharded
             model = load_critic(stage.model_dir)[0].to(dev)
-            metrics = evaluate_critic(model, tok, train, held, labels, task)
+            metrics = evaluate_critic(model, tok, train_states, held, labels, task)
             keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
             plot_reliability(metrics["heldout"], stage.model_dir / "reliability.png", "critic on held-out states")
             return metrics
@@ -331,7 +371,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
         return {
             "init": str(init),
             "train_examples": len(train),
-            "train_states": sum(e.is_state for e in train),
+            "train_states": len(train_states),
             "heldout_states": len(held),
             "constant_prediction": metrics["constant_prediction"],
             "train_loss": result.training_loss,

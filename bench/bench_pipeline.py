@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ def main():
                      "iterations": [{"iteration": it["iteration"], "eval": it["eval"],
                                      "critic_heldout": {k: v for k, v in it.get("critic", {}).get("heldout", {}).items()
                                                         if k != "calibration"},
+                                     "critic_warning": it.get("critic", {}).get("warning"),
                                      "advantages": {k: v for k, v in it.get("advantages", {}).items()
                                                     if k != "advantage_histogram"},
                                      "dpo_eval": it.get("dpo", {}).get("eval")} for it in report["iterations"]]})
@@ -53,29 +55,38 @@ def main():
           f"`stepdapo run {args.config}` {' '.join(args.overrides)} on {platform.machine()} (2 cores), "
           f"seeds {args.seeds}. Greedy pass@1 on {runs[0]['iterations'][0]['eval']['n']} test problems "
           "(95% Wilson interval), sampled pass@1 at T=1, and the share of flaw-case steps the greedy solution gets right.",
-          "", "| seed | model | greedy % | 95% CI | sampled % | flaw-case steps % | critic AUC | right>wrong |",
-          "|---|---|---|---|---|---|---|---|"]
+          "", "| seed | model | greedy % | 95% CI | sampled % | flaw-case steps % | critic BCE (constant) | critic AUC | right>wrong | advantages from |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         for it in r["iterations"]:
             ev, q = it["eval"], it["critic_heldout"]
             name = "SFT (start)" if it["iteration"] == 0 else f"DAPO iter {it['iteration']}"
             sr = (q.get("step_ranking") or {}).get("right_above_wrong")
+            bce = f"{q['bce']:.3f} ({q['bce_constant']:.3f})" if q.get("bce") is not None else ""
+            source = it["advantages"].get("source", "")
+            if it.get("critic_warning"):
+                source += " (critic check failed)"
             md.append(f"| {r['seed']} | {name} | {pct(ev['accuracy'])} | [{pct(ev['ci95'][0])}, {pct(ev['ci95'][1])}] | "
-                      f"{pct(ev['sampled_accuracy'])} | {pct(ev.get('greedy_flaw_step_accuracy', 0))} | "
-                      f"{q.get('auc_mc0_vs_positive', float('nan')):.3f} | {'' if sr is None else f'{sr:.2f}'} |"
+                      f"{pct(ev['sampled_accuracy'])} | {pct(ev.get('greedy_flaw_step_accuracy', 0))} | {bce} | "
+                      f"{q.get('auc_mc0_vs_positive', float('nan')):.3f} | {'' if sr is None else f'{sr:.2f}'} | {source} |"
                       if it["iteration"] else
                       f"| {r['seed']} | {name} | {pct(ev['accuracy'])} | [{pct(ev['ci95'][0])}, {pct(ev['ci95'][1])}] | "
-                      f"{pct(ev['sampled_accuracy'])} | {pct(ev.get('greedy_flaw_step_accuracy', 0))} | | |")
+                      f"{pct(ev['sampled_accuracy'])} | {pct(ev.get('greedy_flaw_step_accuracy', 0))} | | | | |")
             if it["dpo_eval"]:
                 d = it["dpo_eval"]
                 md.append(f"| {r['seed']} | DPO baseline (iter-1 samples) | {pct(d['accuracy'])} | "
                           f"[{pct(d['ci95'][0])}, {pct(d['ci95'][1])}] | {pct(d['sampled_accuracy'])} | "
-                          f"{pct(d.get('greedy_flaw_step_accuracy', 0))} | | |")
+                          f"{pct(d.get('greedy_flaw_step_accuracy', 0))} | | | | |")
     stages = list(runs[0]["timings"])
     md += ["", "Seconds per stage (as measured by the run that did the work):", "",
            "| stage | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |", "|---|" + "---|" * len(runs)]
     md += [f"| {s} | " + " | ".join(f"{r['timings'].get(s, float('nan')):.0f}" for r in runs) + " |" for s in stages]
     md.append("| **total** | " + " | ".join(f"**{sum(r['timings'].values()):.0f}**" for r in runs) + " |")
+    walls = sorted(r["wall_seconds_this_call"] for r in runs)
+    final = [r["iterations"][-1]["eval"]["accuracy"] for r in runs]
+    md += ["", f"Wall time of `stepdapo run` (process start to exit, runs that did all their work): median "
+           f"{statistics.median(walls):.0f} s, range {walls[0]:.0f}-{walls[-1]:.0f} s. Final greedy accuracy: "
+           f"{sum(a >= 0.95 for a in final)} of {len(runs)} seeds at >= 95% (min {pct(min(final))}%)."]
     (RESULTS / "pipeline.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -187,6 +187,9 @@ class CriticConfig(Section):
 
     epochs: float = Field(10.0, gt=0)
     """passes over the training states."""
+    continue_epochs: float | None = Field(None, gt=0)
+    """passes when the critic continues from a previous iteration's critic (`init: previous`), which
+    already checks steps and only adapts to the new policy's states; null: `epochs`."""
     lr: float = Field(3e-4, gt=0)
     """peak learning rate (AdamW)."""
     lr_scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = "constant_with_warmup"

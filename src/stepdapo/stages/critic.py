@@ -348,7 +348,9 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     def work() -> dict:
         resume = stage.last_checkpoint()
         # 4 checkpoints, the last one kept: a killed critic resumes from it
-        args = training_args(stage.checkpoints, steps=train_steps(len(train), c.batch_size, c.epochs),
+        continuing = (Path(init) / stage.summary_name).is_file()  # init is a critic this stage saved
+        epochs = c.continue_epochs if continuing and c.continue_epochs is not None else c.epochs
+        args = training_args(stage.checkpoints, steps=train_steps(len(train), c.batch_size, epochs),
                              batch_size=c.batch_size, batch_key="critic.batch_size", lr=c.lr,
                              lr_scheduler=c.lr_scheduler, warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay,
                              logs=10, checkpoints=4, bf16=cfg.bf16, seed=cfg.seed, report_to=cfg.report_to,
@@ -375,6 +377,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
             "heldout_states": len(held),
             "constant_prediction": metrics["constant_prediction"],
             "train_loss": result.training_loss,
+            "epochs": epochs,
             "steps": args.max_steps,
             "global_step": global_step,
             "resumed_from_step": resume_step(resume),

@@ -243,7 +243,10 @@ class CriticConfig(Section):
     token on, each with the pooled Monte-Carlo target of that prefix (stepdapo.algorithms.
     token_value_examples). A causal model computes all those prefixes' values in one pass, so this
     gives many more targets per forward pass; the error of a wrong step shows at the very token that
-    makes it. `action_states`, `rollout_prefixes` and `shared_prefix` do not apply."""
+    makes it. `action_states`, `rollout_prefixes` and `shared_prefix` do not apply. Off by default:
+    on the built-in task it left the plateau after ~300 steps instead of ~600 on one seed (half the
+    time), but with 8 rollouts it stayed on the plateau where the step-level examples did not
+    (bench/results/critic-plateau.md)."""
     shared_prefix: bool = False
     """batch the examples of a state together (the state, its s + a and rollout prefixes, shuffled
     state by state instead of one by one) and run the state once per batch for all of them: the same

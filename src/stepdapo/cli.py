@@ -44,7 +44,13 @@ def cmd_bootstrap(args) -> int:
 
     cfg = _load(args)
     set_threads(cfg.threads)
-    summary = bootstrap(cfg, args.out)
+    base = None
+    if cfg.bootstrap.finetune_model and cfg.model is not None:  # a GGUF file is converted once, beside --out
+        from stepdapo.models import import_model
+
+        out = Path(args.out)
+        base = import_model(cfg.model, out.with_name(out.name + "-base-model"))
+    summary = bootstrap(cfg, args.out, base=base)
     if _quiet():
         return 0
     print(f"bootstrapped {summary['parameters']:,}-parameter model in {summary['seconds']:.0f} s "
@@ -266,7 +272,7 @@ def cmd_run(args) -> int:
 
 # The commands that run one stage: (name, help, [(option, required, help)], handler).
 STAGE_COMMANDS = [
-    ("bootstrap", "SFT a tiny model on the built-in task's flawed demonstrations",
+    ("bootstrap", "SFT a tiny model (or, with bootstrap.finetune_model, the config's model) on the built-in task's flawed demonstrations",
      [("--out", True, "output model directory")], cmd_bootstrap),
     ("states", "stage 1: sample solutions, keep a balanced set, cut into steps",
      [("--model", True, "the policy (pi_ref), an HF model directory"),

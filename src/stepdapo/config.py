@@ -89,6 +89,14 @@ class BootstrapConfig(Section):
     """AdamW weight decay."""
     model: TinyModelConfig = Field(default_factory=TinyModelConfig)
     """the tiny model's architecture."""
+    finetune_model: bool = False
+    """with `model` set (an HF directory or GGUF file): first fine-tune THAT model on the built-in
+    task's demonstrations, in the task's plain prompt format, and start DAPO from the result, so a
+    real pretrained LM gets the task's flaw to repair. Needs task arithmetic."""
+    lora_r: int = Field(0, ge=0)
+    """with `finetune_model`: LoRA rank (0: full fine-tuning), merged into the saved SFT model."""
+    lora_alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator."""
 
 
 class EvalConfig(Section):

@@ -78,6 +78,9 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         stage("bootstrap", lambda: bootstrap(cfg, policy, progress=progress))
     else:
         policy = stage("import", lambda: import_model(cfg.model, out / "base-model"))
+        if cfg.bootstrap.finetune_model:  # the user's LM, fine-tuned on the built-in task's demonstrations
+            base, policy = policy, out / "sft"
+            stage("bootstrap", lambda: bootstrap(cfg, policy, progress=progress, base=base))
     iterations = [{"iteration": 0, "model": str(policy),
                    **evaluation("iter-0/eval", policy, "iteration 0 (pi_ref)")}]
 

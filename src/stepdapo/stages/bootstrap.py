@@ -1,7 +1,8 @@
 """`stepdapo bootstrap`: make the "SFT model" that DAPO improves, when the user brings none.
 
-A tiny Llama with a character tokenizer is trained by supervised fine-tuning (loss on the solution
-tokens only) on the task's flawed demonstrations, with `transformers.Trainer`, and saved with
+A tiny Llama with a character tokenizer (or, with `bootstrap.finetune_model`, the user's own HF
+model, fully or with LoRA) is trained by supervised fine-tuning (loss on the solution tokens only) on
+the task's flawed demonstrations, with `transformers.Trainer`, and saved with
 `save_pretrained`, through `runner.ModelStage`: the output directory appears only when the model is
 complete, and a finished one is skipped.
 
@@ -19,10 +20,18 @@ from transformers import Trainer
 
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.errors import StageInputError
-from stepdapo.models import char_tokenizer, tiny_llama
+from stepdapo.generation import encode_prompts
+from stepdapo.models import char_tokenizer, load_policy, model_fingerprint, tiny_llama
 from stepdapo.runner import ModelStage, is_main
 from stepdapo.tasks import get_task
-from stepdapo.training import finish_tracker_run, keep_tensorboard_logs, save_trained, train_steps, training_args
+from stepdapo.training import (
+    check_lora_supported,
+    finish_tracker_run,
+    keep_tensorboard_logs,
+    save_trained,
+    train_steps,
+    training_args,
+)
 
 
 class _SFTCollator:
@@ -47,36 +56,51 @@ class _SFTCollator:
 def sft_examples(task, tokenizer, n: int | None = None, seed: int | None = None) -> list[dict]:
     out = []
     for problem, solution in task.demonstrations(n, seed):
-        prompt = tokenizer(task.prompt(problem, tokenizer))["input_ids"]
+        prompt = encode_prompts(tokenizer, [task.prompt(problem, tokenizer)])[0]  # as the sampling stages do
         completion = tokenizer(solution, add_special_tokens=False)["input_ids"]
         out.append({"input_ids": prompt + completion + [tokenizer.eos_token_id], "prompt_len": len(prompt)})
     return out
 
 
-def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train the tiny SFT model and save it to `out_dir`; returns a summary (also saved there).
-    Skipped when done; every process of a data-parallel run calls this."""
+def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: str | Path | None = None) -> dict:
+    """Train the SFT model and save it to `out_dir`: the tiny model, or `base` (an HF directory)
+    fine-tuned; returns a summary (also saved there). Skipped when done; every process of a
+    data-parallel run calls this."""
     if cfg.task.name != "arithmetic":
         raise StageInputError(f"bootstrap trains the tiny model on the built-in task only; task "
                               f"{cfg.task.name!r} needs a starting model (set model=PATH)")
     b = cfg.bootstrap
     # the arithmetic task's settings only: another task's settings do not change this model
     stage = ModelStage(out_dir, "bootstrap", {"bootstrap": to_dict(b), "arithmetic": to_dict(cfg.task.arithmetic),
-                                              "seed": cfg.seed})
+                                              "seed": cfg.seed, "bf16": cfg.bf16,
+                                              **({"base": model_fingerprint(base)} if base is not None else {})})
 
     def work() -> dict:
         t0 = time.perf_counter()
-        tokenizer = char_tokenizer()
-        model = tiny_llama(tokenizer, b.model, seed=cfg.seed)
+        if base is None:
+            tokenizer = char_tokenizer()
+            model = tiny_llama(tokenizer, b.model, seed=cfg.seed)
+        else:  # the task's plain prompt format: the SFT teaches it, no chat template needed
+            model, tokenizer = load_policy(base)
+            model.train()
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            if b.lora_r > 0:
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(r=b.lora_r, lora_alpha=b.lora_alpha,
+                                                         target_modules="all-linear", task_type="CAUSAL_LM"))
         train = sft_examples(get_task(cfg.task), tokenizer)
         # cosine schedule, AdamW(0.9, 0.98); the tiny model always trains on the CPU
         args = training_args(stage.checkpoints, steps=train_steps(len(train), b.batch_size, b.epochs),
                              batch_size=b.batch_size, batch_key="bootstrap.batch_size", lr=b.lr,
                              lr_scheduler="cosine", warmup_ratio=b.warmup_ratio, weight_decay=b.weight_decay,
-                             adam_betas=(0.9, 0.98), use_cpu=True, seed=cfg.seed, report_to=cfg.report_to,
+                             adam_betas=(0.9, 0.98), use_cpu=True if base is None else None,
+                             bf16=cfg.bf16 and base is not None, seed=cfg.seed, report_to=cfg.report_to,
                              progress=progress, run_name=str(stage.dir))
         trainer = Trainer(model=model, args=args, train_dataset=train,
                           data_collator=_SFTCollator(tokenizer.pad_token_id))
+        check_lora_supported(trainer, base is not None and b.lora_r > 0)
         result = trainer.train()
         finish_tracker_run(cfg.report_to)
         save_trained(trainer, tokenizer, stage.model_dir)
@@ -89,6 +113,7 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dic
             "processes": trainer.args.world_size,
             "demonstrations": len(train),
             "parameters": sum(p.numel() for p in model.parameters()),
+            "base": None if base is None else str(base),
             "config": to_dict(b),
             "task": to_dict(cfg.task),
             "seed": cfg.seed,

@@ -271,14 +271,24 @@ def test_check_critic():
 
 def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
     """A whole tiny run whose critic cannot pass (min_bce_gain 100): the report leads with the
-    warning, and the advantages came from the Monte-Carlo values, not from the failed critic."""
+    warning, and the advantages came from the Monte-Carlo values, not from the failed critic. The
+    run starts from a given model fine-tuned first (bootstrap.finetune_model), to cover that path."""
+    from stepdapo.config import TinyModelConfig
+    from stepdapo.models import tiny_llama
     from stepdapo.pipeline import run as run_pipeline
 
-    cfg = load_config(None, TINY + ["states.n_problems=30", "label.rollouts=8", "critic.epochs=1",
+    tok = char_tokenizer()
+    tiny_llama(tok, TinyModelConfig(hidden_size=32, num_heads=2, num_layers=1, intermediate_size=64),
+               seed=3).save_pretrained(tmp_path / "given")
+    tok.save_pretrained(tmp_path / "given")
+    cfg = load_config(None, TINY + [f"model={tmp_path / 'given'}", "bootstrap.finetune_model=true",
+                                    "states.n_problems=30", "label.rollouts=8", "critic.epochs=1",
                                     "critic.heldout_fraction=0.3", "critic.min_bce_gain=100", "actor.epochs=1",
                                     "eval.limit=40", "eval.samples=1", "eval.k=1", "iterations=1", "baseline.dpo=false"])
     assert cfg.advantages.source == "critic"
     report = run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert report["iterations"][0]["model"] == str(tmp_path / "run" / "sft")  # DAPO starts from the fine-tuned model
+    assert json.loads((tmp_path / "run" / "sft" / "stepdapo_bootstrap.json").read_text())["base"] == str(tmp_path / "given")
     it = report["iterations"][1]
     assert "no better than a constant" in it["critic"]["warning"] and "Monte-Carlo" in it["critic"]["warning"]
     assert it["advantages"]["source"] == "mc"

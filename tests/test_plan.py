@@ -94,6 +94,13 @@ def test_counts_match_hand_computed_values():
     assert boot["counts"]["steps"] == math.ceil(100 / 64) and boot["trained_tokens"] == 2 * 64 * (P + L)
 
 
+def test_a_given_model_fine_tuned_first_is_planned_with_its_bootstrap():
+    given = plan_of(small_cfg("model=/some/model"))
+    assert "bootstrap" not in [s["stage"] for s in given["stages"]]
+    tuned = plan_of(small_cfg("model=/some/model", "bootstrap.finetune_model=true"))
+    assert stage(tuned, "bootstrap") == stage(plan_of(small_cfg()), "bootstrap")  # same demonstrations, same tokens
+
+
 def test_without_shared_prefix_every_row_is_counted_in_full():
     plan = plan_of(small_cfg("actor.shared_prefix=false", "advantages.shared_prefix=false",
                              "baseline.shared_prefix=false"))

@@ -545,7 +545,7 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
     ]
 
     works: list[Work] = []
-    if cfg.model is None:
+    if cfg.model is None or cfg.bootstrap.finetune_model:  # the tiny model, or the given one fine-tuned
         w, how = bootstrap_work(cfg, task, tokenizer)
         works.append(w)
         estimates.append(how)

@@ -101,6 +101,19 @@ def test_a_given_model_fine_tuned_first_is_planned_with_its_bootstrap():
     assert stage(tuned, "bootstrap") == stage(plan_of(small_cfg()), "bootstrap")  # same demonstrations, same tokens
 
 
+def test_critic_grad_accum_and_continue_epochs():
+    examples = 340  # test_counts_match_hand_computed_values
+    acc = stage(plan_of(small_cfg("critic.grad_accum=3")), "iter-1/critic")
+    steps = math.ceil(0.9 * examples / (4 * 3) * 2)
+    assert acc["counts"]["steps"] == steps and acc["sequences_trained"] == steps * 4 * 3
+    two = plan_of(small_cfg("iterations=2", "critic.continue_epochs=0.5"))
+    assert stage(two, "iter-1/critic")["counts"]["steps"] == math.ceil(0.9 * examples / 4 * 2)  # from the policy
+    second = stage(two, "iter-2/critic")  # continues from iteration 1's critic: 0.5 epochs
+    assert second["counts"]["steps"] == math.ceil(second["counts"]["value_examples"] * 0.9 / 4 * 0.5)
+    policy = plan_of(small_cfg("iterations=2", "critic.continue_epochs=0.5", "critic.init=policy"))
+    assert stage(policy, "iter-2/critic")["counts"]["steps"] == math.ceil(second["counts"]["value_examples"] * 0.9 / 4 * 2)
+
+
 def test_without_shared_prefix_every_row_is_counted_in_full():
     plan = plan_of(small_cfg("actor.shared_prefix=false", "advantages.shared_prefix=false",
                              "baseline.shared_prefix=false"))

@@ -206,8 +206,10 @@ class CriticConfig(Section):
     to check the arithmetic, and a decaying rate often never leaves it; 1e-3 and up, or batches of
     16, never leave it either (bench/results/critic-plateau.md)."""
     batch_size: int = Field(64, ge=1)
-    """states per optimizer step, over all processes: each of N processes takes batch_size / N, so it
+    """examples per micro-batch, over all processes: each of N processes takes batch_size / N, so it
     must be a multiple of N."""
+    grad_accum: int = Field(1, ge=1)
+    """micro-batches per optimizer step (an optimizer step sees batch_size x grad_accum examples)."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     """share of steps spent warming up."""
     weight_decay: float = Field(0.0, ge=0)

@@ -308,9 +308,11 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
     if C.max_examples is not None:
         train_ex = min(train_ex, C.max_examples)
     pad = padded_length(critic_lengths, C.batch_size)
-    steps = optimizer_steps(train_ex / C.batch_size * C.epochs)
+    epochs = C.continue_epochs if k > 1 and C.init == "previous" and C.continue_epochs is not None else C.epochs
+    steps = optimizer_steps(train_ex / (C.batch_size * C.grad_accum) * epochs)
+    rows = steps * C.batch_size * C.grad_accum
     held, train_states = C.heldout_fraction * states, (1 - C.heldout_fraction) * states
-    out.append(Work(f"iter-{k}/critic", sequences_trained=steps * C.batch_size, trained_tokens=steps * C.batch_size * pad,
+    out.append(Work(f"iter-{k}/critic", sequences_trained=rows, trained_tokens=rows * pad,
                     # rank 0 then scores the held-out states and up to 2000 training states
                     forward_tokens=(held + min(2000, train_states)) * per["state_tok"] / per["states"],
                     upper_bound=assumed or a.distinct_value_examples == 1.0,

@@ -1,6 +1,7 @@
 """Train one critic on a finished run's iteration-1 labels with changed settings (the plateau study).
 
-    python bench/critic_plateau.py RUN_DIR OUT_DIR [--init MODEL_DIR] [--zero-head] [--threads N] [key=value ...]
+    python bench/critic_plateau.py RUN_DIR OUT_DIR [--init MODEL_DIR] [--zero-head] [--reinit-top K]
+        [--freeze-backbone] [--threads N] [key=value ...]
 
 Same labels, same held-out split; `--init` swaps the backbone the critic starts from (default: the
 run's bootstrapped SFT model), `--zero-head` zero-initialises the value head, overrides change
@@ -21,6 +22,18 @@ from stepdapo.config import load_config
 from stepdapo.tasks import get_task
 
 
+def after_load(edit) -> None:
+    """Make the critic stage run `edit(model)` on every critic it loads."""
+    load = critic_stage.AutoModelForSequenceClassification.from_pretrained
+
+    def loaded(*a, **k):
+        model = load(*a, **k)
+        edit(model)
+        return model
+
+    critic_stage.AutoModelForSequenceClassification.from_pretrained = loaded
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
@@ -34,35 +47,16 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.zero_head:
-        load = critic_stage.AutoModelForSequenceClassification.from_pretrained
-
-        def zero_head(*a, **k):
-            model = load(*a, **k)
-            torch.nn.init.zeros_(model.score.weight)
-            return model
-
-        critic_stage.AutoModelForSequenceClassification.from_pretrained = zero_head
+        after_load(lambda model: torch.nn.init.zeros_(model.score.weight))
     if args.reinit_top:
-        load_reinit = critic_stage.AutoModelForSequenceClassification.from_pretrained
-
-        def reinit(*a, **k):
-            model = load_reinit(*a, **k)
-            for layer in model.base_model.layers[-args.reinit_top:]:  # HF's _init_weights skips loaded modules
+        def reinit(model):  # by hand: HF's _init_weights skips modules loaded from a checkpoint
+            for layer in model.base_model.layers[-args.reinit_top:]:
                 for name, p in layer.named_parameters():
                     torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.02)
-            return model
 
-        critic_stage.AutoModelForSequenceClassification.from_pretrained = reinit
+        after_load(reinit)
     if args.freeze_backbone:
-        load_frozen = critic_stage.AutoModelForSequenceClassification.from_pretrained
-
-        def frozen(*a, **k):
-            model = load_frozen(*a, **k)
-            for name, p in model.named_parameters():
-                p.requires_grad_(name.startswith("score"))
-            return model
-
-        critic_stage.AutoModelForSequenceClassification.from_pretrained = frozen
+        after_load(lambda model: [p.requires_grad_(name.startswith("score")) for name, p in model.named_parameters()])
     history = []
     train = critic_stage.train_critic
 

@@ -120,7 +120,7 @@ def token_value_examples(problem_id: Sequence[str], ids: Sequence[list[int]], n_
                 seqs[x] = (start, pid)
     out = []
     for x, (start, pid) in seqs.items():
-        targets = tuple(pooled[x[:e]][0] / pooled[x[:e]][1] for e in range(start + 1, len(x) + 1))
+        targets = tuple(ok / n for ok, n in (pooled[x[:e]] for e in range(start + 1, len(x) + 1)))
         out.append(TokenValueExample(x, start, targets, pid))
     return out
 

@@ -79,8 +79,10 @@ def critic_examples(labels, c: CriticConfig, is_delim, seed: int
                               step_ends=lambda ids: split_steps(ids, is_delim),
                               action_states=c.action_states and not c.token_targets,
                               rollout_prefixes=c.rollout_prefixes and not c.token_targets)
-    held = [e for e in examples if heldout(e.problem_id, c.heldout_fraction) and e.is_state]
-    train_states = [e for e in examples if not heldout(e.problem_id, c.heldout_fraction) and e.is_state]
+    held, train_states = [], []
+    for e in examples:
+        if e.is_state:
+            (held if heldout(e.problem_id, c.heldout_fraction) else train_states).append(e)
     if c.token_targets:
         examples = token_value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"],
                                         cols["rollout_ids"])
@@ -148,8 +150,9 @@ class CriticTrainer(Trainer):
         targets = inputs["targets"]
         if targets.dim() == 2:  # token targets: the mean over every target of the batch
             logits = critic_token_logits(model, inputs["sequences"], self.pad_id)
-            keep = ~torch.isnan(targets).to(logits.device)
-            logits, targets = logits[keep], targets.to(logits.device)[keep]
+            targets = targets.to(logits.device)
+            keep = ~torch.isnan(targets)
+            logits, targets = logits[keep], targets[keep]
         else:
             logits = critic_logits(model, inputs["sequences"], self.pad_id, inputs["prefix_lens"])
         loss = critic_loss(logits, targets.to(logits.device))

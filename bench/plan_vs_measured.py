@@ -82,17 +82,18 @@ def compare(run: Path, n_pilot: int, given: Throughput | None = None) -> tuple[s
     processes = json.loads((run / "iter-1/critic/stepdapo_critic.json").read_text()).get("processes", 1)
     timings = json.loads((run / "timings.json").read_text())
     # the probe, as `stepdapo plan --probe` runs it (tokenizer and shapes as make_plan makes them)
-    from stepdapo.models import char_tokenizer
+    from stepdapo.models import char_tokenizer, load_tokenizer
     from stepdapo.tasks import get_task
 
-    tok = char_tokenizer() if cfg.model is None else None
+    tok = char_tokenizer() if cfg.model is None else load_tokenizer(cfg.model)
     task = get_task(cfg.task)
     train, _ = shapes(task, tok, task.problems("train")[:cfg.states.n_problems], 8, cfg.states.max_new_tokens)
     load = os.getloadavg()[0]  # the probe shares the CPU with whatever else runs: say how busy it was
     t = given or probe(cfg, train, tok)
     thr = Throughput(t.gen_tok_s * processes, t.train_tok_s * processes, t.forward_tok_s * processes,
                      source=t.source + (f"; x {processes} processes" if processes > 1 else ""))
-    policy = run / "sft" if cfg.model is None else Path(cfg.model)
+    # the starting policy: the bootstrapped model (the tiny one, or the config's model fine-tuned)
+    policy = run / "sft" if cfg.model is None or cfg.bootstrap.finetune_model else Path(cfg.model)
     assumed, notes, sampled = pilot(cfg, str(policy), n_pilot)
     upper = make_plan(cfg, thr, processes=processes)
     piloted = make_plan(cfg, thr, assumed, processes=processes, sampled=sampled)

@@ -591,7 +591,7 @@ def probe(cfg: RunConfig, train: list[Shape], tokenizer, budget_s: float = 3.0) 
     several)."""
     import torch
 
-    from stepdapo.generation import HFGenerator, SamplingParams
+    from stepdapo.generation import HFGenerator, SamplingParams, hf_sampling_dtype
     from stepdapo.models import load_policy, set_threads, tiny_llama
 
     set_threads(cfg.threads)
@@ -599,16 +599,20 @@ def probe(cfg: RunConfig, train: list[Shape], tokenizer, budget_s: float = 3.0) 
         model = tiny_llama(tokenizer, cfg.bootstrap.model, seed=cfg.seed)
     else:
         model, tokenizer = load_policy(cfg.model)
-    small = sum(p.numel() for p in model.parameters()) < 3e7
+    # up to ~300M parameters (SmolLM2-135M on a CPU: ~30 s) the probe samples and trains batches
+    # as large as the run's, whose rates depend on the batch; bigger models probe small batches
+    small = sum(p.numel() for p in model.parameters()) < 3e8
     prompt = [tokenizer.bos_token_id or 0] * max(1, round(mean(s.prompt for s in train)))
     # whole solutions: a rollout from a deeper state is shorter but starts from a longer state
     new = max(2, min(cfg.label.max_new_tokens, round(mean(s.ends[-1] for s in train))))
-    # sampling like the labels stage: label.batch_size rows of `rollouts` samples per state
+    # sampling like the labels stage: label.batch_size rows of `rollouts` samples per state, in the
+    # sampler's dtype (generation.dtype)
     rows = cfg.label.batch_size if small else min(cfg.label.batch_size, 8)
     n = min(cfg.label.rollouts, rows)
+    model.to(hf_sampling_dtype(cfg.generation))
     gen = HFGenerator(model, tokenizer, batch_size=rows, progress=False)
     gen.eos_ids = torch.tensor([-1])  # no EOS: every row generates `new` tokens
-    gen.generate([prompt] * max(1, rows // n), n, SamplingParams(max_new_tokens=new, seed=0))  # warm-up
+    gen.generate([prompt] * max(1, min(rows, 8) // n), n, SamplingParams(max_new_tokens=new, seed=0))  # warm-up
     stats = []
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < budget_s / 3 or not stats:
@@ -621,7 +625,7 @@ def probe(cfg: RunConfig, train: list[Shape], tokenizer, budget_s: float = 3.0) 
     batch = cfg.critic.batch_size if small else min(cfg.critic.batch_size, 4)
     length = max(2, round(padded_length([(s.prompt + s.ends[-1], 1.0) for s in train], batch)))
     ids = torch.randint(3, len(tokenizer), (batch, length))
-    model.train()
+    model.float().train()  # the trainers keep float32 weights (bf16 is autocast)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def step():

@@ -103,7 +103,7 @@ def compare(run: Path, n_pilot: int, given: Throughput | None = None) -> tuple[s
              f"tok/s, forward {thr.forward_tok_s:,.0f} tok/s (1-minute load average before the probe: "
              f"{load:.2f} on {os.cpu_count()} cores).", "",
              f"Pilot ({n_pilot} problems of {policy}): " + ", ".join(f"{k} {v:.3f}" for k, v in vars(assumed).items()
-                                                                if k != "steps_per_solution") + ".", "",
+                                                                if k not in ("steps_per_solution", "train_problems")) + ".", "",
              "### Counts", "",
              "| stage | quantity | measured | plan, upper bounds | ratio | plan, pilot | ratio |",
              "|---|---|---:|---:|---:|---:|---:|"]

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from stepdapo.config import load_config
-from stepdapo.plan import Throughput, make_plan, pilot, probe, shapes
+from stepdapo.plan import COUNTS, Throughput, make_plan, pilot, probe, shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def compare(run: Path, n_pilot: int, given: Throughput | None = None) -> tuple[s
              f"tok/s, forward {thr.forward_tok_s:,.0f} tok/s (1-minute load average before the probe: "
              f"{load:.2f} on {os.cpu_count()} cores).", "",
              f"Pilot ({n_pilot} problems of {policy}): " + ", ".join(f"{k} {v:.3f}" for k, v in vars(assumed).items()
-                                                                if k not in ("steps_per_solution", "train_problems")) + ".", "",
+                                                                if k not in COUNTS) + ".", "",
              "### Counts", "",
              "| stage | quantity | measured | plan, upper bounds | ratio | plan, pilot | ratio |",
              "|---|---|---:|---:|---:|---:|---:|"]

@@ -511,7 +511,7 @@ def hf_sampling_dtype(engine) -> torch.dtype:
     """The dtype the HF sampler loads the policy in: float32 unless `generation.dtype` asks for
     bfloat16 / float16 (on a CPU with AMX, bf16 decoding of SmolLM2 runs ~1.4x float32's tokens/s;
     the training stages recompute every log-prob they use, so only the samples change)."""
-    dtype = getattr(engine, "dtype", "auto") if engine is not None else "auto"
+    dtype = getattr(engine, "dtype", "auto")  # no engine (None): float32
     return torch.float32 if dtype in ("auto", "float32") else getattr(torch, dtype)
 
 

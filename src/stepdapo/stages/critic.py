@@ -302,12 +302,11 @@ def check_critic(heldout: dict, min_gain: float, min_ranking: float = 0.0) -> st
     beat the constant by learning how far along a solution is while not telling siblings apart."""
     if heldout.get("bce") is None:
         return None
-    auc_ = heldout.get("auc_mc0_vs_positive")
-    auc_text = "–" if auc_ is None else f"{auc_:.2f}"
     if heldout["bce"] > heldout["bce_constant"] - min_gain:
+        auc_ = heldout.get("auc_mc0_vs_positive")
         return (f"the critic is no better than a constant: held-out BCE {heldout['bce']:.3f} against the constant "
                 f"prediction's {heldout['bce_constant']:.3f} (needs at least {min_gain} below it; AUC "
-                f"{auc_text}), so its advantages would be noise")
+                f"{'–' if auc_ is None else f'{auc_:.2f}'}), so its advantages would be noise")
     rank = heldout.get("step_ranking") or {}
     if rank.get("right_above_wrong") is not None and rank["pairs"] >= RANKING_MIN_PAIRS \
             and rank["right_above_wrong"] < min_ranking:

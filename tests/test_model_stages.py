@@ -279,8 +279,10 @@ def test_check_critic():
 
 def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
     """A whole tiny run whose critic cannot pass (min_bce_gain 100): the report leads with the
-    warning, and the advantages came from the Monte-Carlo values, not from the failed critic. The
-    run starts from a given model fine-tuned first (bootstrap.finetune_model), to cover that path."""
+    warning, the advantages came from the Monte-Carlo values, not from the failed critic, and the
+    next iteration's critic starts from the new policy (critic.epochs), not from the failed one
+    (continue_epochs). The run starts from a given model fine-tuned first (bootstrap.finetune_model),
+    to cover that path."""
     from stepdapo.config import TinyModelConfig
     from stepdapo.models import tiny_llama
     from stepdapo.pipeline import run as run_pipeline
@@ -292,7 +294,8 @@ def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
     cfg = load_config(None, TINY + [f"model={tmp_path / 'given'}", "bootstrap.finetune_model=true",
                                     "states.n_problems=30", "label.rollouts=8", "critic.epochs=1",
                                     "critic.heldout_fraction=0.3", "critic.min_bce_gain=100", "actor.epochs=1",
-                                    "eval.limit=40", "eval.samples=1", "eval.k=1", "iterations=1", "baseline.dpo=false"])
+                                    "critic.continue_epochs=2", "eval.limit=40", "eval.samples=1", "eval.k=1",
+                                    "iterations=2", "baseline.dpo=false"])
     assert cfg.advantages.source == "critic"
     report = run_pipeline(cfg, tmp_path / "run", progress=False)
     assert report["iterations"][0]["model"] == str(tmp_path / "run" / "sft")  # DAPO starts from the fine-tuned model
@@ -300,6 +303,10 @@ def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
     it = report["iterations"][1]
     assert "no better than a constant" in it["critic"]["warning"] and "Monte-Carlo" in it["critic"]["warning"]
     assert it["advantages"]["source"] == "mc"
+    assert "starts afresh from the new policy" in it["critic"]["warning"]
+    it2 = report["iterations"][2]
+    assert it2["critic"]["init"] == str(tmp_path / "run" / "iter-1" / "actor") and it2["critic"]["epochs"] == 1
+    assert "starts afresh" not in it2["critic"]["warning"]  # no next iteration
     md = (tmp_path / "run" / "report.md").read_text()
     assert md.index("WARNING: critic check failed") < md.index("## Test accuracy")
 

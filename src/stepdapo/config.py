@@ -229,7 +229,8 @@ class CriticConfig(Section):
     states."""
     init: Literal["policy", "previous"] = "previous"
     """"policy" initialises the backbone from the current policy (the paper); "previous" continues
-    from the last iteration's critic when there is one."""
+    from the last iteration's critic when there is one and it passed its check (a failed critic is
+    not continued: the next one starts from the new policy, for `epochs`)."""
     lora_r: int = Field(0, ge=0)
     """LoRA rank on the backbone (0: full fine-tuning); the value head is always fully trained. LoRA
     is merged into the saved critic. Not supported yet with FSDP or DeepSpeed ZeRO-3 (DDP is fine)."""

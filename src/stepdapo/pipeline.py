@@ -8,6 +8,7 @@
       iter-1/states/ labels/ critic/ advantages/ actor/ eval/
       iter-1/dpo/ dpo-eval/        the outcome-level DPO baseline on the same samples
       iter-2/...                   pi_ref <- iter-1's actor; the critic continues from iter-1's
+                                   (from iter-1's actor if iter-1's critic failed its check)
       timings.json                 wall seconds of each stage (of the run that did its work)
       report.json report.md *.png
 
@@ -93,11 +94,13 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         init = critic_init if cfg.critic.init == "previous" else policy
         critic = stage(f"iter-{k}/critic", lambda: run_critic(cfg, init, d / "labels", d / "critic", task, progress))
         it["critic"] = {key: v for key, v in critic.items() if key != "fingerprint"}
-        adv_cfg = cfg
+        adv_cfg, critic_passed = cfg, True
         if (problem := check_critic(critic["heldout"], cfg.critic.min_bce_gain, cfg.critic.min_step_ranking)) is not None:
             fallback = cfg.critic.fallback == "mc" and cfg.advantages.source == "critic"
+            critic_passed = False
             it["critic"]["warning"] = problem + (
-                "; the advantages use the Monte-Carlo values of s + a instead (critic.fallback=mc)" if fallback else "")
+                "; the advantages use the Monte-Carlo values of s + a instead (critic.fallback=mc)" if fallback else "") + (
+                "; the next iteration's critic starts afresh from the new policy" if k < cfg.iterations else "")
             console.print(f"[bold red]WARNING iteration {k}: {it['critic']['warning']}")
             if fallback:
                 adv_cfg = cfg.model_copy(update={"advantages": cfg.advantages.model_copy(update={"source": "mc"})})
@@ -121,7 +124,9 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         iterations.append(it)
         if "skipped" in it:
             break
-        policy, critic_init = d / "actor", d / "critic"
+        # a critic that failed its check is not continued: the next one starts from the new policy
+        # (the paper's initialisation), with critic.epochs, not continue_epochs
+        policy, critic_init = d / "actor", d / "critic" if critic_passed else d / "actor"
 
     release_engine()
     report = {"config": to_dict(cfg), "iterations": iterations, "timings": timings, "final_model": str(policy)}

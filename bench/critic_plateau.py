@@ -1,10 +1,11 @@
 """Train one critic on a finished run's iteration-1 labels with changed settings (the plateau study).
 
     python bench/critic_plateau.py RUN_DIR OUT_DIR [--init MODEL_DIR] [--zero-head] [--reinit-top K]
-        [--freeze-backbone] [--threads N] [key=value ...]
+        [--freeze-backbone] [--attention-dropout P] [--sum-pooled] [--threads N] [key=value ...]
 
 Same labels, same held-out split; `--init` swaps the backbone the critic starts from (default: the
-run's bootstrapped SFT model), `--zero-head` zero-initialises the value head, overrides change
+run's bootstrapped SFT model), `--zero-head` zero-initialises the value head, `--sum-pooled` makes
+the critic's logit the sum of the head over every position (training and evaluation), overrides change
 anything in `critic.*` or the seed. Prints the held-out metrics as one JSON line; results of the
 study are in bench/results/critic-plateau.md.
 """
@@ -42,6 +43,9 @@ def main():
     ap.add_argument("--zero-head", action="store_true")
     ap.add_argument("--reinit-top", type=int, default=0, help="re-initialise the backbone's top K layers")
     ap.add_argument("--freeze-backbone", action="store_true", help="train the value head alone (a linear probe)")
+    ap.add_argument("--attention-dropout", type=float, default=0.0, help="dropout on the attention weights")
+    ap.add_argument("--sum-pooled", action="store_true",
+                    help="the critic's logit is the sum of the head over every position, not the last one's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -57,6 +61,21 @@ def main():
         after_load(reinit)
     if args.freeze_backbone:
         after_load(lambda model: [p.requires_grad_(name.startswith("score")) for name, p in model.named_parameters()])
+    if args.attention_dropout:
+        def dropout(model):
+            for layer in model.base_model.layers:
+                layer.self_attn.attention_dropout = args.attention_dropout
+
+        after_load(dropout)
+    if args.sum_pooled:  # every use of the critic (training, held-out values, ranking) goes through these two
+        import stepdapo.models as models
+        from stepdapo.models import critic_token_logits, pad_right
+
+        def summed(model, sequences, pad_id, prefix_lens=None):
+            mask = pad_right(sequences, pad_id)[1].to(next(model.parameters()).device)
+            return (critic_token_logits(model, sequences, pad_id) * mask).sum(1)
+
+        critic_stage.critic_logits = models.critic_logits = summed
     history = []
     train = critic_stage.train_critic
 

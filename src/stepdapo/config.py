@@ -274,6 +274,11 @@ class CriticConfig(Section):
     loss for a given batch, far fewer tokens, but each batch holds few states, which changes the
     optimisation (more correlated batches); off until measured on the critic's quality."""
 
+    def training_epochs(self, continuing: bool) -> float:
+        """The passes a critic trains for: `continue_epochs` when it continues a previous
+        iteration's critic (and that is set), else `epochs`."""
+        return self.continue_epochs if continuing and self.continue_epochs is not None else self.epochs
+
 
 class AdvantagesConfig(Section):
     """Stage 4: advantages of the candidate actions (see stages/advantages.py)."""

@@ -308,8 +308,8 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
     if C.max_examples is not None:
         train_ex = min(train_ex, C.max_examples)
     pad = padded_length(critic_lengths, C.batch_size)
-    continuing = k > 1 and C.init == "previous" and C.continue_epochs is not None
-    epochs = C.continue_epochs if continuing else C.epochs
+    continuing = k > 1 and C.init == "previous"  # planned as if every critic passes its check
+    epochs = C.training_epochs(continuing)
     steps = optimizer_steps(train_ex / (C.batch_size * C.grad_accum) * epochs)
     rows = steps * C.batch_size * C.grad_accum
     held, train_states = C.heldout_fraction * states, (1 - C.heldout_fraction) * states
@@ -320,7 +320,7 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
                     notes=[f"{examples:,.0f} value examples, {train_ex:,.0f} train; {steps} steps of "
                            f"{C.batch_size} x {epochs:g} epochs, padded to ~{pad:.0f} tokens"
                            + (f"; continues iteration {k - 1}'s critic, or, if that one fails its check, trains "
-                              f"afresh for {C.epochs:g} epochs" if continuing else "")
+                              f"afresh for {C.epochs:g} epochs" if epochs != C.epochs else "")
                            + ("; critic.shared_prefix is not modelled: every example counted in full (an "
                               "upper bound)" if C.shared_prefix else "")],
                     counts={"value_examples": examples, "train_examples": train_ex, "steps": steps}))

@@ -371,7 +371,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
         resume = stage.last_checkpoint()
         # 4 checkpoints, the last one kept: a killed critic resumes from it
         continuing = (Path(init) / stage.summary_name).is_file()  # init is a critic this stage saved
-        epochs = c.continue_epochs if continuing and c.continue_epochs is not None else c.epochs
+        epochs = c.training_epochs(continuing)
         args = training_args(stage.checkpoints, steps=train_steps(len(train), c.batch_size, epochs, c.grad_accum),
                              batch_size=c.batch_size, batch_key="critic.batch_size", grad_accum=c.grad_accum, lr=c.lr,
                              lr_scheduler=c.lr_scheduler, warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay,

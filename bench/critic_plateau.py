@@ -69,11 +69,12 @@ def main():
         after_load(dropout)
     if args.sum_pooled:  # every use of the critic (training, held-out values, ranking) goes through these two
         import stepdapo.models as models
-        from stepdapo.models import critic_token_logits, pad_right
+        from stepdapo.models import critic_token_logits
 
         def summed(model, sequences, pad_id, prefix_lens=None):
-            mask = pad_right(sequences, pad_id)[1].to(next(model.parameters()).device)
-            return (critic_token_logits(model, sequences, pad_id) * mask).sum(1)
+            logits = critic_token_logits(model, sequences, pad_id)  # [B, T], right-padded
+            lengths = torch.tensor([len(x) for x in sequences], device=logits.device)
+            return (logits * (torch.arange(logits.shape[1], device=logits.device) < lengths[:, None])).sum(1)
 
         critic_stage.critic_logits = models.critic_logits = summed
     history = []

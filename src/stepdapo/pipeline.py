@@ -94,10 +94,9 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         init = critic_init if cfg.critic.init == "previous" else policy
         critic = stage(f"iter-{k}/critic", lambda: run_critic(cfg, init, d / "labels", d / "critic", task, progress))
         it["critic"] = {key: v for key, v in critic.items() if key != "fingerprint"}
-        adv_cfg, critic_passed = cfg, True
+        adv_cfg = cfg
         if (problem := check_critic(critic["heldout"], cfg.critic.min_bce_gain, cfg.critic.min_step_ranking)) is not None:
             fallback = cfg.critic.fallback == "mc" and cfg.advantages.source == "critic"
-            critic_passed = False
             it["critic"]["warning"] = problem + (
                 "; the advantages use the Monte-Carlo values of s + a instead (critic.fallback=mc)" if fallback else "") + (
                 "; the next iteration's critic starts afresh from the new policy" if k < cfg.iterations else "")
@@ -126,7 +125,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
             break
         # a critic that failed its check is not continued: the next one starts from the new policy
         # (the paper's initialisation), with critic.epochs, not continue_epochs
-        policy, critic_init = d / "actor", d / "critic" if critic_passed else d / "actor"
+        policy, critic_init = d / "actor", d / "critic" if problem is None else d / "actor"
 
     release_engine()
     report = {"config": to_dict(cfg), "iterations": iterations, "timings": timings, "final_model": str(policy)}

@@ -4,7 +4,9 @@
         [--freeze-backbone] [--attention-dropout P] [--sum-pooled] [--threads N] [key=value ...]
 
 Same labels, same held-out split; `--init` swaps the backbone the critic starts from (default: the
-run's bootstrapped SFT model), `--zero-head` zero-initialises the value head, `--sum-pooled` makes
+run's bootstrapped SFT model). The flags below change a critic with a value head alone
+(`critic.log_ratio_beta=0`, as in the first three rounds of the study): `--zero-head`
+zero-initialises the value head, `--sum-pooled` makes
 the critic's logit the sum of the head over every position (training and evaluation), overrides change
 anything in `critic.*` or the seed. Prints the held-out metrics as one JSON line; results of the
 study are in bench/results/critic-plateau.md.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 
 import torch
 
@@ -71,7 +74,7 @@ def main():
         import stepdapo.models as models
         from stepdapo.models import critic_token_logits
 
-        def summed(model, sequences, pad_id, prefix_lens=None):
+        def summed(model, sequences, pad_id, prefix_lens=None, prompt_lens=None):
             logits = critic_token_logits(model, sequences, pad_id)  # [B, T], right-padded
             lengths = torch.tensor([len(x) for x in sequences], device=logits.device)
             return (logits * (torch.arange(logits.shape[1], device=logits.device) < lengths[:, None])).sum(1)
@@ -87,6 +90,9 @@ def main():
 
     critic_stage.train_critic = keep_history
     cfg = load_config(f"{args.run_dir}/config.yaml", args.overrides)
+    if cfg.critic.log_ratio_beta > 0 and (args.zero_head or args.reinit_top or args.freeze_backbone
+                                          or args.attention_dropout or args.sum_pooled):
+        sys.exit("these flags change a critic with a value head alone: add critic.log_ratio_beta=0")
     shutil.rmtree(args.out_dir, ignore_errors=True)
     s = critic_stage.run_critic(cfg, args.init or f"{args.run_dir}/sft", f"{args.run_dir}/iter-1/labels",
                                 args.out_dir, get_task(cfg.task), progress=False)

@@ -125,8 +125,10 @@ class KillAtFirstCheckpoint(TrainerCallback):
 
 
 @pytest.mark.parametrize("name,trainer,metric,extra", [
-    ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], []),
-    ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], ["critic.shared_prefix=true"]),  # state-wise batches
+    ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], []),  # the log-ratio critic
+    ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], ["critic.log_ratio_beta=0"]),  # a value head alone
+    ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"],
+     ["critic.log_ratio_beta=0", "critic.shared_prefix=true"]),  # state-wise batches
     ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], ["critic.token_targets=true"]),  # every token
     ("actor", "DAPOTrainer", lambda s: s["final_loss"], [])])
 def test_killed_trainer_resumes_from_its_checkpoint(name, trainer, metric, extra, inputs, tmp_path, monkeypatch):

@@ -83,7 +83,16 @@ def test_counts_match_hand_computed_values():
     # reference and final log-probs, each state once for its 3 actions (actor.shared_prefix, the default);
     # the actions: 3 steps of 6 tokens, then "A=r</s>" of 4
     assert act["forward_tokens"] == 2 * 10 * ((P + 2 * ((P + 6) + (P + 12) + (P + 18))) + 3 * (6 + 2 * (6 + 6 + 4)))
-    assert adv["forward_tokens"] == 10 * ((P + 3 * 6) + 2 * ((P + 6) + 3 * 6) + 2 * ((P + 12) + 3 * 6))
+    # the log-ratio critic (the default) scores every s + a whole, through pi_theta and pi_ref
+    assert adv["forward_tokens"] == 2 * 10 * (3 * (P + 6) + 2 * 3 * (P + 12) + 2 * 3 * (P + 18))
+    head_only = plan_of(small_cfg("critic.log_ratio_beta=0"))
+    # a value head alone: each state once for its 3 actions (advantages.shared_prefix)
+    assert stage(head_only, "iter-1/advantages")["forward_tokens"] == \
+        10 * ((P + 3 * 6) + 2 * ((P + 6) + 3 * 6) + 2 * ((P + 12) + 3 * 6))
+    # and no pi_ref forward pass in training (a third of a trained token's FLOPs)
+    head_cr = stage(head_only, "iter-1/critic")
+    assert cr["trained_tokens"] == pytest.approx(4 / 3 * head_cr["trained_tokens"])
+    assert cr["forward_tokens"] == pytest.approx(2 * head_cr["forward_tokens"])
 
     dpo = stage(plan, "iter-1/dpo")  # at most keep - 1 = 1 pair per problem
     assert dpo["forward_tokens"] == 10 * (P + 2 * L)  # the prompt once for both solutions (shared_prefix)
@@ -115,9 +124,10 @@ def test_critic_grad_accum_and_continue_epochs():
 
 
 def test_without_shared_prefix_every_row_is_counted_in_full():
+    # (a value head alone: the log-ratio critic always scores whole rows)
     plan = plan_of(small_cfg("actor.shared_prefix=false", "advantages.shared_prefix=false",
-                             "baseline.shared_prefix=false"))
-    shared = plan_of(small_cfg())
+                             "baseline.shared_prefix=false", "critic.log_ratio_beta=0"))
+    shared = plan_of(small_cfg("critic.log_ratio_beta=0"))
     assert stage(plan, "iter-1/actor")["forward_tokens"] == 2 * 10 * 3 * ((P + 6) + 2 * ((P + 12) + (P + 18) + (P + 22)))
     assert stage(plan, "iter-1/advantages")["forward_tokens"] == 10 * 3 * ((P + 6) + 2 * ((P + 12) + (P + 18)))
     assert stage(plan, "iter-1/dpo")["forward_tokens"] == 2 * 10 * (P + L)

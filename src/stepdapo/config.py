@@ -192,10 +192,10 @@ class LabelConfig(Section):
 
 
 class CriticConfig(Section):
-    """Stage 3: the critic V(s) = sigmoid(scalar head on the policy's backbone), trained with binary
-    cross-entropy on the soft Monte-Carlo targets."""
+    """Stage 3: the critic V(s) = sigmoid(a value head on the policy's backbone, plus the log-ratio
+    term of `log_ratio_beta`), trained with binary cross-entropy on the soft Monte-Carlo targets."""
 
-    epochs: float = Field(10.0, gt=0)
+    epochs: float = Field(3.0, gt=0)
     """passes over the training states."""
     continue_epochs: float | None = Field(None, gt=0)
     """passes when the critic continues from a previous iteration's critic (`init: previous`), which
@@ -204,9 +204,9 @@ class CriticConfig(Section):
     """peak learning rate (AdamW)."""
     lr_scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = "constant_with_warmup"
     """the learning-rate schedule. The default keeps the rate constant after warmup: on the built-in
-    task the critic sits on a plateau (depth-only features) for about four epochs before it learns
-    to check the arithmetic, and a decaying rate often never leaves it; 1e-3 and up, or batches of
-    16, never leave it either (bench/results/critic-plateau.md)."""
+    task a critic without the log-ratio term sits on a plateau (depth-only features) for about four
+    epochs before it learns to check the arithmetic, and a decaying rate often never leaves it
+    (bench/results/critic-plateau.md)."""
     batch_size: int = Field(64, ge=1)
     """examples per micro-batch, over all processes: each of N processes takes batch_size / N, so it
     must be a multiple of N."""
@@ -268,11 +268,30 @@ class CriticConfig(Section):
     on the built-in task it left the plateau after ~300 steps instead of ~600 on one seed (half the
     time), but with 8 rollouts it stayed on the plateau where the step-level examples did not
     (bench/results/critic-plateau.md)."""
+    log_ratio_beta: float = Field(1.0, ge=0)
+    """weight of the log-ratio term: the critic's logit is its value head plus log_ratio_beta times
+    the sum, over the solution's tokens so far, of log pi_critic - log pi_ref, where pi_critic is the
+    critic's own language model (trained with it) and pi_ref the policy it started from, frozen
+    (stepdapo.models.LogRatioCritic). At the start the term is 0: the paper's critic. It lets the
+    critic find a wrong step as an unlikely token instead of learning to re-check every step in its
+    head. On the built-in task: every seed's critic checks the arithmetic (held-out BCE 0.46-0.49
+    against the constant's 0.68, right > wrong 0.94-0.97) after 200-500 steps, where the head alone
+    (0) failed on 2 seeds in 5 after 1633 (bench/results/critic-plateau.md). Costs a forward pass of
+    pi_ref per example, and the critic's directory refers to pi_ref's. 0: the paper's critic, a
+    sequence-classification model."""
     shared_prefix: bool = False
     """batch the examples of a state together (the state, its s + a and rollout prefixes, shuffled
     state by state instead of one by one) and run the state once per batch for all of them: the same
     loss for a given batch, far fewer tokens, but each batch holds few states, which changes the
-    optimisation (more correlated batches); off until measured on the critic's quality."""
+    optimisation (more correlated batches); off until measured on the critic's quality. Needs
+    `log_ratio_beta: 0`."""
+
+    @field_validator("shared_prefix")
+    @classmethod
+    def _shared_prefix_needs_a_head_only_critic(cls, v, info):
+        if v and info.data.get("log_ratio_beta"):
+            raise ValueError("the log-ratio critic runs whole sequences: set critic.log_ratio_beta=0 for shared_prefix")
+        return v
 
     def training_epochs(self, continuing: bool) -> float:
         """The passes a critic trains for: `continue_epochs` when it continues a previous

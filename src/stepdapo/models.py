@@ -109,10 +109,166 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
 
 def load_critic(path: str | os.PathLike):
-    """Load a critic saved by the critic stage (a sequence-classification model, one logit) and its
-    tokenizer."""
+    """Load a critic saved by the critic stage and its tokenizer: a `LogRatioCritic`, or a
+    sequence-classification model with one logit (`critic.log_ratio_beta: 0`)."""
     p = check_model_dir(path)
-    return AutoModelForSequenceClassification.from_pretrained(p).eval(), AutoTokenizer.from_pretrained(p)
+    model = LogRatioCritic.from_pretrained(p) if LogRatioCritic.saved_in(p) else \
+        AutoModelForSequenceClassification.from_pretrained(p)
+    return model.eval(), AutoTokenizer.from_pretrained(p)
+
+
+class LogRatioCritic(torch.nn.Module):
+    """A critic whose logit adds to a value head the log-ratio of the solution so far between its
+    own language model and the frozen reference that language model started from:
+
+        logit V(x) = head(h(x)) + beta * sum over x's solution tokens t of
+                     [log pi_theta(x_t | x_<t) - log pi_ref(x_t | x_<t)]
+
+    h(x) is pi_theta's last hidden state at x's last token, head a linear layer; pi_theta and pi_ref
+    start as the same policy, so the critic starts as the paper's (a value head on the policy).
+    Why: a wrong step is a token the language model can learn to find unlikely, where a value head
+    on the last token must learn to check every earlier step itself. On the built-in task the head
+    alone stays on a depth-only plateau on 2 seeds in 5 (bench/results/critic-plateau.md); with the
+    log-ratio term every seed's critic checks the arithmetic within ~200 steps. The form is the
+    implicit process reward of Yuan et al. 2024 ("Free process rewards without process labels"),
+    here trained on Monte-Carlo values and with the head for what the solution so far cannot show
+    (how hard the rest of the problem is).
+
+    Saved as a plain HF causal LM (pi_theta) with `value_head.safetensors` and
+    `stepdapo_log_ratio_critic.json` (beta and where pi_ref is: its path relative to the critic, so
+    a run directory can move, and its weight files' sizes, checked on loading).
+    """
+
+    META = "stepdapo_log_ratio_critic.json"
+    HEAD = "value_head.safetensors"
+
+    def __init__(self, policy, reference, head: torch.nn.Linear, beta: float, reference_path: str | os.PathLike):
+        super().__init__()
+        self.policy, self.reference, self.head, self.beta = policy, reference, head, beta
+        self.reference_path = Path(reference_path)
+        self.reference.requires_grad_(False).eval()
+        # in training, each sequence's pi_ref log-probs are computed once and kept (CPU): every
+        # later epoch skips pi_ref's forward pass
+        self._reference_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @classmethod
+    def start(cls, policy_path: str | os.PathLike, beta: float, initial_value: float) -> "LogRatioCritic":
+        """A new critic from a policy: pi_theta and pi_ref both that policy, a small head whose bias
+        gives V = initial_value (e.g. the mean training target) everywhere."""
+        policy = AutoModelForCausalLM.from_pretrained(policy_path)
+        reference = AutoModelForCausalLM.from_pretrained(policy_path)
+        hidden = policy.config.get_text_config().hidden_size
+        head = torch.nn.Linear(hidden, 1)
+        v = min(max(initial_value, 1e-4), 1 - 1e-4)
+        with torch.no_grad():
+            head.weight.normal_(0, 0.1 / hidden ** 0.5)
+            head.bias.fill_(float(torch.logit(torch.tensor(v))))
+        return cls(policy, reference, head, beta, policy_path)
+
+    @classmethod
+    def saved_in(cls, path: str | os.PathLike) -> bool:
+        return (Path(path) / cls.META).is_file()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "LogRatioCritic":
+        import json
+
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        meta = json.loads((p / cls.META).read_text())
+        ref = (p / meta["reference"]).resolve()
+        if not (ref / "config.json").is_file() and Path(meta["reference_absolute"], "config.json").is_file():
+            ref = Path(meta["reference_absolute"])
+        if not (ref / "config.json").is_file():
+            raise ModelPathError(f"{p / cls.META}: the critic's reference model {meta['reference']} (relative to the "
+                                 f"critic; it was {meta['reference_absolute']}) is missing: it is the policy the "
+                                 f"critic started from and is needed to compute its values")
+        if _weight_sizes(ref) != meta["reference_weights"]:
+            raise ModelPathError(f"{p / cls.META}: the reference model at {ref} is not the one the critic was trained "
+                                 f"against (its weight files differ)")
+        policy = AutoModelForCausalLM.from_pretrained(p)
+        head_weights = load_file(p / cls.HEAD)
+        head = torch.nn.Linear(head_weights["weight"].shape[1], 1)
+        head.load_state_dict(head_weights)
+        return cls(policy, AutoModelForCausalLM.from_pretrained(ref), head, meta["beta"], ref)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save pi_theta (LoRA merged), the head and the metadata; pi_ref stays where it is."""
+        import json
+
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        policy = self.policy.merge_and_unload() if hasattr(self.policy, "merge_and_unload") else self.policy
+        policy.save_pretrained(p)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, p / self.HEAD)
+        ref = self.reference_path.resolve()
+        (p / self.META).write_text(json.dumps({
+            "beta": self.beta, "reference": os.path.relpath(ref, p.resolve()), "reference_absolute": str(ref),
+            "reference_weights": _weight_sizes(ref)}, indent=1))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reference.eval()  # frozen: never in training mode (dropout)
+        return self
+
+    def token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens) -> torch.Tensor:
+        """The logit at every position p of each right-padded sequence: V's of the prefix x[:p + 1]
+        (causal attention and a running sum), [B, T]."""
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        targets = input_ids[:, 1:, None]
+        logp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, targets).squeeze(-1)
+        ref_logp = self.reference_logps(input_ids, attention_mask)
+        T = input_ids.shape[1]
+        starts = torch.as_tensor(prompt_lens, device=input_ids.device)
+        solution = (torch.arange(1, T, device=input_ids.device)[None, :] >= starts[:, None]) & attention_mask[:, 1:].bool()
+        ratio = torch.where(solution, logp - ref_logp, 0.0)
+        running = torch.cat([ratio.new_zeros(len(ratio), 1), ratio.cumsum(1)], 1)  # sum over tokens 1..p
+        h = out.hidden_states[-1]
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float() + self.beta * running
+
+    @torch.no_grad()
+    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """log pi_ref(x_t | x_<t) for t = 1..T-1 of each right-padded sequence, [B, T-1] (0 past
+        its end); in training mode from the cache where the sequence was seen before."""
+        def run(ids, attn):
+            logits = self.reference(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+        if not self.training:
+            return run(input_ids, attention_mask)
+        lens = attention_mask.sum(1).tolist()
+        keys = [tuple(input_ids[i, :n].tolist()) for i, n in enumerate(lens)]
+        new = [i for i, k in enumerate(keys) if k not in self._reference_cache]
+        if new:
+            width = max(lens[i] for i in new)
+            logps = run(input_ids[new, :width], attention_mask[new, :width]).cpu()
+            for j, i in enumerate(new):
+                self._reference_cache[keys[i]] = logps[j, :lens[i] - 1].clone()
+        out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1)
+        for i, k in enumerate(keys):
+            out[i, :lens[i] - 1] = self._reference_cache[k]
+        return out.to(input_ids.device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens,
+                every_position: bool = False) -> torch.Tensor:
+        """The logit of each right-padded sequence at its last token, [B] (`every_position`: the
+        `token_logits`, [B, T]). Training calls go through here, so that a DDP wrapper sees them."""
+        logits = self.token_logits(input_ids, attention_mask, prompt_lens)
+        if every_position:
+            return logits
+        last = attention_mask.sum(1) - 1
+        return logits[torch.arange(len(last)), last]
+
+
+def is_log_ratio_critic(model) -> bool:
+    """Whether `model` is a LogRatioCritic, or one wrapped for data-parallel training."""
+    return isinstance(getattr(model, "module", model), LogRatioCritic)
+
+
+def _weight_sizes(model_dir: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(Path(model_dir).iterdir()) if f.suffix in (".safetensors", ".bin")}
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,17 +290,22 @@ def value_split(x: list[int], prefix_len: int, pad_id: int) -> int:
     return min(prefix_len, last)
 
 
-def critic_logits(model, sequences: list[list[int]], pad_id: int, prefix_lens: list[int] | None = None) -> torch.Tensor:
+def critic_logits(model, sequences: list[list[int]], pad_id: int, prefix_lens: list[int] | None = None,
+                  prompt_lens: list[int] | None = None) -> torch.Tensor:
     """The critic's logit of each token sequence, differentiable. HF's sequence-classification head
     reads the last token that is not its config's pad_token_id, which `pad_id` must be.
 
     With `prefix_lens`, sequences sharing their first prefix_lens[i] tokens (e.g. a state s and its
     s + a_j) run that prefix once and their continuations on its cached keys/values
-    (stepdapo.logprobs' shared-prefix scheme); the logits are the same as without.
+    (stepdapo.logprobs' shared-prefix scheme); the logits are the same as without. A
+    `LogRatioCritic` needs each sequence's `prompt_lens` and runs whole sequences.
     """
     from stepdapo.logprobs import _run_continuations, _run_prefixes
 
     device = next(model.parameters()).device
+    if is_log_ratio_critic(model):
+        ids, attn = pad_right(sequences, pad_id)
+        return model(ids.to(device), attn.to(device), _prompt_lens(prompt_lens, len(sequences)))
     out = torch.zeros(len(sequences), device=device)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(sequences):
@@ -175,12 +336,21 @@ def value_head(model) -> torch.nn.Module:
     raise ValueError(f"{type(model).__name__}: no value head named score or classifier")
 
 
-def critic_token_logits(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+def _prompt_lens(prompt_lens: list[int] | None, n: int) -> list[int]:
+    if prompt_lens is None or len(prompt_lens) != n:
+        raise ValueError("a LogRatioCritic needs the prompt length of every sequence (prompt_lens)")
+    return prompt_lens
+
+
+def critic_token_logits(model, sequences: list[list[int]], pad_id: int, prompt_lens: list[int] | None = None
+                        ) -> torch.Tensor:
     """The critic's logit at every position of each (right-padded) sequence, differentiable: [B, T].
     Position p's logit is V's of the prefix x[:p + 1] (causal attention), the same number the
-    sequence-classification head gives for that prefix alone."""
+    sequence-classification head gives for that prefix alone (a `LogRatioCritic` needs `prompt_lens`)."""
     device = next(model.parameters()).device
     ids, attn = pad_right(sequences, pad_id)
+    if is_log_ratio_critic(model):
+        return model(ids.to(device), attn.to(device), _prompt_lens(prompt_lens, len(sequences)), every_position=True)
     seen = []
     hook = value_head(model).register_forward_hook(lambda _m, _i, out: seen.append(out))
     try:  # the head runs on every position before HF pools the last one: keep them all
@@ -192,11 +362,13 @@ def critic_token_logits(model, sequences: list[list[int]], pad_id: int) -> torch
 
 @torch.no_grad()
 def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: int = 512,
-                  prefix_lens: list[int] | None = None) -> list[float]:
+                  prefix_lens: list[int] | None = None, prompt_lens: list[int] | None = None) -> list[float]:
     """V(x) = sigmoid(the critic's logit) for each token sequence x, in batches of similar lengths.
     With `prefix_lens` (e.g. each s + a's state length), batches keep the sequences of a prefix
-    together and compute it once (`critic_logits`)."""
+    together and compute it once (`critic_logits`); a `LogRatioCritic` needs `prompt_lens`."""
     model.eval()
+    if is_log_ratio_critic(model):
+        prompt_lens, prefix_lens = _prompt_lens(prompt_lens, len(sequences)), None  # no shared prefix (yet)
     if prefix_lens is None:  # batches of similar lengths
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     else:  # batches of whole groups, in order of length
@@ -206,7 +378,8 @@ def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: in
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         logits = critic_logits(model, [sequences[i] for i in idx], pad_id,
-                               None if prefix_lens is None else [prefix_lens[i] for i in idx])
+                               None if prefix_lens is None else [prefix_lens[i] for i in idx],
+                               None if prompt_lens is None else [prompt_lens[i] for i in idx])
         for i, v in zip(idx, torch.sigmoid(logits.float()).tolist()):
             out[i] = v
     return out

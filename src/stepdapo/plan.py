@@ -313,20 +313,26 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
     steps = optimizer_steps(train_ex / (C.batch_size * C.grad_accum) * epochs)
     rows = steps * C.batch_size * C.grad_accum
     held, train_states = C.heldout_fraction * states, (1 - C.heldout_fraction) * states
-    out.append(Work(f"iter-{k}/critic", sequences_trained=rows, trained_tokens=rows * pad,
+    # the log-ratio critic also runs pi_ref forward on every sequence: in training a third of a
+    # trained token's FLOPs (2 of 6 per parameter), in scoring a second forward pass
+    log_ratio = C.log_ratio_beta > 0
+    out.append(Work(f"iter-{k}/critic", sequences_trained=rows, trained_tokens=rows * pad * (4 / 3 if log_ratio else 1),
                     # rank 0 then scores the held-out states and up to 2000 training states
-                    forward_tokens=(held + min(2000, train_states)) * per["state_tok"] / per["states"],
+                    forward_tokens=(held + min(2000, train_states)) * per["state_tok"] / per["states"] * (1 + log_ratio),
                     upper_bound=assumed or a.distinct_value_examples == 1.0,
                     notes=[f"{examples:,.0f} value examples, {train_ex:,.0f} train; {steps} steps of "
                            f"{C.batch_size} x {epochs:g} epochs, padded to ~{pad:.0f} tokens"
                            + (f"; continues iteration {k - 1}'s critic, or, if that one fails its check, trains "
                               f"afresh for {C.epochs:g} epochs" if epochs != C.epochs else "")
                            + ("; critic.shared_prefix is not modelled: every example counted in full (an "
-                              "upper bound)" if C.shared_prefix else "")],
+                              "upper bound)" if C.shared_prefix else "")
+                           + ("; with pi_ref's forward passes (critic.log_ratio_beta)" if log_ratio else "")],
                     counts={"value_examples": examples, "train_examples": train_ex, "steps": steps}))
     # with advantages.shared_prefix each state runs once and its actions on its keys/values
+    # (the log-ratio critic runs whole sequences, through pi_theta and pi_ref)
     out.append(Work(f"iter-{k}/advantages",
-                    forward_tokens=N * per["adv_tok_shared" if cfg.advantages.shared_prefix else "adv_tok"],
+                    forward_tokens=2 * N * per["adv_tok"] if log_ratio else
+                    N * per["adv_tok_shared" if cfg.advantages.shared_prefix else "adv_tok"],
                     upper_bound=assumed or a.distinct_actions == 1.0,
                     notes=[f"critic scores {N * per['adv_rows']:,.0f} distinct state+action pairs"],
                     counts={"scored": N * per["adv_rows"], "states_kept": states * a.gap_kept}))

@@ -62,15 +62,18 @@ def action_values(labels: pa.Table, source: str, critic: str | Path | None, toke
             raise StageInputError("advantages.source=critic needs a critic directory")
         model, tok = load_critic(critic)
         model.to(device())
-        cols = labels.select(["ids", "action_ids", "action_terminal"]).to_pydict()
+        cols = labels.select(["ids", "prompt_len", "action_ids", "action_terminal"]).to_pydict()
         state_len: dict[tuple, int] = {}  # each distinct s + a -> the length of (the first) s it extends
-        for s, acts, terms in zip(cols["ids"], cols["action_ids"], cols["action_terminal"]):
+        prompt_len: dict[tuple, int] = {}
+        for s, plen, acts, terms in zip(cols["ids"], cols["prompt_len"], cols["action_ids"], cols["action_terminal"]):
             for a, term in zip(acts, terms):
                 if not term:
                     state_len.setdefault(tuple(s + a), len(s))
+                    prompt_len.setdefault(tuple(s + a), plen)
         keys = sorted(state_len)
         values = critic_values(model, [list(k) for k in keys], tok.pad_token_id,
-                               prefix_lens=[state_len[k] for k in keys] if shared_prefix else None)
+                               prefix_lens=[state_len[k] for k in keys] if shared_prefix else None,
+                               prompt_lens=[prompt_len[k] for k in keys])
         return dict(zip(keys, values))
     if tokenizer is None:
         raise StageInputError("advantages.source=mc needs the policy's tokenizer")

@@ -1,9 +1,13 @@
-"""`stepdapo critic` (stage 3): the value model V(s) = sigmoid(scalar head on the backbone).
+"""`stepdapo critic` (stage 3): the value model V(s) = sigmoid(logit).
 
-The critic is an `AutoModelForSequenceClassification(num_labels=1)` initialised from the policy (or
-from the previous iteration's critic), trained with `critic_loss` (BCE against the soft MC targets)
-by a `transformers.Trainer`, and saved as a standard HF artifact: one `from_pretrained` call reloads
-it. Training examples are the labelled states and, with `action_states`, the action-extended states
+The critic is initialised from the policy (or from the previous iteration's critic) and trained
+with `critic_loss` (BCE against the soft MC targets) by a `transformers.Trainer`. Its logit is a
+value head on the last token plus, with `critic.log_ratio_beta` > 0 (the default), beta times the
+log-ratio of the solution so far between the critic's own language model and the frozen policy it
+started from (`stepdapo.models.LogRatioCritic`: saved as that language model, the head and a note
+of where the reference is; `load_critic` reloads it). With `log_ratio_beta: 0` it is the paper's
+critic, an `AutoModelForSequenceClassification(num_labels=1)` saved as a standard HF artifact.
+Training examples are the labelled states and, with `action_states`, the action-extended states
 s+a where the advantage stage queries the critic: their label pools the outcomes of the rollouts that
 began with a (and the rollouts from s+a itself when it is also a state), all unbiased samples of
 V^{pi_ref}(s+a); with `rollout_prefixes`, every step boundary of every rollout likewise
@@ -15,7 +19,8 @@ Quality is measured on states of held-out problems, each metric next to the cons
 telling MC = 0 states from MC > 0 ones, and, where the task can judge single steps, how often the
 critic scores a right next step above a wrong one at the same state.
 
-Every process of a data-parallel run trains (the Trainer's DDP / FSDP / DeepSpeed); rank 0 alone
+Every process of a data-parallel run trains (the Trainer's DDP / FSDP / DeepSpeed; the log-ratio
+critic: DDP only, for now); rank 0 alone
 evaluates the saved critic and draws the plot. The Trainer checkpoints 4 times (the last one kept),
 so a killed critic resumes from its last checkpoint; the summary says from which step.
 
@@ -41,6 +46,7 @@ from stepdapo.errors import StageInputError
 from stepdapo.generation import delimiter_token_mask, split_steps
 from stepdapo.losses import critic_loss
 from stepdapo.models import (
+    LogRatioCritic,
     check_model_dir,
     critic_logits,
     critic_token_logits,
@@ -48,7 +54,7 @@ from stepdapo.models import (
     load_critic,
     model_fingerprint,
 )
-from stepdapo.runner import ModelStage, on_main, stage_fingerprint
+from stepdapo.runner import ModelStage, is_main, on_main, stage_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.training import (
     check_lora_supported,
@@ -93,18 +99,26 @@ def critic_examples(labels, c: CriticConfig, is_delim, seed: int
     return train, held, train_states
 
 
+def prompt_lengths(labels) -> dict[str, int]:
+    """Each problem's prompt length in tokens (every sequence of a problem starts with its prompt):
+    where the log-ratio critic's sum over the solution starts."""
+    return dict(zip(labels.column("problem_id").to_pylist(), labels.column("prompt_len").to_pylist()))
+
+
 class _ValueCollator:
-    def __init__(self, shared_prefix: bool):
-        self.shared_prefix = shared_prefix
+    def __init__(self, shared_prefix: bool, prompt_len: dict[str, int] | None = None):
+        self.shared_prefix, self.prompt_len = shared_prefix, prompt_len
 
     def __call__(self, examples: list[ValueExample] | list[TokenValueExample]) -> dict:
+        prompt_lens = None if self.prompt_len is None else [self.prompt_len[e.problem_id] for e in examples]
         if isinstance(examples[0], TokenValueExample):  # targets [B, T], NaN where there is none
             T = max(len(e.input_ids) for e in examples)
             targets = torch.full((len(examples), T), float("nan"))
             for i, e in enumerate(examples):
                 targets[i, e.start:e.start + len(e.targets)] = torch.tensor(e.targets)
-            return {"sequences": [list(e.input_ids) for e in examples], "prefix_lens": None, "targets": targets}
-        return {"sequences": [list(e.input_ids) for e in examples],
+            return {"sequences": [list(e.input_ids) for e in examples], "prefix_lens": None, "targets": targets,
+                    "prompt_lens": prompt_lens}
+        return {"sequences": [list(e.input_ids) for e in examples], "prompt_lens": prompt_lens,
                 # a state shares all but its last token with its s + a and rollout prefixes: the
                 # head reads each example's own last token, which must lie after the shared part
                 "prefix_lens": [e.state_len - 1 for e in examples] if self.shared_prefix else None,
@@ -134,8 +148,11 @@ class _StateGroupedSampler(torch.utils.data.Sampler):
 
 
 class CriticTrainer(Trainer):
-    """A Trainer whose loss is `critic_loss` on the scalar head's logit; with `shared_prefix`, batches
-    of whole states, each state computed once."""
+    """A Trainer whose loss is `critic_loss` on the critic's logit; with `shared_prefix`, batches of
+    whole states, each state computed once. A LogRatioCritic's checkpoints hold its trained weights
+    (pi_theta and the head, not the frozen pi_ref) in one file."""
+
+    CHECKPOINT = "log_ratio_critic.pt"
 
     def __init__(self, *args, pad_id: int, shared_prefix: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -149,34 +166,83 @@ class CriticTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = inputs["targets"]
         if targets.dim() == 2:  # token targets: the mean over every target of the batch
-            logits = critic_token_logits(model, inputs["sequences"], self.pad_id)
+            logits = critic_token_logits(model, inputs["sequences"], self.pad_id, inputs["prompt_lens"])
             targets = targets.to(logits.device)
             keep = ~torch.isnan(targets)
             logits, targets = logits[keep], targets[keep]
         else:
-            logits = critic_logits(model, inputs["sequences"], self.pad_id, inputs["prefix_lens"])
+            logits = critic_logits(model, inputs["sequences"], self.pad_id, inputs["prefix_lens"], inputs["prompt_lens"])
         loss = critic_loss(logits, targets.to(logits.device))
         return (loss, logits) if return_outputs else loss
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not isinstance(self.model, LogRatioCritic):
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:  # torch.save keeps tied weights tied (safetensors refuses them)
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            trained = {k: v for k, v in self.model.state_dict().items() if not k.startswith("reference.")}
+            torch.save(trained, Path(output_dir) / self.CHECKPOINT)
 
-def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueExample], pad_id: int, c: CriticConfig,
-                 args: TrainingArguments, resume: str | None = None):
-    """A value head on `init`'s backbone (LoRA adapters with `c.lora_r`), trained on `train`
-    (continuing from the Trainer checkpoint `resume`); returns (the Trainer, its TrainOutput)."""
-    torch.manual_seed(args.seed)  # the new value head's initialisation, whatever ran before in the process
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not isinstance(self.model, LogRatioCritic):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state = torch.load(Path(resume_from_checkpoint) / self.CHECKPOINT, map_location="cpu", weights_only=True)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("reference.") for k in missing):
+            raise StageInputError(f"{resume_from_checkpoint}: not a checkpoint of this critic "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def check_log_ratio_supported(trainer: Trainer) -> None:
+    """The log-ratio critic holds two models in one module: not sharded by FSDP / DeepSpeed yet."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        raise StageInputError("the log-ratio critic (critic.log_ratio_beta > 0) with FSDP or DeepSpeed is not "
+                              "supported yet: use data parallel (DDP), or critic.log_ratio_beta=0")
+
+
+def new_critic(init: str | Path, pad_id: int, c: CriticConfig, initial_value: float, continuing: bool):
+    """The critic to train: from a policy, a new one (the paper's initialisation: the policy plus a
+    value head); from a critic the critic stage saved, that critic, to continue. LoRA adapters on the
+    backbone with `c.lora_r`."""
+    from peft import LoraConfig, get_peft_model
+
+    if continuing and LogRatioCritic.saved_in(init) != (c.log_ratio_beta > 0):
+        raise StageInputError(f"{init}: a critic {'with' if LogRatioCritic.saved_in(init) else 'without'} the log-ratio "
+                              f"term cannot be continued with critic.log_ratio_beta={c.log_ratio_beta}: set it back "
+                              f"or start from the policy (critic.init=policy)")
+    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules="all-linear")
+    if c.log_ratio_beta > 0:
+        model = LogRatioCritic.from_pretrained(init) if continuing else \
+            LogRatioCritic.start(init, c.log_ratio_beta, initial_value)
+        model.beta = c.log_ratio_beta
+        if c.lora_r > 0:  # on pi_theta; the head is a plain module, fully trained
+            lora.task_type = "CAUSAL_LM"
+            model.policy = get_peft_model(model.policy, lora)
+        return model
     model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1)
     model.config.pad_token_id = pad_id
     model.config.id2label, model.config.label2id = {0: "value_logit"}, {"value_logit": 0}
     if c.lora_r > 0:  # SEQ_CLS keeps the new value head ("score") fully trainable
-        from peft import LoraConfig, get_peft_model
+        lora.task_type = "SEQ_CLS"
+        model = get_peft_model(model, lora)
+    return model
 
-        model = get_peft_model(model, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                                                 target_modules="all-linear", task_type="SEQ_CLS"))
+
+def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueExample], pad_id: int, c: CriticConfig,
+                 args: TrainingArguments, prompt_len: dict[str, int], continuing: bool = False,
+                 resume: str | None = None):
+    """The critic (`new_critic`) trained on `train` (continuing from the Trainer checkpoint
+    `resume`); returns (the Trainer, its TrainOutput)."""
+    torch.manual_seed(args.seed)  # the new value head's initialisation, whatever ran before in the process
+    targets = [t for e in train for t in ((e.target,) if isinstance(e, ValueExample) else e.targets)]
+    model = new_critic(init, pad_id, c, float(np.mean(targets)), continuing)
     # token targets: one example per rollout, no state shared between examples to group by
     shared = c.shared_prefix and not c.token_targets
-    trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_ValueCollator(shared),
+    trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_ValueCollator(shared, prompt_len),
                             pad_id=pad_id, shared_prefix=shared)
     check_lora_supported(trainer, c.lora_r > 0)
+    if c.log_ratio_beta > 0:
+        check_log_ratio_supported(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
     finish_tracker_run(args.report_to)
     return trainer, result
@@ -251,7 +317,7 @@ def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -
     actions (as the task judges single steps): how often V(s+right) > V(s+wrong) (ties: 1/2)."""
     if not task.supports_step_checks:
         return None
-    pairs_right, pairs_wrong = [], []
+    pairs_right, pairs_wrong, prompt_lens = [], [], []
     cols = {n: labels.column(n).to_pylist() for n in
             ("problem_id", "ids", "prompt_len", "action_ids", "action_terminal", "action_text")}
     for pid, ids, plen, acts, terms, texts in zip(*cols.values()):
@@ -267,9 +333,10 @@ def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -
             for w in wrong.values():
                 pairs_right.append(r)
                 pairs_wrong.append(w)
+                prompt_lens.append(plen)
     if not pairs_right:
         return {"pairs": 0, "right_above_wrong": None}
-    v = critic_values(model, pairs_right + pairs_wrong, tok.pad_token_id)
+    v = critic_values(model, pairs_right + pairs_wrong, tok.pad_token_id, prompt_lens=prompt_lens * 2)
     vr, vw = np.array(v[:len(pairs_right)]), np.array(v[len(pairs_right):])
     return {"pairs": len(pairs_right),
             "right_above_wrong": float(((vr > vw) + 0.5 * (vr == vw)).mean()),
@@ -280,12 +347,16 @@ def evaluate_critic(model, tok, train_states: list[ValueExample], held: list[Val
     """The critic's quality on the held-out states and on (up to 2000) training states, each metric
     next to the constant prediction of the training states' mean target."""
     baseline = float(np.mean([e.target for e in train_states]))
-    q = quality(critic_values(model, [e.input_ids for e in held], tok.pad_token_id), [e.target for e in held], baseline)
+    prompt_len = prompt_lengths(labels)
+
+    def values(examples: list[ValueExample]) -> list[float]:
+        return critic_values(model, [e.input_ids for e in examples], tok.pad_token_id,
+                             prompt_lens=[prompt_len[e.problem_id] for e in examples])
+    q = quality(values(held), [e.target for e in held], baseline)
     problems = {p.id: p for p in task.problems("train")}
     q["step_ranking"] = step_ranking(model, tok, labels, task, problems, {e.problem_id for e in held})
     tr_sample = train_states[:2000]
-    q_train = quality(critic_values(model, [e.input_ids for e in tr_sample], tok.pad_token_id),
-                      [e.target for e in tr_sample], baseline)
+    q_train = quality(values(tr_sample), [e.target for e in tr_sample], baseline)
     return {"constant_prediction": baseline, "heldout": q,
             "train_subset": {k: v for k, v in q_train.items() if k != "calibration"}}
 
@@ -377,8 +448,13 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
                              lr_scheduler=c.lr_scheduler, warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay,
                              logs=10, checkpoints=4, bf16=cfg.bf16, seed=cfg.seed, report_to=cfg.report_to,
                              progress=progress, run_name=str(stage.dir))
-        trainer, result = train_critic(init, train, tok.pad_token_id, c, args, resume)
-        save_trained(trainer, tok, stage.model_dir)
+        trainer, result = train_critic(init, train, tok.pad_token_id, c, args, prompt_lengths(labels), continuing, resume)
+        if isinstance(trainer.model, LogRatioCritic):
+            if is_main():
+                trainer.model.save_pretrained(stage.model_dir)
+                tok.save_pretrained(stage.model_dir)
+        else:
+            save_trained(trainer, tok, stage.model_dir)
         global_step, processes, dev = trainer.state.global_step, trainer.args.world_size, trainer.args.device
         del trainer
         release_memory()

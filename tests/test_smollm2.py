@@ -7,11 +7,12 @@ and sets STEPDAPO_SMOLLM2); without it the test is skipped, saying why.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stepdapo.config import load_config
 from stepdapo.logprobs import batched_sequence_logprobs
-from stepdapo.models import import_model, load_critic, load_policy
+from stepdapo.models import LogRatioCritic, critic_values, import_model, load_critic, load_policy
 from stepdapo.stages.actor import run_actor
 from stepdapo.stages.advantages import read_advantages, run_advantages
 from stepdapo.stages.critic import run_critic
@@ -24,13 +25,14 @@ pytestmark = NEEDS_SMOLLM2
 
 
 def test_smollm2_pipeline_slice(tmp_path):
-    cfg = load_config(ROOT / "configs" / "gsm8k-smollm2.yaml", [
+    overrides = [
         f"model={GGUF}", f"task.gsm8k.train={DATA / 'train.jsonl'}", f"task.gsm8k.test={DATA / 'test.jsonl'}",
         "states.n_problems=2", "states.samples_per_problem=2", "states.keep_per_problem=1",
         "states.max_new_tokens=40", "label.rollouts=2", "label.max_new_tokens=24",
         "critic.max_examples=8", "critic.batch_size=8", "critic.epochs=1",
         "advantages.min_gap=0.0", "actor.states_per_batch=64", "actor.epochs=1", "actor.lora_r=4",
-        "actor.lr=1e-3"])
+        "actor.lr=1e-3"]
+    cfg = load_config(ROOT / "configs" / "gsm8k-smollm2.yaml", overrides)
     torch.set_num_threads(2)
     task = get_task(cfg.task)
     policy = import_model(cfg.model, tmp_path / "base-model")
@@ -47,6 +49,26 @@ def test_smollm2_pipeline_slice(tmp_path):
     assert critic["steps"] == 1
     model, _ = load_critic(tmp_path / "critic")  # LoRA merged: a plain HF artifact
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+    # the log-ratio critic on a real LM: LoRA merged into pi_theta, the chat-templated prompt left
+    # out of the sum (its values against the head plus the sequence log-probs of the solutions)
+    lr_cfg = load_config(ROOT / "configs" / "gsm8k-smollm2.yaml", overrides + ["critic.log_ratio_beta=1"])
+    run_critic(lr_cfg, policy, tmp_path / "labels", tmp_path / "lr-critic", task, progress=False)
+    lr_critic, tok = load_critic(tmp_path / "lr-critic")
+    assert isinstance(lr_critic, LogRatioCritic) and not any("lora" in n for n, _ in lr_critic.named_parameters())
+    ids, plens = table.column("ids").to_pylist(), table.column("prompt_len").to_pylist()
+    got = critic_values(lr_critic, ids, tok.pad_token_id, prompt_lens=plens)
+    deeper = [i for i, (x, p) in enumerate(zip(ids, plens)) if len(x) > p]  # states past the prompt
+    prompts, solutions = [ids[i][:plens[i]] for i in deeper], [ids[i][plens[i]:] for i in deeper]
+    ratio = [0.0] * len(ids)
+    for i, a, b in zip(deeper, batched_sequence_logprobs(lr_critic.policy, prompts, solutions, tok.pad_token_id),
+                       batched_sequence_logprobs(lr_critic.reference, prompts, solutions, tok.pad_token_id)):
+        ratio[i] = a - b
+    with torch.no_grad():
+        head = [lr_critic.head(lr_critic.policy(input_ids=torch.tensor([x]), output_hidden_states=True)
+                               .hidden_states[-1][0, -1]).item() for x in ids]
+    assert got == pytest.approx([float(torch.sigmoid(torch.tensor(h + r))) for h, r in zip(head, ratio)], abs=1e-4)
+    assert max(abs(r) for r in ratio) > 1e-3  # the step moved pi_theta
 
     adv = run_advantages(cfg, tmp_path / "critic", tmp_path / "labels", tmp_path / "advantages", task,
                          progress=False)

@@ -200,6 +200,22 @@ def test_gguf_import_converts_once(inputs, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
+def test_log_ratio_critic_finds_its_reference_after_the_run_directory_moves(inputs, tmp_path):
+    """The critic stage writes a work directory and renames it: the reference is named relative to
+    the published critic, so a moved run directory (policy and critic together) still loads."""
+    import shutil
+
+    shutil.copytree(inputs[0] / "policy", tmp_path / "run" / "policy")
+    d, task, _ = inputs
+    critic.run_critic(CFG, tmp_path / "run" / "policy", d / "labels", tmp_path / "run" / "iter-1" / "critic", task,
+                      progress=False)
+    meta = json.loads((tmp_path / "run" / "iter-1" / "critic" / models.LogRatioCritic.META).read_text())
+    assert meta["reference"] == "../../policy"
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    loaded, _ = models.load_critic(tmp_path / "moved" / "iter-1" / "critic")
+    assert isinstance(loaded, models.LogRatioCritic) and loaded.reference_path == tmp_path / "moved" / "policy"
+
+
 @pytest.mark.parametrize("name", ["critic", "actor"])
 def test_lora_is_merged_into_a_plain_model(name, inputs, tmp_path):
     cfg = load_config(None, TINY + DATA + [f"{name}.lora_r=2", f"{name}.lr=1e-2"])

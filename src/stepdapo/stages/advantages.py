@@ -25,7 +25,7 @@ from stepdapo.algorithms import advantage_gap, distinct_actions, keeps_state, st
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.generation import delimiter_token_mask, split_steps
-from stepdapo.models import critic_values, load_critic, model_fingerprint
+from stepdapo.models import critic_values, is_log_ratio_critic, load_critic, model_fingerprint
 from stepdapo.runner import ShardedStage, device, read_stage, stage_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.stages.states import IDS
@@ -62,10 +62,12 @@ def action_values(labels: pa.Table, source: str, critic: str | Path | None, toke
             raise StageInputError("advantages.source=critic needs a critic directory")
         model, tok = load_critic(critic)
         model.to(device())
-        cols = labels.select(["ids", "prompt_len", "action_ids", "action_terminal"]).to_pydict()
+        cols = labels.select(["ids", "action_ids", "action_terminal"]).to_pydict()
+        # the log-ratio critic sums over the solution's tokens: it needs where each prompt ends
+        plens = labels.column("prompt_len").to_pylist() if is_log_ratio_critic(model) else [None] * len(cols["ids"])
         state_len: dict[tuple, int] = {}  # each distinct s + a -> the length of (the first) s it extends
-        prompt_len: dict[tuple, int] = {}
-        for s, plen, acts, terms in zip(cols["ids"], cols["prompt_len"], cols["action_ids"], cols["action_terminal"]):
+        prompt_len: dict[tuple, int | None] = {}
+        for s, plen, acts, terms in zip(cols["ids"], plens, cols["action_ids"], cols["action_terminal"]):
             for a, term in zip(acts, terms):
                 if not term:
                     state_len.setdefault(tuple(s + a), len(s))
@@ -73,7 +75,7 @@ def action_values(labels: pa.Table, source: str, critic: str | Path | None, toke
         keys = sorted(state_len)
         values = critic_values(model, [list(k) for k in keys], tok.pad_token_id,
                                prefix_lens=[state_len[k] for k in keys] if shared_prefix else None,
-                               prompt_lens=[prompt_len[k] for k in keys])
+                               prompt_lens=[prompt_len[k] for k in keys] if is_log_ratio_critic(model) else None)
         return dict(zip(keys, values))
     if tokenizer is None:
         raise StageInputError("advantages.source=mc needs the policy's tokenizer")

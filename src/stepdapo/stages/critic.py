@@ -214,7 +214,10 @@ def new_critic(init: str | Path, pad_id: int, c: CriticConfig, initial_value: fl
     if c.log_ratio_beta > 0:
         model = LogRatioCritic.from_pretrained(init) if continuing else \
             LogRatioCritic.start(init, c.log_ratio_beta, initial_value)
-        model.beta = c.log_ratio_beta
+        if model.beta != c.log_ratio_beta:  # another beta would rescale what the critic learnt
+            raise StageInputError(f"{init}: a critic trained with critic.log_ratio_beta={model.beta} cannot be "
+                                  f"continued with {c.log_ratio_beta}: set it back or start from the policy "
+                                  f"(critic.init=policy)")
         if c.lora_r > 0:  # on pi_theta; the head is a plain module, fully trained
             lora.task_type = "CAUSAL_LM"
             model.policy = get_peft_model(model.policy, lora)
@@ -451,7 +454,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
         trainer, result = train_critic(init, train, tok.pad_token_id, c, args, prompt_lengths(labels), continuing, resume)
         if isinstance(trainer.model, LogRatioCritic):
             if is_main():
-                trainer.model.save_pretrained(stage.model_dir)
+                trainer.model.save_pretrained(stage.model_dir, published=stage.dir)
                 tok.save_pretrained(stage.model_dir)
         else:
             save_trained(trainer, tok, stage.model_dir)

@@ -274,11 +274,11 @@ class CriticConfig(Section):
     critic's own language model (trained with it) and pi_ref the policy it started from, frozen
     (stepdapo.models.LogRatioCritic). At the start the term is 0: the paper's critic. It lets the
     critic find a wrong step as an unlikely token instead of learning to re-check every step in its
-    head. On the built-in task: every seed's critic checks the arithmetic (held-out BCE 0.46-0.49
-    against the constant's 0.68, right > wrong 0.94-0.97) after 200-500 steps, where the head alone
-    (0) failed on 2 seeds in 5 after 1633 (bench/results/critic-plateau.md). Costs a forward pass of
-    pi_ref per example, and the critic's directory refers to pi_ref's. 0: the paper's critic, a
-    sequence-classification model."""
+    head. On the built-in task: every seed's critic checks the arithmetic (held-out BCE 0.47-0.54
+    against the constant's 0.67-0.69, right > wrong 0.95-0.99) after ~240 steps, where the head
+    alone (0) failed on 2 seeds in 5 after 1633 (bench/results/critic-plateau.md, pipeline.md).
+    Costs a forward pass of pi_ref with every batch, and the critic's directory refers to pi_ref's.
+    0: the paper's critic, a sequence-classification model."""
     shared_prefix: bool = False
     """batch the examples of a state together (the state, its s + a and rollout prefixes, shuffled
     state by state instead of one by one) and run the state once per batch for all of them: the same

@@ -130,14 +130,14 @@ class LogRatioCritic(torch.nn.Module):
     Why: a wrong step is a token the language model can learn to find unlikely, where a value head
     on the last token must learn to check every earlier step itself. On the built-in task the head
     alone stays on a depth-only plateau on 2 seeds in 5 (bench/results/critic-plateau.md); with the
-    log-ratio term every seed's critic checks the arithmetic within ~200 steps. The form is the
+    log-ratio term every seed's critic checks the arithmetic within ~240 steps. The form is the
     implicit process reward of Yuan et al. 2024 ("Free process rewards without process labels"),
     here trained on Monte-Carlo values and with the head for what the solution so far cannot show
     (how hard the rest of the problem is).
 
     Saved as a plain HF causal LM (pi_theta) with `value_head.safetensors` and
     `stepdapo_log_ratio_critic.json` (beta and where pi_ref is: its path relative to the critic, so
-    a run directory can move, and its weight files' sizes, checked on loading).
+    a run directory can move, and an id of its weight files, `_weights_id`, checked on loading).
     """
 
     META = "stepdapo_log_ratio_critic.json"

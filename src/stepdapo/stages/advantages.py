@@ -64,7 +64,8 @@ def action_values(labels: pa.Table, source: str, critic: str | Path | None, toke
         model.to(device())
         cols = labels.select(["ids", "action_ids", "action_terminal"]).to_pydict()
         # the log-ratio critic sums over the solution's tokens: it needs where each prompt ends
-        plens = labels.column("prompt_len").to_pylist() if is_log_ratio_critic(model) else [None] * len(cols["ids"])
+        log_ratio = is_log_ratio_critic(model)
+        plens = labels.column("prompt_len").to_pylist() if log_ratio else [None] * len(cols["ids"])
         state_len: dict[tuple, int] = {}  # each distinct s + a -> the length of (the first) s it extends
         prompt_len: dict[tuple, int | None] = {}
         for s, plen, acts, terms in zip(cols["ids"], plens, cols["action_ids"], cols["action_terminal"]):
@@ -75,7 +76,7 @@ def action_values(labels: pa.Table, source: str, critic: str | Path | None, toke
         keys = sorted(state_len)
         values = critic_values(model, [list(k) for k in keys], tok.pad_token_id,
                                prefix_lens=[state_len[k] for k in keys] if shared_prefix else None,
-                               prompt_lens=[prompt_len[k] for k in keys] if is_log_ratio_critic(model) else None)
+                               prompt_lens=[prompt_len[k] for k in keys] if log_ratio else None)
         return dict(zip(keys, values))
     if tokenizer is None:
         raise StageInputError("advantages.source=mc needs the policy's tokenizer")

@@ -16,6 +16,7 @@ def small_model_dir(tmp_path_factory):
     from stepdapo.stages.bootstrap import bootstrap
 
     out = tmp_path_factory.mktemp("models") / "small"
-    cfg = load_config(None, ["task.arithmetic.n_demos=10000", "bootstrap.batch_size=64"])
+    cfg = load_config(None, ["task.arithmetic.n_demos=10000", "bootstrap.batch_size=64",
+                            "bootstrap.max_rounds=1", "bootstrap.check_problems=100"])
     bootstrap(cfg, out, progress=False)
     return out

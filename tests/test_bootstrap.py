@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 from stepdapo.config import load_config
 from stepdapo.stages.bootstrap import bootstrap
 
-SMALL = ["task.arithmetic.n_demos=640", "bootstrap.batch_size=32", "bootstrap.model.hidden_size=32",
+ONE_ROUND = ["bootstrap.max_rounds=1", "bootstrap.check_problems=40"]  # a tiny model never meets the criterion
+SMALL = ONE_ROUND + ["task.arithmetic.n_demos=640", "bootstrap.batch_size=32", "bootstrap.model.hidden_size=32",
          "bootstrap.model.num_heads=2", "bootstrap.model.num_layers=1", "bootstrap.model.intermediate_size=64"]
 
 
@@ -18,7 +19,7 @@ def test_same_seed_same_bootstrap_model(tmp_path):
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
-    assert a["steps"] == 20 and a["demonstrations"] == 640
+    assert a["steps"] == 20 and a["demonstrations"] == 640 and a["rounds"] == 1
     assert json.loads((tmp_path / "a" / "stepdapo_bootstrap.json").read_text())["seed"] == 0
     assert not (tmp_path / "a.tmp").exists()
 
@@ -49,7 +50,7 @@ def test_finetunes_a_given_model_fully_and_with_lora(tmp_path):
 
     base = _base_model(tmp_path)
     before = {k: v.clone() for k, v in load_file(base / "model.safetensors").items()}
-    demos = ["task.arithmetic.n_demos=320", "bootstrap.batch_size=32", "bootstrap.lr=1e-2", "bootstrap.finetune_model=true"]
+    demos = ONE_ROUND + ["task.arithmetic.n_demos=320", "bootstrap.batch_size=32", "bootstrap.lr=1e-2", "bootstrap.finetune_model=true"]
     for name, extra in (("full", []), ("lora", ["bootstrap.lora_r=4"])):
         s = bootstrap(load_config(None, demos + extra), tmp_path / name, progress=False, base=base)
         assert s["base"] == str(base) and s["steps"] == 10
@@ -59,3 +60,61 @@ def test_finetunes_a_given_model_fully_and_with_lora(tmp_path):
         assert changed and (name == "full" or all("proj" in k for k in changed))  # LoRA: linear layers only
         load_policy(tmp_path / name)  # reloads as a causal LM
     assert all(torch.equal(v, load_file(base / "model.safetensors")[k]) for k, v in before.items())
+
+
+def test_trains_rounds_until_the_criterion_and_reports_it(tmp_path):
+    """A model short of bootstrap.min_step_accuracy trains another round on fresh demonstrations at
+    later_lr, up to max_rounds; one that meets it stops after its first round."""
+    tight = SMALL + ["bootstrap.min_step_accuracy=1.0", "bootstrap.max_rounds=2", "bootstrap.later_lr=5e-4"]
+    s = bootstrap(load_config(None, tight), tmp_path / "two", progress=False)
+    assert s["rounds"] == 2 and [e["round"] for e in s["rounds_log"]] == [1, 2]
+    assert [e["lr"] for e in s["rounds_log"]] == [3e-3, 5e-4]
+    assert s["steps"] == 40 and s["demonstrations"] == 1280
+    c = s["criterion"]
+    assert c == s["rounds_log"][-1]["criterion"] and c["n"] == 40 and not c["met"] and not c["steps_ok"]
+    assert 0 <= c["other_step_accuracy"] < 1.0 and c["min_step_accuracy"] == 1.0
+    easy = bootstrap(load_config(None, SMALL + ["bootstrap.min_step_accuracy=0", "bootstrap.max_rounds=3",
+                                                "bootstrap.max_flaw_step_accuracy=1"]), tmp_path / "one", progress=False)
+    assert easy["rounds"] == 1 and easy["criterion"]["met"]
+
+
+def test_a_killed_bootstrap_resumes_after_its_last_finished_round(tmp_path, monkeypatch):
+    from stepdapo.stages import bootstrap as stage
+
+    cfg = load_config(None, SMALL + ["bootstrap.min_step_accuracy=1.0", "bootstrap.max_rounds=2"])
+    whole = bootstrap(cfg, tmp_path / "whole", progress=False)
+    real, calls = stage.check_sft, []
+
+    def dies_in_round_2(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(stage, "check_sft", dies_in_round_2)
+    try:
+        bootstrap(cfg, tmp_path / "killed", progress=False)
+    except KeyboardInterrupt:
+        pass
+    assert (tmp_path / "killed.work" / "checkpoints" / "round-1" / stage.ROUND_DONE).is_file()
+    assert not (tmp_path / "killed").exists()
+    trained = []
+    real_train = stage.Trainer.train
+    monkeypatch.setattr(stage.Trainer, "train", lambda self, *a, **k: trained.append(1) or real_train(self, *a, **k))
+    monkeypatch.setattr(stage, "check_sft", real)
+    resumed = bootstrap(cfg, tmp_path / "killed", progress=False)
+    assert len(trained) == 1  # round 2 only
+    assert resumed["rounds_log"] == whole["rounds_log"]
+    wa, wb = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "killed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_criterion_problems_are_held_out_of_the_demonstrations():
+    from stepdapo.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
+
+    task = ArithmeticTask(ArithmeticConfig(n_ops_min=1, n_ops_max=1))  # a small space: collisions are likely
+    held = task.sft_check_problems(40)
+    assert len({p.question for p in held}) == 40 and all(task._split_of(p.question) == "train" for p in held)
+    qs = {p.question for p in held}
+    assert qs & {p.question for p, _ in task.demonstrations(2000)}  # without exclusion they would be trained on
+    assert not qs & {p.question for p, _ in task.demonstrations(2000, exclude=qs)}

@@ -103,7 +103,7 @@ def test_every_field_is_documented_and_every_number_constrained():
     ("bootstrap.model.num_heads=3", "num_heads: must divide hidden_size"),
     ("report_to=[tensorbored]", "report_to.0: must be one of"),
     ("actor.lora_r=2.5", "actor.lora_r: expected an integer"),
-    ("bf16=1", "bf16: expected true/false"),
+    ("bf16=1", "bf16: expected true/false/auto"),
 ])
 def test_bad_settings_are_errors_at_load_time(override, needle):
     with pytest.raises(ConfigError) as e:

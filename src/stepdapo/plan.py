@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from stepdapo.config import RunConfig
 from stepdapo.errors import ConfigError
+from stepdapo.precision import training_bf16
 
 # -- throughputs ------------------------------------------------------------------------------------
 
@@ -326,7 +327,9 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
                               f"afresh for {C.epochs:g} epochs" if epochs != C.epochs else "")
                            + ("; critic.shared_prefix is not modelled: every example counted in full (an "
                               "upper bound)" if C.shared_prefix else "")
-                           + ("; with pi_ref's forward passes (critic.log_ratio_beta)" if log_ratio else "")],
+                           + ("; with pi_ref's forward passes (critic.log_ratio_beta)" if log_ratio else "")
+                           + (f"; a critic that fails its check trains {C.recovery_epochs:g} more epoch(s) "
+                              f"(critic.recovery_epochs, not counted)" if C.recovery_epochs > 0 else "")],
                     counts={"value_examples": examples, "train_examples": train_ex, "steps": steps}))
     # with advantages.shared_prefix each state runs once and its actions on its keys/values
     # (the log-ratio critic runs whole sequences, through pi_theta and pi_ref)
@@ -390,7 +393,9 @@ def bootstrap_work(cfg: RunConfig, task, tokenizer) -> tuple[Work, str]:
     steps = optimizer_steps(n / b.batch_size * b.epochs)
     return (Work("bootstrap", sequences_trained=steps * b.batch_size,
                  trained_tokens=steps * b.batch_size * padded_length(lengths, b.batch_size),
-                 notes=[f"{n} demonstrations x {b.epochs:g} epochs"], counts={"demonstrations": n, "steps": steps}),
+                 notes=[f"{n} demonstrations x {b.epochs:g} epochs: one round; up to {b.max_rounds} if the model "
+                        f"misses its criterion (bootstrap.min_step_accuracy)"],
+                 counts={"demonstrations": n, "steps": steps}),
             f"bootstrap demonstration length: mean {mean(v for v, _ in lengths):.1f} tokens from {len(demos)} demonstrations")
 
 
@@ -638,7 +643,7 @@ def probe(cfg: RunConfig, train: list[Shape], tokenizer, budget_s: float = 3.0) 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=training_bf16(cfg.bf16)):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as every trainer does (max_grad_norm)

@@ -53,7 +53,7 @@ def _plots(report: dict, out: Path) -> list[str]:
 
     for it in its[1:]:
         k = it["iteration"]
-        src = out / f"iter-{k}" / "critic" / "reliability.png"
+        src = Path(it.get("critic", {}).get("dir", out / f"iter-{k}" / "critic")) / "reliability.png"
         if src.is_file():
             shutil.copy(src, out / f"critic-reliability-iter-{k}.png")
             made.append(f"critic-reliability-iter-{k}.png")
@@ -77,6 +77,40 @@ def _plots(report: dict, out: Path) -> list[str]:
 
 def _num(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _interval(x, ci, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}" + ("" if not ci else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]")
+
+
+def _check_row(it: dict) -> str:
+    """One iteration's critic check: the intervals it was judged on and what the run did."""
+    c = it.get("critic", {})
+    q, rec = c.get("heldout_calibrated") or c.get("heldout", {}), c.get("recovery")
+    sr = q.get("step_ranking") or {}
+    if "warning" in c:
+        outcome = f"failed: {c['warning']}"
+    elif rec:
+        outcome = f"failed first ({rec['first_check']}); passed after {rec['epochs']:g} more epoch(s)"
+    else:
+        outcome = "passed"
+    ranking = _interval(sr.get("right_above_wrong"), sr.get("right_above_wrong_ci95"), 2)
+    return (f"| {it['iteration']} | {_interval(q.get('brier_gain'), q.get('brier_gain_ci95'), 4)} | "
+            f"{_interval(q.get('bce_gain'), q.get('bce_gain_ci95'))} | "
+            f"{ranking} ({sr.get('pairs', 0)}) | {outcome} |")
+
+
+def _bootstrap_line(b: dict) -> str:
+    """What the bootstrap SFT reached against its criterion (stages/bootstrap.py)."""
+    crit = b.get("criterion")
+    if not crit:
+        return f"Bootstrapped SFT model: {b.get('steps')} steps."
+    met = "met" if crit["met"] else "**NOT met**"
+    return (f"Bootstrapped SFT model: {b['rounds']} round(s), {b['steps']} steps, {b['demonstrations']} demonstrations. "
+            f"Criterion {met}: ordinary-step accuracy {_pct(crit['other_step_accuracy'])}% (needs >= "
+            f"{_pct(crit['min_step_accuracy'])}%), flaw-case steps right {_pct(crit['flaw_step_accuracy'])}% "
+            f"(the flaw is visible at <= {_pct(crit['max_flaw_step_accuracy'])}%), greedy accuracy "
+            f"{_pct(crit['accuracy'])}% on {crit['n']} held-out problems.")
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -112,7 +146,25 @@ def write_report(report: dict, out: Path) -> None:
             md.append(acc_row("DPO baseline (same samples as iteration 1)", it["dpo"]["eval"]))
         elif "dpo_skipped" in it:
             md.append(f"| DPO baseline: not trained ({it['dpo_skipped']}) | | | | | | |")
+    if report.get("bootstrap"):
+        md += ["", "## Starting model", "", _bootstrap_line(report["bootstrap"])]
+    if report.get("precision"):
+        pr = report["precision"]
+        md += ["", "## Precision", "",
+               f"Training bf16: {pr['bf16']['used']} (setting {pr['bf16']['setting']}: {pr['bf16']['why']}); "
+               f"sampling dtype: {pr['generation_dtype']['used']} (setting {pr['generation_dtype']['setting']}: "
+               f"{pr['generation_dtype']['why']})."]
     if len(its) > 1:
+        md += ["", "## Critic check", "",
+               "A critic is used when the 95% interval (over held-out problems) of its Brier-score gain over the "
+               "constant "
+               "(of its calibrated values, cross-fitted, with `critic.calibrate`) "
+               "prediction lies above `critic.min_brier_gain` and, where single steps can be judged, that of its "
+               "right>wrong sibling ranking lies above `critic.min_step_ranking`.", "",
+               "| iteration | Brier gain [95% CI] | BCE gain [95% CI] | right>wrong [95% CI] (pairs) | outcome |",
+               "|---|---|---|---|---|"]
+        for it in its[1:]:
+            md.append(_check_row(it))
         md += ["", "## Per iteration", "",
                "| iteration | states | MC=0 / 0<MC<1 / MC=1 | critic BCE (const) | Brier (const) | ECE (const) | AUC | right>wrong step | states kept (gap) | mean abs A | actor corr(log-ratio, A/beta) |",
                "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -44,6 +44,7 @@ from stepdapo.errors import StageInputError
 from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
 from stepdapo.losses import dapo_loss, dpo_loss
 from stepdapo.models import load_policy, model_fingerprint
+from stepdapo.precision import training_bf16
 from stepdapo.runner import ModelStage, is_main, on_main, stage_fingerprint
 from stepdapo.stages.advantages import read_advantages
 from stepdapo.stages.states import read_solutions
@@ -181,7 +182,7 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
                              batch_size=c.states_per_batch,
                              batch_key="actor.states_per_batch", grad_accum=c.grad_accum, lr=c.lr,
                              warmup_ratio=c.warmup_ratio, adam_betas=(0.9, 0.95), max_grad_norm=c.max_grad_norm,
-                             checkpoints=4, bf16=cfg.bf16, seed=cfg.seed, report_to=cfg.report_to,
+                             checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed, report_to=cfg.report_to,
                              progress=progress, run_name=str(stage.dir))
         ref = _ref_logprobs(stage, model, prompts, actions, tok.pad_token_id, args.device, c.shared_prefix)
         for r, lp in zip(rows, ref):
@@ -295,7 +296,7 @@ def train_dpo(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_di
         # the actor's optimizer and schedule, no warmup
         args = training_args(stage.checkpoints, steps=train_steps(len(pairs), b.batch_size, b.epochs),
                              batch_size=b.batch_size, batch_key="baseline.batch_size", lr=b.lr,
-                             adam_betas=(0.9, 0.95), checkpoints=4, bf16=cfg.bf16, seed=cfg.seed,
+                             adam_betas=(0.9, 0.95), checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed,
                              report_to=cfg.report_to, progress=progress, run_name=str(stage.dir))
         ref = _ref_logprobs(stage, model, prompts, completions, tok.pad_token_id, args.device, b.shared_prefix)
         for p, chosen, rejected in zip(pairs, ref[:len(pairs)], ref[len(pairs):]):

@@ -54,6 +54,7 @@ from stepdapo.models import (
     load_critic,
     model_fingerprint,
 )
+from stepdapo.precision import training_bf16
 from stepdapo.runner import ModelStage, is_main, on_main, stage_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.training import (
@@ -297,17 +298,39 @@ def auc(scores, positive) -> float | None:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def quality(pred, target, baseline: float) -> dict:
-    """Each metric for the critic and for the constant prediction `baseline`."""
+def grouped_bootstrap_interval(numerators, denominators, groups, n_boot: int = 2000, seed: int = 0
+                               ) -> tuple[float, float]:
+    """95% percentile bootstrap interval of sum(numerators) / sum(denominators), resampling whole
+    groups (problems) with replacement: the states and sibling pairs of one problem are not
+    independent, so resampling them one by one would give too narrow an interval."""
+    num, den = np.asarray(numerators, float), np.asarray(denominators, float)
+    keys, idx = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    g_num, g_den = np.bincount(idx, num, len(keys)), np.bincount(idx, den, len(keys))
+    picks = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
+    ratios = g_num[picks].sum(1) / np.maximum(g_den[picks].sum(1), 1e-12)
+    return float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))
+
+
+def quality(pred, target, baseline: float, groups=None) -> dict:
+    """Each metric for the critic and for the constant prediction `baseline`; with `groups` (each
+    state's problem id), the BCE and Brier gains over the constant with their 95% intervals over
+    problems."""
     if len(target) == 0:  # e.g. a tiny run whose held-out problems left no states
-        return {"n": 0, **{k: None for k in ("bce", "bce_constant", "brier", "brier_constant", "ece",
+        return {"n": 0, **{k: None for k in ("bce", "bce_constant", "bce_gain", "bce_gain_ci95", "brier",
+                                              "brier_constant", "brier_gain", "brier_gain_ci95", "ece",
                                               "ece_constant", "auc_mc0_vs_positive", "auc_constant")},
                 "calibration": []}
     const = [baseline] * len(target)
     positive = [t > 0 for t in target]
+    gain = {}
+    if groups is not None:
+        for name, loss in (("bce", bce), ("brier", brier)):
+            per_state = [loss([c], [t]) - loss([p], [t]) for p, c, t in zip(pred, const, target)]
+            gain[f"{name}_gain"] = float(np.mean(per_state))
+            gain[f"{name}_gain_ci95"] = list(grouped_bootstrap_interval(per_state, [1.0] * len(per_state), groups))
     return {
         "n": len(target),
-        "bce": bce(pred, target), "bce_constant": bce(const, target),
+        "bce": bce(pred, target), "bce_constant": bce(const, target), **gain,
         "brier": brier(pred, target), "brier_constant": brier(const, target),
         "ece": ece(pred, target), "ece_constant": ece(const, target),
         "auc_mc0_vs_positive": auc(pred, positive), "auc_constant": 0.5,
@@ -315,12 +338,62 @@ def quality(pred, target, baseline: float) -> dict:
     }
 
 
+MIN_CALIBRATION_STATES = 40  # fewer held-out states than this: no map is fitted
+
+
+def _logit(v) -> np.ndarray:
+    p = np.clip(np.asarray(v, float), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def fit_platt(values, targets, iters: int = 100) -> tuple[float, float] | None:
+    """(a, b) minimising the BCE of sigmoid(a * logit(v) + b) against the soft targets (Platt
+    scaling, by Newton's method on the two parameters); None when the best slope is not positive
+    (values that rank states the wrong way round are not made right by a map that keeps ranks)."""
+    z, t = _logit(values), np.asarray(targets, float)
+    a, b = 1.0, 0.0
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(a * z + b)))
+        w = p * (1 - p) + 1e-9
+        g = np.array([((p - t) * z).sum(), (p - t).sum()])
+        h = np.array([[(w * z * z).sum() + 1e-6, (w * z).sum()], [(w * z).sum(), w.sum() + 1e-6]])
+        step = np.linalg.solve(h, g)
+        step *= min(1.0, 2.0 / max(np.abs(step).max(), 1e-12))  # damped: no overshoot from a far start
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-9:
+            break
+    return (float(a), float(b)) if a > 0 else None
+
+
+def apply_platt(values, ab: tuple[float, float]) -> list[float]:
+    return (1 / (1 + np.exp(-(ab[0] * _logit(values) + ab[1])))).tolist()
+
+
+def cross_fitted_calibration(pred, target, groups) -> tuple[list[float] | None, tuple[float, float] | None]:
+    """(each held-out state's calibrated value from a map fitted on the OTHER half of the held-out
+    problems, the map fitted on all of them): the first is what the check may judge honestly, the
+    second is reported. (None, None) with too few states or a map that is not increasing."""
+    if len(target) < MIN_CALIBRATION_STATES:
+        return None, None
+    fold = np.array([int(hashlib.sha1(f"calibration/{g}".encode()).hexdigest()[:8], 16) % 2 for g in groups])
+    if fold.min() == fold.max():
+        return None, None
+    pred, target = np.asarray(pred, float), np.asarray(target, float)
+    out = np.empty(len(target))
+    for f in (0, 1):
+        ab = fit_platt(pred[fold != f], target[fold != f])
+        if ab is None:
+            return None, None
+        out[fold == f] = apply_platt(pred[fold == f], ab)
+    return out.tolist(), fit_platt(pred, target)
+
+
 def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -> dict | None:
     """At held-out states with both a right and a wrong non-terminal next step among the sampled
     actions (as the task judges single steps): how often V(s+right) > V(s+wrong) (ties: 1/2)."""
     if not task.supports_step_checks:
         return None
-    pairs_right, pairs_wrong, prompt_lens = [], [], []
+    pairs_right, pairs_wrong, prompt_lens, pair_problem = [], [], [], []
     cols = {n: labels.column(n).to_pylist() for n in
             ("problem_id", "ids", "prompt_len", "action_ids", "action_terminal", "action_text")}
     for pid, ids, plen, acts, terms, texts in zip(*cols.values()):
@@ -337,57 +410,85 @@ def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -
                 pairs_right.append(r)
                 pairs_wrong.append(w)
                 prompt_lens.append(plen)
+                pair_problem.append(pid)
     if not pairs_right:
         return {"pairs": 0, "right_above_wrong": None}
     v = critic_values(model, pairs_right + pairs_wrong, tok.pad_token_id, prompt_lens=prompt_lens * 2)
     vr, vw = np.array(v[:len(pairs_right)]), np.array(v[len(pairs_right):])
-    return {"pairs": len(pairs_right),
-            "right_above_wrong": float(((vr > vw) + 0.5 * (vr == vw)).mean()),
+    score = (vr > vw) + 0.5 * (vr == vw)
+    return {"pairs": len(pairs_right), "problems": len(set(pair_problem)),
+            "right_above_wrong": float(score.mean()),
+            "right_above_wrong_ci95": list(grouped_bootstrap_interval(score, np.ones(len(score)), pair_problem)),
             "mean_gap": float((vr - vw).mean())}
 
 
-def evaluate_critic(model, tok, train_states: list[ValueExample], held: list[ValueExample], labels, task) -> dict:
+def evaluate_critic(model, tok, train_states: list[ValueExample], held: list[ValueExample], labels, task,
+                    calibrate: bool = False) -> dict:
     """The critic's quality on the held-out states and on (up to 2000) training states, each metric
-    next to the constant prediction of the training states' mean target."""
+    next to the constant prediction of the training states' mean target; with `calibrate`, the
+    Platt map fitted on the held-out states and (`heldout_calibrated`) the quality of its
+    cross-fitted values."""
     baseline = float(np.mean([e.target for e in train_states]))
     prompt_len = prompt_lengths(labels)
 
     def values(examples: list[ValueExample]) -> list[float]:
         return critic_values(model, [e.input_ids for e in examples], tok.pad_token_id,
                              prompt_lens=[prompt_len[e.problem_id] for e in examples])
-    q = quality(values(held), [e.target for e in held], baseline)
+    pred, target, groups = values(held), [e.target for e in held], [e.problem_id for e in held]
+    q = quality(pred, target, baseline, groups=groups)
     problems = {p.id: p for p in task.problems("train")}
     q["step_ranking"] = step_ranking(model, tok, labels, task, problems, {e.problem_id for e in held})
     tr_sample = train_states[:2000]
     q_train = quality(values(tr_sample), [e.target for e in tr_sample], baseline)
-    return {"constant_prediction": baseline, "heldout": q,
-            "train_subset": {k: v for k, v in q_train.items() if k != "calibration"}}
+    out = {"constant_prediction": baseline, "heldout": q,
+           "train_subset": {k: v for k, v in q_train.items() if k != "calibration"}}
+    if calibrate:
+        oof, ab = cross_fitted_calibration(pred, target, groups)
+        if ab is not None:  # an increasing map: the sibling ranking is the raw critic's
+            out["calibration"] = {"a": ab[0], "b": ab[1], "states": len(target)}
+            out["heldout_calibrated"] = {**quality(oof, target, baseline, groups=groups),
+                                         "step_ranking": q["step_ranking"]}
+    return out
 
 
 RANKING_MIN_PAIRS = 20  # fewer held-out sibling pairs than this say too little to fail a critic on
 
 
 def check_critic(heldout: dict, min_gain: float, min_ranking: float = 0.0) -> str | None:
-    """None when the critic's held-out BCE is at least `min_gain` below the constant prediction's
-    and, where the task judges single steps and the held-out states have >= RANKING_MIN_PAIRS
-    sibling pairs (a right and a wrong next step), it ranks the right one above the wrong one in at
-    least `min_ranking` of them (or when there were no held-out states to tell); otherwise what is
-    wrong, in words. Both matter: the advantages are differences between siblings, and a critic can
-    beat the constant by learning how far along a solution is while not telling siblings apart."""
+    """None when the critic's values beat the constant prediction on held-out states with 95%
+    confidence (the lower end of the interval, over problems, of its Brier-score gain above
+    `min_gain`) and, where the task judges single steps and the held-out states have >=
+    RANKING_MIN_PAIRS sibling pairs (a right and a wrong next step), the lower end of the interval
+    of how often it ranks the right one above the wrong one is above `min_ranking` (or when there
+    were no held-out states to tell); otherwise what is wrong, in words.
+
+    Why the Brier score: an advantage is a difference of values, so an error in V enters it
+    linearly, and the squared error is the loss that measures that; BCE is unbounded, and a few
+    states valued confidently wrong outweigh hundreds right (a critic that ranked right > wrong in
+    0.80 of 343 held-out pairs had a Brier score better than the constant's and a BCE worse).
+    Both checks matter: a critic can beat the constant by learning how far along a solution is
+    while not telling siblings apart. A summary from before the intervals is judged on its point
+    estimates."""
     if heldout.get("bce") is None:
         return None
-    if heldout["bce"] > heldout["bce_constant"] - min_gain:
+    gain = heldout.get("brier_gain", heldout["brier_constant"] - heldout["brier"])
+    lo = (heldout.get("brier_gain_ci95") or [gain])[0]
+    if lo <= min_gain:
         auc_ = heldout.get("auc_mc0_vs_positive")
-        return (f"the critic is no better than a constant: held-out BCE {heldout['bce']:.3f} against the constant "
-                f"prediction's {heldout['bce_constant']:.3f} (needs at least {min_gain} below it; AUC "
-                f"{'–' if auc_ is None else f'{auc_:.2f}'}), so its advantages would be noise")
+        return (f"the critic is not shown to beat a constant: held-out Brier score {heldout['brier']:.4f} against the "
+                f"constant prediction's {heldout['brier_constant']:.4f}, a gain of {gain:.4f} whose 95% interval over "
+                f"{heldout['n']} states starts at {lo:.4f} (must be above {min_gain}; BCE {heldout['bce']:.3f} against "
+                f"{heldout['bce_constant']:.3f}, AUC {'–' if auc_ is None else f'{auc_:.2f}'}), so its advantages "
+                f"would be noise")
     rank = heldout.get("step_ranking") or {}
-    if rank.get("right_above_wrong") is not None and rank["pairs"] >= RANKING_MIN_PAIRS \
-            and rank["right_above_wrong"] < min_ranking:
-        return (f"the critic does not tell a right next step from a wrong one: it ranks the right one above "
-                f"in {rank['right_above_wrong']:.2f} of {rank['pairs']} held-out sibling pairs (needs "
-                f"{min_ranking}; its BCE {heldout['bce']:.3f} against the constant's {heldout['bce_constant']:.3f} "
-                f"comes from other features), so its advantages would be noise")
+    if rank.get("right_above_wrong") is not None and rank["pairs"] >= RANKING_MIN_PAIRS:
+        r_lo = (rank.get("right_above_wrong_ci95") or [rank["right_above_wrong"]])[0]
+        if r_lo <= min_ranking:
+            return (f"the critic is not shown to tell a right next step from a wrong one: it ranks the right one "
+                    f"above in {rank['right_above_wrong']:.2f} of {rank['pairs']} held-out sibling pairs, 95% "
+                    f"interval from {r_lo:.2f} (must be above {min_ranking}; its Brier score {heldout['brier']:.4f} "
+                    f"against the constant's {heldout['brier_constant']:.4f} comes from other features), so its "
+                    f"advantages would be noise")
     return None
 
 
@@ -418,7 +519,8 @@ def plot_reliability(q: dict, path: Path, title: str) -> None:
 def fingerprint(cfg: RunConfig, init: str | Path, labels_dir: str | Path) -> dict:
     # the checks and the fallback judge a trained critic and do not change it: changing them must
     # not throw away a finished critic
-    trained_by = {k: v for k, v in to_dict(cfg.critic).items() if k not in ("min_bce_gain", "min_step_ranking", "fallback")}
+    trained_by = {k: v for k, v in to_dict(cfg.critic).items()
+                  if k not in ("min_brier_gain", "min_step_ranking", "fallback", "recovery_epochs")}
     return {"init": model_fingerprint(init), "labels": stage_fingerprint(labels_dir, "labels"),
             "critic": trained_by, "seed": cfg.seed}
 
@@ -449,7 +551,8 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
         args = training_args(stage.checkpoints, steps=train_steps(len(train), c.batch_size, epochs, c.grad_accum),
                              batch_size=c.batch_size, batch_key="critic.batch_size", grad_accum=c.grad_accum, lr=c.lr,
                              lr_scheduler=c.lr_scheduler, warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay,
-                             logs=10, checkpoints=4, bf16=cfg.bf16, seed=cfg.seed, report_to=cfg.report_to,
+                             logs=10, checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed,
+                             report_to=cfg.report_to,
                              progress=progress, run_name=str(stage.dir))
         trainer, result = train_critic(init, train, tok.pad_token_id, c, args, prompt_lengths(labels), continuing, resume)
         if isinstance(trainer.model, LogRatioCritic):
@@ -465,7 +568,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
 
         def evaluate() -> dict:  # on the saved critic: what is published, however training was sharded
             model = load_critic(stage.model_dir)[0].to(dev)
-            metrics = evaluate_critic(model, tok, train_states, held, labels, task)
+            metrics = evaluate_critic(model, tok, train_states, held, labels, task, calibrate=c.calibrate)
             keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
             plot_reliability(metrics["heldout"], stage.model_dir / "reliability.png", "critic on held-out states")
             return metrics
@@ -484,6 +587,8 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
             "resumed_from_step": resume_step(resume),
             "processes": processes,
             "heldout": metrics["heldout"],
+            "calibration": metrics.get("calibration"),
+            "heldout_calibrated": metrics.get("heldout_calibrated"),
             "train_subset": metrics["train_subset"],
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,

@@ -189,19 +189,36 @@ class ArithmeticTask(Task):
         lines.append(f"A={r}")
         return "\n".join(lines)
 
-    def demonstrations(self, n: int | None = None, seed: int | None = None) -> list[tuple[Problem, str]]:
-        """Flawed SFT data on training-split problems (drawn with repetition, each with fresh flaws)."""
+    def demonstrations(self, n: int | None = None, seed: int | str | None = None,
+                       exclude: set[str] = frozenset()) -> list[tuple[Problem, str]]:
+        """Flawed SFT data on training-split problems (drawn with repetition, each with fresh flaws),
+        none of whose question is in `exclude`."""
         c = self.cfg
         n = c.n_demos if n is None else n
         rng = random.Random(f"{c.seed if seed is None else seed}-demos")
         out = []
         while len(out) < n:
             chain = self._random_chain(rng)
-            if self._split_of(self.question_text(chain)) != "train":
+            q = self.question_text(chain)
+            if q in exclude or self._split_of(q) != "train":
                 continue
             p = self._make_problem(chain)
             out.append((p, self.demonstration(p, rng)))
         return out
+
+    def sft_check_problems(self, n: int) -> list[Problem]:
+        """`n` distinct training-split problems for judging the bootstrap SFT model, from their own
+        stream (the bootstrap keeps them out of its demonstrations)."""
+        rng = random.Random(f"{self.cfg.seed}-sft-check")
+        seen: dict[str, Problem] = {}
+        for _ in range(1000 * n):
+            if len(seen) >= n:
+                break
+            chain = self._random_chain(rng)
+            q = self.question_text(chain)
+            if q not in seen and self._split_of(q) == "train":
+                seen[q] = self._make_problem(chain)
+        return list(seen.values())
 
     # -- verification --------------------------------------------------------------------------
     def verify(self, problem: Problem, completion: str) -> Verdict:

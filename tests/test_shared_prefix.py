@@ -73,6 +73,15 @@ def _assert_close(a, b, rtol, atol=0.0):
         torch.testing.assert_close(ga[n], gb[n], rtol=rtol, atol=atol + rtol * scale, msg=n)
 
 
+def _relative_difference(a, b) -> float:
+    """The largest difference between two (values, gradients), relative to each one's scale."""
+    (va, ga), (vb, gb) = a, b
+    worst = ((va - vb).abs() / vb.abs().clamp_min(1e-12)).max().item()
+    for n in ga:
+        worst = max(worst, ((ga[n] - gb[n]).abs().max() / gb[n].abs().max().clamp_min(1e-12)).item())
+    return worst
+
+
 def _shared(prefixes, conts):
     return lambda m: grouped_sequence_logprobs(m, prefixes, conts, PAD)
 
@@ -358,7 +367,15 @@ def test_smollm2_logprobs_and_gradients():
     conts = [[tok(a, add_special_tokens=False)["input_ids"] for a in acts] for acts in actions]
     shared = _value_and_grads(model, lambda m: grouped_sequence_logprobs(m, prefixes, conts, tok.pad_token_id))
     plain = _value_and_grads(model, lambda m: sequence_logprobs(m, *_flat(prefixes, conts), tok.pad_token_id))
-    _assert_close(shared, plain, rtol=1e-4)
+    # the control: the plain computation against itself with each pair padded alone (another batch
+    # layout, so other summation orders). How far that moves depends on the CPU's kernels (1e-4
+    # held on a Xeon with AMX, not on an AMD EPYC), so the shared path must stay within 4x of this
+    # machine's own noise, never looser than 1e-3: a wrong position or mask moves it by > 1e-2
+    fp, fc = _flat(prefixes, conts)
+    alone = _value_and_grads(model, lambda m: torch.cat([sequence_logprobs(m, [a], [b], tok.pad_token_id)
+                                                         for a, b in zip(fp, fc)]))
+    rtol = min(1e-3, max(1e-4, 4 * _relative_difference(alone, plain)))
+    _assert_close(shared, plain, rtol=rtol)
 
 
 def test_advantage_stage_scores_the_same_with_and_without_the_switch(tmp_path):

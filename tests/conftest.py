@@ -5,7 +5,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# 2 threads (CI); STEPDAPO_TEST_THREADS=1 when two suites share a 2-core machine (OpenMP spin-waits)
+torch.set_num_threads(int(os.environ.get("STEPDAPO_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from stepdapo.config import CodeConfig
-from stepdapo.tasks import Problem, sandbox
+from stepdapo.tasks import Problem, Verdict, sandbox
 from stepdapo.tasks.code import CodeTask
 
 
@@ -109,6 +109,36 @@ HACKS = {
 }
 
 
+# Why each hack is not passed: the judge's reason (Verdict.reason), exactly. A hack must be stopped
+# by the tests failing on the wrong function it really is (or by the program dying, or by its
+# value not being plain data), never by the judge crashing ("judge error: ...") or timing out.
+FAILS_FIRST_ASSERT_0 = "AssertionError (at: assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True)"
+NOT_PLAIN_DATA_0 = ("TypeError: from has_close_elements(): a value of type {!r} is not plain data (None, "
+                    "bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset) (at: "
+                    "assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True)")
+REASONS = {
+    "os_exit_0": "the program exited with status 0 before the tests ran",
+    "raise_system_exit_0": FAILS_FIRST_ASSERT_0,  # what it defined is tested all the same
+    "exit_0_inside_the_call": "the program exited with status 0 during a call of has_close_elements()",
+    "atexit_exit_0": FAILS_FIRST_ASSERT_0,
+    "excepthook_exit_0": FAILS_FIRST_ASSERT_0,
+    "stderr_hijack_exit_0": FAILS_FIRST_ASSERT_0,
+    "finalizer_exit_0": FAILS_FIRST_ASSERT_0,
+    "own_unittest_main_first": FAILS_FIRST_ASSERT_0,
+    "override_check_by_settrace": FAILS_FIRST_ASSERT_0,
+    "eq_always_true_object": NOT_PLAIN_DATA_0.format("A"),
+    "int_subclass_eq_always_true": NOT_PLAIN_DATA_0.format("B"),
+    "patch_builtins_tuple": "AssertionError (at: assert tuple(candidate([5, 6, 3, 4, 8, 9, 2])) == "
+                            "tuple([2, 6, 3, 4, 8, 9, 5]))",
+    "shadow_builtin_abs": "AssertionError (at: assert abs(candidate(1.33) - 0.33) < 1e-6)",
+    "patch_module_math_fabs": "AssertionError (at: assert math.fabs(poly(coeffs, solution)) < 1e-4)",
+    "redefine_test_helper": "AssertionError (at: assert candidate(encoded_str) == str)",
+    "read_tests_from_disk": FAILS_FIRST_ASSERT_0,  # the data file is not in the sandbox
+    "read_caller_source_via_getframe": FAILS_FIRST_ASSERT_0,
+    "read_check_source_via_gc": FAILS_FIRST_ASSERT_0,
+}
+
+
 def test_stop_iteration_does_not_end_the_tests_loop():
     """A StopIteration raised by the program in a test's `map(lambda ...)` would end the map early,
     and `all()` of what is left is True."""
@@ -146,6 +176,7 @@ def test_hack_is_not_passed(humaneval, name):
     code = code.replace("DATA", repr(_humaneval_data()))
     v = task.verify(by_id[tid], fenced(code))
     assert not v.correct, (name, v)
+    assert v.reason == REASONS[name], f"{name}: not passed, but for the wrong reason: {v.reason!r}"
 
 
 def test_hacks_that_pass_the_old_way_are_real(humaneval):
@@ -155,8 +186,13 @@ def test_hacks_that_pass_the_old_way_are_real(humaneval):
     good = ("def has_close_elements(numbers, threshold):\n"
             "    return any(abs(a - b) < threshold for i, a in enumerate(numbers)\n"
             "               for j, b in enumerate(numbers) if i != j)")
-    assert task.verify(by_id["HumanEval/0"], fenced(good)).correct
-    assert not task.verify(by_id["HumanEval/0"], fenced(WRONG_0)).correct
+    assert task.verify(by_id["HumanEval/0"], fenced(good)) == Verdict(True, good + "\n", "passed")
+    assert task.verify(by_id["HumanEval/0"], fenced(WRONG_0)) == Verdict(False, WRONG_0 + "\n",
+                                                                         FAILS_FIRST_ASSERT_0)
+
+
+def test_every_hack_has_its_reason():
+    assert sorted(REASONS) == sorted(HACKS)
 
 
 PROBE_JUDGE = '''

@@ -276,12 +276,64 @@ def test_pilot_solution_lengths_replace_the_reference_ones():
     assert any("scaled by 2.00" in e for e in plan["estimates"])
 
 
-def test_probe_measures_positive_rates_quickly():
+def test_probe_measures_plausible_rates_quickly():
     from stepdapo.plan import Shape, probe
 
     t = probe(small_cfg(), [Shape(P, [6, 12, 18, 22])], char_tokenizer(), budget_s=0.3)
-    assert t.gen_tok_s > 0 and t.train_tok_s > 0 and t.forward_tok_s > 0
+    assert all(math.isfinite(r) and r > 0 for r in (t.gen_tok_s, t.train_tok_s, t.forward_tok_s)), t
+    # the same batch, forward only against forward + backward + optimizer step: several times faster
+    assert t.forward_tok_s > 1.5 * t.train_tok_s, t
     assert "--probe" in t.source and "1 thread(s)" in t.source
+
+
+def test_probe_rates_are_the_tokens_over_the_time_they_took(monkeypatch):
+    """A clock that only the model's forward calls move: NO_GRAD seconds for one without
+    gradients (a sampling step, a forward-only pass), GRAD for one with (a training step). The
+    probe's rates are then known exactly from the batches it should run: sampling the labels
+    stage's label.batch_size rows (as whole states of label.rollouts samples) for the solution's 22
+    tokens, one forward call per token; training and forward passes on critic.batch_size rows of the
+    padded prompt + solution (9 + 22 tokens). A probe that counts the prompt as generated, leaves
+    out a dimension of a batch, mixes the rates up or times the wrong thing gives other numbers."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from stepdapo import generation, models, plan
+    from stepdapo.plan import Shape, probe
+
+    NO_GRAD, GRAD = 0.01, 0.25
+    now = [0.0]
+    clock = SimpleNamespace(perf_counter=lambda: now[0])
+    monkeypatch.setattr(plan, "time", clock)
+    monkeypatch.setattr(generation, "time", clock)
+    calls = []
+
+    def tick(module, args, kwargs):
+        calls.append((torch.is_grad_enabled(), tuple(kwargs["input_ids"].shape)))
+        now[0] += GRAD if torch.is_grad_enabled() else NO_GRAD
+
+    tiny = models.tiny_llama
+
+    def timed_tiny_llama(*args, **kwargs):
+        model = tiny(*args, **kwargs)
+        model.register_forward_pre_hook(tick, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(models, "tiny_llama", timed_tiny_llama)
+    cfg = small_cfg()
+    t = probe(cfg, [Shape(P, [6, 12, 18, 22])], char_tokenizer(), budget_s=0.3)
+
+    rows, new = cfg.label.batch_size, L  # L = 22 < label.max_new_tokens
+    sampled = rows // cfg.label.rollouts * cfg.label.rollouts  # whole states
+    batch, length = cfg.critic.batch_size, P + L
+    assert t.gen_tok_s == pytest.approx(sampled * new / (new * NO_GRAD))
+    assert t.train_tok_s == pytest.approx(batch * length / GRAD)
+    assert t.forward_tok_s == pytest.approx(batch * length / NO_GRAD)
+    assert f"sampling {rows} rows x {new} tokens, train / forward batches of {batch} x {length} tokens" in t.source
+    # what it ran: sampling (a prefill of each state, then one token a step for each of its
+    # samples), training steps, forward passes
+    assert (False, (sampled // cfg.label.rollouts, P)) in calls and (False, (sampled, 1)) in calls
+    assert (True, (batch, length)) in calls and (False, (batch, length)) in calls
 
 
 # -- the paper-scale recipes: they load, and plan offline with stand-ins -----------------------------

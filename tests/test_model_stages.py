@@ -178,22 +178,98 @@ def test_dpo_baseline_detects_changed_states_with_the_same_pair_count(inputs, tm
         actor.train_dpo(CFG, d / "policy", changed, tmp_path / "dpo", progress=False)
 
 
+def write_tiny_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A real GGUF file, small: a 1-layer Llama (hidden 32) with a byte-level BPE vocabulary (the
+    256 bytes, one merge, an end token), its matrices quantized to Q8_0 as a downloaded model's
+    are (Q4_1 for SmolLM2's). Returns each tensor as the file holds it, dequantized."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    rng = np.random.default_rng(seed)
+    spelled = bytes_to_unicode()
+    tokens = [spelled[b] for b in range(256)] + ["\u0120t", "<|endoftext|>"]  # "Ġt": " t"
+    vocab, hidden, ffn = len(tokens), 32, 64
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_block_count(1)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (vocab - 1) + [3])  # normal, and the end token a control token
+    w.add_token_merges(["\u0120 t"])
+    w.add_bos_token_id(vocab - 1)
+    w.add_eos_token_id(vocab - 1)
+    held = {}
+    shapes = {"token_embd": (vocab, hidden), "output": (vocab, hidden), "output_norm": (hidden,),
+              "blk.0.attn_norm": (hidden,), "blk.0.ffn_norm": (hidden,), "blk.0.attn_q": (hidden, hidden),
+              "blk.0.attn_k": (hidden, hidden), "blk.0.attn_v": (hidden, hidden),
+              "blk.0.attn_output": (hidden, hidden), "blk.0.ffn_gate": (ffn, hidden),
+              "blk.0.ffn_up": (ffn, hidden), "blk.0.ffn_down": (hidden, ffn)}
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # norms stay float32, as llama.cpp writes them
+            a = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+            w.add_tensor(f"{name}.weight", a)
+            held[name] = a
+        else:
+            q = gguf.quants.quantize((0.2 * rng.standard_normal(shape)).astype(np.float32), q8)
+            w.add_tensor(f"{name}.weight", q, raw_dtype=q8)
+            held[name] = gguf.quants.dequantize(q, q8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return held
+
+
 def test_gguf_import_converts_once(inputs, tmp_path, monkeypatch):
+    """A GGUF file is converted into an HF directory once: the converted model is the GGUF's (its
+    weights, its logits, its tokenizer), and a second import loads nothing and rewrites nothing."""
     d = inputs[0]
     assert import_model(d / "policy", tmp_path / "unused") == d / "policy"  # an HF dir is used where it is
     assert not (tmp_path / "unused").exists()
     gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"stands for a GGUF file")
+    held = write_tiny_gguf(gguf)
     loads, load_policy = [], models.load_policy
 
-    def load_gguf(path):  # no GGUF file here: the tiny HF policy stands for the dequantized model
-        loads.append(path)
-        return load_policy(d / "policy")
-    monkeypatch.setattr(models, "load_policy", load_gguf)
+    def counted_load_policy(path, *args, **kwargs):  # the real loader, its calls counted
+        loads.append(Path(path))
+        return load_policy(path, *args, **kwargs)
+    monkeypatch.setattr(models, "load_policy", counted_load_policy)
     out = import_model(gguf, tmp_path / "base-model")
     assert out == tmp_path / "base-model" and (out / "config.json").is_file()
     assert json.loads((out / "stepdapo_import.json").read_text())["source"] == str(gguf)
-    assert import_model(gguf, tmp_path / "base-model") == out and loads == [gguf]
+    assert loads == [gguf]
+    written = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(out.iterdir()) if f.is_file()}
+
+    assert import_model(gguf, tmp_path / "base-model") == out
+    assert loads == [gguf], "the second import converted again"
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(out.iterdir()) if f.is_file()} == written
+
+    # the converted directory is the GGUF's model: float32 weights as the file holds them
+    # (dequantized), logits as loading the GGUF itself gives, the same tokenizer
+    converted, tok = load_policy(out)
+    direct, direct_tok = load_policy(gguf)
+    assert next(converted.parameters()).dtype == torch.float32
+    torch.testing.assert_close(converted.model.embed_tokens.weight, torch.from_numpy(held["token_embd"]))
+    torch.testing.assert_close(converted.lm_head.weight, torch.from_numpy(held["output"]))
+    torch.testing.assert_close(converted.model.norm.weight, torch.from_numpy(held["output_norm"]))
+    text = "the cat sat on the mat.\nthen it left"
+    ids = tok(text)["input_ids"]
+    assert ids == direct_tok(text)["input_ids"] and tok.decode(ids) == text
+    assert direct_tok.convert_ids_to_tokens(ids).count("\u0120t") == text.count(" t") == 1  # the merge
+    with torch.no_grad():
+        got = converted(input_ids=torch.tensor([ids])).logits
+        want = direct(input_ids=torch.tensor([ids])).logits
+    torch.testing.assert_close(got, want)
+
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(ArtifactError, match="mine: exists, is not empty"):

@@ -1,7 +1,8 @@
 """The log-ratio critic (stepdapo.models.LogRatioCritic) against a plain per-sequence reference:
 its logits and their gradients, every position's logit against the prefix alone, the start equal to
-the head alone, and saving / loading (the reference found again after a move, refused when gone
-or changed)."""
+the head alone, saving / loading (the reference found again after a move, refused when gone
+or changed), and its shared-prefix scoring (each state once through both language models) against
+whole sequences."""
 
 import json
 import shutil
@@ -20,6 +21,7 @@ from stepdapo.models import (
     load_critic,
     tiny_llama,
 )
+from stepdapo.stages.advantages import action_values
 
 PAD = 0
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
@@ -133,3 +135,116 @@ def test_saved_critic_reloads_finds_its_moved_reference_and_refuses_a_changed_on
     with pytest.raises(ModelPathError, match="reference model ../policy .* is missing"):
         load_critic(moved / "critic")
 
+
+
+# -- shared prefix: each state once through pi_theta and pi_ref, its actions on its keys/values ------
+
+# (state, its prompt's length), ragged, and each state's sampled actions, as the advantage stage scores them
+STATES = [([1, 5, 6, 20, 7, 8, 20], 4), ([1, 7, 20], 3), ([1, 5, 8, 9, 20, 11, 12, 13, 20, 14, 15], 5),
+          ([1, 9, 9, 20, 4, 11], 3)]
+ACTIONS = [[[9, 10, 20], [11], [12, 13, 14, 20]], [[9, 20], [9, 21, 4, 20], [17]],
+           [[16, 20], [17, 20, 18, 19, 12]], [[10, 20], [10, 20]]]  # the last state: one action sampled twice
+
+
+def _state_actions():
+    """Every s + a with its state's length and its prompt's, and, last, two the shared path must run
+    whole: a cut that would fall inside the prompt, and a state that is its prompt (nothing to split)."""
+    seqs, state_lens, prompt_lens = [], [], []
+    for (s, plen), acts in zip(STATES, ACTIONS):
+        for a in acts:
+            seqs.append(s + a)
+            state_lens.append(len(s))
+            prompt_lens.append(plen)
+    seqs += [[1, 5, 6, 20, 7, 8], [1, 7, 20]]
+    state_lens += [2, 3]
+    prompt_lens += [4, 3]
+    return seqs, state_lens, prompt_lens
+
+
+def test_shared_prefix_logits_and_gradients_match_whole_sequences(critic):
+    """Tolerance, from a measurement (float32, 1 thread): the whole-sequence path against itself with
+    each sequence in a batch of its own (another padding, other matmul shapes) moves the logits by
+    1.3e-6 and the gradients by 8e-7 of a parameter's gradient scale; the shared path is 9.5e-7 /
+    7.6e-7 from the batched whole-sequence one. 1e-5 (values; gradients: of their scale) is ~10x
+    that noise and 10^4x below what a dropped or doubled state part does (>= 0.1 here,
+    test_shared_prefix_counts_each_state_part_once)."""
+    seqs, state_lens, prompt_lens = _state_actions()
+    weights = torch.linspace(-1.0, 2.0, len(seqs))
+    shared = critic_logits(critic, seqs, PAD, state_lens, prompt_lens)
+    plain = critic_logits(critic, seqs, PAD, prompt_lens=prompt_lens)
+    by_hand = torch.stack([reference_logit(critic, x, p) for x, p in zip(seqs, prompt_lens)])
+    assert shared.detach() == pytest.approx(plain.detach().tolist(), abs=1e-5)
+    assert shared.detach() == pytest.approx(by_hand.detach().tolist(), abs=1e-5)
+    g_shared, g_plain = grads(critic, (weights * shared).sum()), grads(critic, (weights * plain).sum())
+    assert g_shared.keys() == g_plain.keys() and not any(n.startswith("reference.") for n in g_shared)
+    for n in g_plain:
+        assert torch.allclose(g_shared[n], g_plain[n], atol=1e-5 * g_plain[n].abs().max().item(), rtol=0), n
+
+    values = critic_values(critic, seqs, PAD, batch_size=4, prefix_lens=state_lens, prompt_lens=prompt_lens)
+    assert values == pytest.approx(torch.sigmoid(plain).tolist(), abs=1e-5)  # groups split across batches too
+
+
+def test_shared_prefix_runs_each_state_once_through_both_models(critic):
+    """advantages.shared_prefix is not ignored for this critic: pi_theta and pi_ref each see the
+    states once (4 rows), then only the actions' tokens; the two whole ones run as rows of their own."""
+    seqs, state_lens, prompt_lens = _state_actions()
+    calls = {"policy": [], "reference": []}
+    hooks = [getattr(critic, name).register_forward_pre_hook(
+        lambda _m, _a, kw, seen=seen: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+        for name, seen in calls.items()]
+    try:
+        critic_values(critic, seqs, PAD, prefix_lens=state_lens, prompt_lens=prompt_lens)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_actions = sum(map(len, ACTIONS))
+    longest_state, longest_action = max(len(s) for s, _ in STATES), max(len(a) for acts in ACTIONS for a in acts)
+    for seen in calls.values():  # the whole ones first (plain), then the states, then the actions
+        assert seen == [(2, 6), (len(STATES), longest_state), (n_actions, longest_action)]
+
+
+@pytest.mark.parametrize("bug", ["state_part_dropped", "state_part_doubled"])
+def test_shared_prefix_counts_each_state_part_once(critic, monkeypatch, bug):
+    """The log-ratio sum of s + a is its state part (from the prompt's end to the state's end,
+    computed once per state) plus its action part: with the state part dropped or counted twice,
+    every s + a whose state has solution tokens moves far beyond the tolerance (> 1e-2), and only those."""
+    import stepdapo.logprobs as lp
+
+    seqs, state_lens, prompt_lens = _state_actions()
+    plain = critic_logits(critic, seqs, PAD, prompt_lens=prompt_lens)
+    real = lp.grouped_logprobs
+
+    def broken(*args, **kwargs):
+        prefix_logp, logp, out = real(*args, **kwargs)
+        return (0.0 if bug == "state_part_dropped" else 2.0) * prefix_logp, logp, out
+
+    monkeypatch.setattr(lp, "grouped_logprobs", broken)
+    moved = (critic_logits(critic, seqs, PAD, state_lens, prompt_lens) - plain).abs()
+    has_state_part = torch.tensor([n > p for n, p in zip(state_lens, prompt_lens)])
+    has_state_part[-2:] = False  # the two run whole
+    assert moved[has_state_part].min() > 1e-2 and moved[~has_state_part].max() < 1e-5
+
+
+def test_a_wrapped_critic_refuses_prefix_lens(critic):
+    """Data-parallel training calls go through the wrapper's forward, which runs whole sequences."""
+    seqs, state_lens, prompt_lens = _state_actions()
+    wrapper = torch.nn.Module()
+    wrapper.module = critic
+    with pytest.raises(ValueError, match="runs whole sequences"):
+        critic_logits(wrapper, seqs, PAD, state_lens, prompt_lens)
+
+
+def test_advantage_stage_shared_prefix_scores_like_whole_sequences(tmp_path, critic):
+    """advantages.action_values with the default critic: the same values with and without the switch."""
+    import pyarrow as pa
+
+    critic.save_pretrained(tmp_path / "critic")
+    char_tokenizer().save_pretrained(tmp_path / "critic")
+    terminal = [[False, True, False], [False, True, False], [False, True], [False, False]]  # not scored
+    labels = pa.table({"ids": [s for s, _ in STATES], "prompt_len": [p for _, p in STATES], "action_ids": ACTIONS,
+                       "action_terminal": terminal})
+    shared = action_values(labels, "critic", tmp_path / "critic", None, None, shared_prefix=True)
+    plain = action_values(labels, "critic", tmp_path / "critic", None, None, shared_prefix=False)
+    assert shared.keys() == plain.keys() and len(plain) == 2 + 2 + 1 + 1  # the repeated action once
+    for k in plain:
+        assert shared[k] == pytest.approx(plain[k], abs=1e-5)

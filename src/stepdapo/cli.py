@@ -59,13 +59,15 @@ def cmd_bootstrap(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    import tempfile
     import time
 
     from rich.console import Console
 
-    from stepdapo.models import load_policy, set_threads
-    from stepdapo.runner import device, is_main, world_size
-    from stepdapo.stages.evaluate import evaluate, format_table, run_evaluate
+    from stepdapo.generation import policy_generator, release_engine
+    from stepdapo.models import check_model_dir, import_model, set_threads
+    from stepdapo.runner import is_main, world_size
+    from stepdapo.stages.evaluate import evaluate_with, format_table, run_evaluate
     from stepdapo.store import write_json
     from stepdapo.tasks import get_task
 
@@ -79,16 +81,25 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise ConfigError(f"evaluate: --out {out} is a directory; give a JSON file path")
+    if out is None and world_size() > 1:
+        raise ConfigError("evaluate: several processes need --out FILE (they share its shard directory)")
     set_threads(cfg.threads)
     task = get_task(cfg.task)
     t0 = time.perf_counter()
-    if out is not None:  # resumable, and shared by the processes of torchrun / accelerate launch
-        ev = run_evaluate(cfg, model_path, out.with_name(out.name + ".shards"), task, progress=is_main())
-    elif world_size() > 1:
-        raise ConfigError("evaluate: several processes need --out FILE (they share its shard directory)")
-    else:
-        model, tokenizer = load_policy(model_path)
-        ev = evaluate(model.to(device()), tokenizer, task, cfg.eval, seed=cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="stepdapo-evaluate-") as tmp:
+        if cfg.generation.backend == "vllm" and check_model_dir(model_path).is_file():
+            # vLLM loads HF directories: a GGUF is converted once, as `run` does (beside --out, kept
+            # for the next call; without --out into a temporary directory)
+            model_path = import_model(model_path, out.with_name(out.name + "-base-model") if out is not None
+                                      else Path(tmp) / "base-model")
+        try:
+            if out is not None:  # resumable, and shared by the processes of torchrun / accelerate launch
+                ev = run_evaluate(cfg, model_path, out.with_name(out.name + ".shards"), task, progress=is_main())
+            else:  # the config's sampler (backend, dtype) in this process
+                gen = policy_generator(model_path, task.step_delimiter, cfg.eval.batch_size, engine=cfg.generation)()
+                ev = evaluate_with(gen, task, cfg.eval, seed=cfg.seed)
+        finally:
+            release_engine()
     ev = {**ev, "seconds": time.perf_counter() - t0}  # model loading included
     if _quiet():
         return 0

@@ -277,6 +277,9 @@ class VLLMGenerator:
     def __init__(self, model_dir: str | Path, step_delimiter: str, settings, progress: bool = True):
         from stepdapo.models import load_tokenizer
 
+        # vLLM logs to stdout by default, where our commands print their results (JSON): to stderr,
+        # unless the user chose (read when vllm is first imported; inherited by its processes)
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
             from vllm import LLM
         except ImportError as e:
@@ -353,8 +356,9 @@ class VLLMGenerator:
                 max_tokens=min(params.max_new_tokens, room), seed=(params.seed + i * n) % 2**63,
                 logprobs=0, stop_token_ids=stops, detokenize=False))
         t0 = time.perf_counter()
-        def bar(**kw):  # vLLM's bar, with our name and, into a log file, a line per 15 s
-            return tqdm(**{**kw, "desc": desc, "leave": False, "mininterval": 0.1 if sys.stderr.isatty() else 15})
+        def bar(*args, **kw):  # vLLM's bar, with our name and, into a log file, a line per 15 s
+            # vLLM calls it as tqdm: keywords for its progress bar, an iterable first for its request loop
+            return tqdm(*args, **{**kw, "desc": desc, "leave": False, "mininterval": 0.1 if sys.stderr.isatty() else 15})
 
         outputs = self.llm.generate(requests, sampling, use_tqdm=bar if self.progress else False)
         elapsed = time.perf_counter() - t0

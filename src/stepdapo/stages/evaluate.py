@@ -221,8 +221,13 @@ def run_evaluate(cfg: RunConfig, model_path: str | Path, out_dir: str | Path, ta
 def evaluate(model, tokenizer, task, cfg: EvalConfig, seed: int = 0, progress: bool = True) -> dict:
     """Evaluate a loaded policy in this process (no stage directory); the same shards, seeds and
     numbers as `run_evaluate`."""
-    problems = eval_problems(task, cfg)
     gen = HFGenerator(model, tokenizer, task.step_delimiter, batch_size=cfg.batch_size, progress=progress)
+    return evaluate_with(gen, task, cfg, seed)
+
+
+def evaluate_with(gen, task, cfg: EvalConfig, seed: int = 0) -> dict:
+    """`evaluate` with any sampler (`generation.Generator`: the HF sampler or a vLLM engine)."""
+    problems = eval_problems(task, cfg)
     rows: dict[str, list] = {f: [] for f in SCHEMA.names}
     infos = []
     for si in range(0, len(problems), PROBLEMS_PER_SHARD):

@@ -24,14 +24,18 @@ DEFAULT_SMOLLM2 = Path.home() / ".cache/stepdapo-test-models/smollm2-135m-instru
 def check_data(shared: Path) -> str | None:
     need = [shared / "data" / "gsm8k" / "train.jsonl", shared / "data" / "gsm8k" / "test.jsonl",
             shared / "data" / "math500"]
-    missing = [str(p) for p in need if not p.exists()]
+    missing = [str(p) for p in need if not os.access(p, os.R_OK)]
     return f"shared data missing: {', '.join(missing)} (../shared beside the clone)" if missing else None
 
 
 def check_smollm2(path: Path) -> str | None:
-    if not path.is_file() or path.stat().st_size < 1_000_000:
-        return f"SmolLM2 GGUF missing at {path} (bash ../shared/tools/get-smollm2, then STEPDAPO_SMOLLM2=<its output>)"
-    return None
+    try:
+        if path.is_file() and path.stat().st_size > 1_000_000:
+            return None
+        why = "missing"
+    except OSError as e:
+        why = f"unreadable ({e.strerror})"
+    return f"SmolLM2 GGUF {why} at {path} (bash ../shared/tools/get-smollm2, then STEPDAPO_SMOLLM2=<its output>)"
 
 
 def check_sandbox() -> str | None:

@@ -83,12 +83,16 @@ def test_counts_match_hand_computed_values():
     # reference and final log-probs, each state once for its 3 actions (actor.shared_prefix, the default);
     # the actions: 3 steps of 6 tokens, then "A=r</s>" of 4
     assert act["forward_tokens"] == 2 * 10 * ((P + 2 * ((P + 6) + (P + 12) + (P + 18))) + 3 * (6 + 2 * (6 + 6 + 4)))
-    # the log-ratio critic (the default) scores every s + a whole, through pi_theta and pi_ref
-    assert adv["forward_tokens"] == 2 * 10 * (3 * (P + 6) + 2 * 3 * (P + 12) + 2 * 3 * (P + 18))
+    # the log-ratio critic (the default): each state once for its 3 actions (advantages.shared_prefix),
+    # through pi_theta and pi_ref; a value head alone: once
+    shared = 10 * ((P + 3 * 6) + 2 * ((P + 6) + 3 * 6) + 2 * ((P + 12) + 3 * 6))
+    assert adv["forward_tokens"] == 2 * shared
     head_only = plan_of(small_cfg("critic.log_ratio_beta=0"))
-    # a value head alone: each state once for its 3 actions (advantages.shared_prefix)
-    assert stage(head_only, "iter-1/advantages")["forward_tokens"] == \
-        10 * ((P + 3 * 6) + 2 * ((P + 6) + 3 * 6) + 2 * ((P + 12) + 3 * 6))
+    assert stage(head_only, "iter-1/advantages")["forward_tokens"] == shared
+    # without shared_prefix every s + a whole
+    whole = plan_of(small_cfg("advantages.shared_prefix=false"))
+    assert stage(whole, "iter-1/advantages")["forward_tokens"] == \
+        2 * 10 * (3 * (P + 6) + 2 * 3 * (P + 12) + 2 * 3 * (P + 18))
     # and no pi_ref forward pass in training (a third of a trained token's FLOPs)
     head_cr = stage(head_only, "iter-1/critic")
     assert cr["trained_tokens"] == pytest.approx(4 / 3 * head_cr["trained_tokens"])

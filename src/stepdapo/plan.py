@@ -331,11 +331,11 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
                            + (f"; a critic that fails its check trains {C.recovery_epochs:g} more epoch(s) "
                               f"(critic.recovery_epochs, not counted)" if C.recovery_epochs > 0 else "")],
                     counts={"value_examples": examples, "train_examples": train_ex, "steps": steps}))
-    # with advantages.shared_prefix each state runs once and its actions on its keys/values
-    # (the log-ratio critic runs whole sequences, through pi_theta and pi_ref)
+    # with advantages.shared_prefix each state runs once and its actions on its keys/values (the
+    # log-ratio critic does so twice: through pi_theta and pi_ref)
     out.append(Work(f"iter-{k}/advantages",
-                    forward_tokens=2 * N * per["adv_tok"] if log_ratio else
-                    N * per["adv_tok_shared" if cfg.advantages.shared_prefix else "adv_tok"],
+                    forward_tokens=(2 if log_ratio else 1) * N
+                    * per["adv_tok_shared" if cfg.advantages.shared_prefix else "adv_tok"],
                     upper_bound=assumed or a.distinct_actions == 1.0,
                     notes=[f"critic scores {N * per['adv_rows']:,.0f} distinct state+action pairs"],
                     counts={"scored": N * per["adv_rows"], "states_kept": states * a.gap_kept}))

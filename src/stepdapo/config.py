@@ -442,9 +442,9 @@ class RunConfig(Section):
             return v
         raise ValueError("expected true/false/auto")
     report_to: list[Tracker] = Field(default_factory=list)
-    """experiment trackers that receive the training metrics of the critic, the actor and the DPO
-    baseline (through transformers' integrations), e.g. [tensorboard] or [wandb]; [] logs to the
-    run directory only."""
+    """experiment trackers that receive the training metrics of the bootstrap SFT, the critic, the
+    actor and the DPO baseline (through transformers' integrations), e.g. [tensorboard] or [wandb];
+    [] logs to the run directory only."""
     task: TaskConfig = Field(default_factory=TaskConfig)
     """the task and its settings."""
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)

@@ -22,10 +22,14 @@ LoRA with FSDP or ZeRO-3 is not supported yet (the adapters would have to be gat
 merging): `check_lora_supported` refuses it before training.
 
 Metrics go to the trackers listed in the run config's `report_to` (e.g. ["tensorboard"], ["wandb"];
-[] = none), one tracker run per stage named after its output directory. The trackers prefix every
-training metric with "train/" (the Trainer's `loss` shows as `train/loss`); each trainer's module
-docstring lists its metrics. TensorBoard's event files end up in `runs/` inside the stage's saved
-model directory.
+[] = none), one tracker run per stage named after its output directory (the bootstrap: one per
+round, `<dir>/round-<r>`). The trackers prefix every training metric with "train/" (the Trainer's
+`loss` shows as `train/loss`); each trainer's module docstring lists its metrics. Besides those the
+Trainer logs `epoch` with each log and, once at the end, `train_loss`, `train_runtime`,
+`train_samples_per_second`, `train_steps_per_second` and `total_flos` (wandb keeps these five in the
+run's summary, not its history). TensorBoard's event files end up in `runs/<date>_<host>/` inside
+the stage's saved model directory; wandb's runs go to the project $WANDB_PROJECT (transformers'
+default: "huggingface"). tests/test_trackers.py reads both back.
 """
 
 from __future__ import annotations

@@ -14,19 +14,22 @@
 - full fine-tuning or LoRA (peft); LoRA is merged into the saved model;
 - the summary's final log-ratios and loss are measured on rank 0 on the saved model.
 
-Logged training metrics, means since the previous log (in the summary's `log`, and to the trackers
-in `report_to`, which show them as `train/<name>`):
+Logged training metrics (in the summary's `log`, and to the trackers in `report_to`, which show them
+as `train/<name>`), means since the previous log except grad_norm and learning_rate:
   loss              the DAPO loss (weighted by the actions' weights);
   log_ratio         mean log pi_theta(a|s) - log pi_ref(a|s) (0 at the start; grows toward A/beta);
   target            mean |A/beta| (the scale the log-ratios are regressed onto);
   corr              Pearson correlation between log-ratio and A/beta across a batch (rises from 0 as
                     the policy moves mass toward high-advantage steps);
-  grad_norm         the gradient norm before clipping;
-  learning_rate     the scheduled learning rate.
+  grad_norm         the gradient norm before clipping, of the logged step;
+  learning_rate     the scheduled learning rate of the logged step.
 On several processes loss and grad_norm cover all of them; log_ratio, target and corr only rank 0's
 share of each batch.
-The outcome-level DPO baseline (`train_dpo`, `OutcomeDPOTrainer`) logs `loss` (the DPO loss),
-`log_ratio_margin` (mean chosen minus rejected log-ratio to pi_ref), `grad_norm` and `learning_rate`.
+The outcome-level DPO baseline (`train_dpo`, `OutcomeDPOTrainer`) logs, likewise:
+  loss              the DPO loss;
+  log_ratio_margin  mean chosen minus rejected log-ratio to pi_ref;
+  grad_norm         the gradient norm before clipping, of the logged step;
+  learning_rate     the scheduled learning rate of the logged step.
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ the task's flawed demonstrations, with `transformers.Trainer`, and saved with
 `save_pretrained`, through `runner.ModelStage`: the output directory appears only when the model is
 complete, and a finished one is skipped.
 
-Logged training metrics (to the trackers in `report_to`, which show them as `train/<name>`): `loss`
-(cross-entropy on the solution tokens), `grad_norm`, `learning_rate`.
+Logged training metrics (to the trackers in `report_to`, which show them as `train/<name>`; one
+tracker run per round):
+  loss           cross-entropy on the solution tokens, the mean since the previous log;
+  grad_norm      the gradient norm before clipping, of the logged step;
+  learning_rate  the scheduled learning rate of the logged step.
 """
 
 from __future__ import annotations

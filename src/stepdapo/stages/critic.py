@@ -25,9 +25,9 @@ evaluates the saved critic and draws the plot. The Trainer checkpoints 4 times (
 so a killed critic resumes from its last checkpoint; the summary says from which step.
 
 Logged training metrics (to the trackers in `report_to`, which show them as `train/<name>`):
-  loss           `critic_loss` (BCE against the pooled MC targets) of the batch;
-  grad_norm      the gradient norm before clipping;
-  learning_rate  the scheduled learning rate.
+  loss           `critic_loss` (BCE against the pooled MC targets), the mean since the previous log;
+  grad_norm      the gradient norm before clipping, of the logged step;
+  learning_rate  the scheduled learning rate of the logged step.
 """
 
 from __future__ import annotations

@@ -30,3 +30,19 @@ def test_config_batch_sizes_are_global(monkeypatch):
     for batch in (6, 2):  # not a multiple, fewer than the processes
         with pytest.raises(StageInputError, match=f"actor.states_per_batch = {batch} is the global batch.*multiple of 4"):
             per_device_batch(batch, "actor.states_per_batch")
+
+
+def test_a_failed_training_still_ends_its_tracker_run(monkeypatch):
+    """A stage whose training raises must not leave its wandb run open for the next stage."""
+    from stepdapo import training
+
+    ended = []
+    monkeypatch.setattr(training, "finish_tracker_run", lambda report_to: ended.append(list(report_to)))
+
+    class Broken:
+        def train(self, resume_from_checkpoint=None):
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        training.train_then_finish_trackers(Broken(), ["wandb"])
+    assert ended == [["wandb"]]

@@ -128,6 +128,15 @@ def finish_tracker_run(report_to: list[str]) -> None:
         wandb.finish()
 
 
+def train_then_finish_trackers(trainer, report_to: list[str], resume: str | None = None):
+    """`trainer.train()`, its tracker run ended even when training raises: a later stage in the same
+    process (a test, a notebook, the pipeline's recovery) must not log into a failed stage's run."""
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    finally:
+        finish_tracker_run(report_to)
+
+
 def keep_tensorboard_logs(output_dir: Path, model_dir: Path) -> None:
     """TensorBoard writes under the Trainer's `output_dir/runs/`, in the stage's work dir, which is
     removed once the model is published: move it into the saved model directory (rank 0)."""

@@ -54,12 +54,12 @@ from stepdapo.stages.states import read_solutions
 from stepdapo.store import read_json, write_json
 from stepdapo.training import (
     check_lora_supported,
-    finish_tracker_run,
     keep_tensorboard_logs,
     release_memory,
     resume_step,
     save_trained,
     train_steps,
+    train_then_finish_trackers,
     training_args,
 )
 
@@ -197,8 +197,7 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
                               shared_prefix=c.shared_prefix)
         check_lora_supported(trainer, c.lora_r > 0)
         resume = stage.last_checkpoint()
-        result = trainer.train(resume_from_checkpoint=resume)
-        finish_tracker_run(cfg.report_to)
+        result = train_then_finish_trackers(trainer, cfg.report_to, resume)
         save_trained(trainer, tok, stage.model_dir)
         log, processes = trainer.state.log_history, trainer.args.world_size
         del trainer, model
@@ -308,8 +307,7 @@ def train_dpo(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_di
         trainer = OutcomeDPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
                                     beta=b.beta, pad_id=tok.pad_token_id, shared_prefix=b.shared_prefix)
         resume = stage.last_checkpoint()
-        result = trainer.train(resume_from_checkpoint=resume)
-        finish_tracker_run(cfg.report_to)
+        result = train_then_finish_trackers(trainer, cfg.report_to, resume)
         save_trained(trainer, tok, stage.model_dir)
         if is_main():
             keep_tensorboard_logs(stage.checkpoints, stage.model_dir)

@@ -32,10 +32,10 @@ from stepdapo.store import read_json, write_json
 from stepdapo.tasks import get_task
 from stepdapo.training import (
     check_lora_supported,
-    finish_tracker_run,
     keep_tensorboard_logs,
     save_trained,
     train_steps,
+    train_then_finish_trackers,
     training_args,
 )
 
@@ -171,8 +171,7 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: 
             trainer = Trainer(model=model, args=args, train_dataset=train,
                               data_collator=_SFTCollator(tokenizer.pad_token_id))
             check_lora_supported(trainer, lora)
-            result = trainer.train()
-            finish_tracker_run(cfg.report_to)
+            result = train_then_finish_trackers(trainer, cfg.report_to)
             criterion = on_main(lambda: check_sft(trainer.model, tokenizer, task, held, b))
             entry = {"round": r, "steps": args.max_steps, "lr": args.learning_rate, "demonstrations": len(train),
                      "train_loss": result.training_loss, "criterion": criterion}

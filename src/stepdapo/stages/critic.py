@@ -59,12 +59,12 @@ from stepdapo.runner import ModelStage, is_main, on_main, stage_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.training import (
     check_lora_supported,
-    finish_tracker_run,
     keep_tensorboard_logs,
     release_memory,
     resume_step,
     save_trained,
     train_steps,
+    train_then_finish_trackers,
     training_args,
 )
 
@@ -247,8 +247,7 @@ def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueEx
     check_lora_supported(trainer, c.lora_r > 0)
     if c.log_ratio_beta > 0:
         check_log_ratio_supported(trainer)
-    result = trainer.train(resume_from_checkpoint=resume)
-    finish_tracker_run(args.report_to)
+    result = train_then_finish_trackers(trainer, args.report_to, resume)
     return trainer, result
 
 

@@ -59,6 +59,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -348,7 +349,7 @@ def main():
     lines = [
         "# DAPO actor and DPO baseline steps vs TRL's DPOTrainer",
         "",
-        f"`bench/bench_dpo_trl.py --threads {args.threads} --repeats {args.repeats}` (trl {trl.__version__} in a "
+        f"`bench/bench_dpo_trl.py {' '.join(sys.argv[1:])}` (trl {trl.__version__} in a "
         f"separate venv; torch {torch.__version__}, transformers unchanged). Same model, same tokens; reference "
         "log-probs precomputed in both, so a step = forward, backward, clipping and AdamW update. TRL runs with "
         "`gradient_checkpointing=False, bf16=False` (its DPOConfig defaults are True), like ours in float32.",

@@ -12,8 +12,8 @@ For each run directory, the plan of its config.yaml, made as a user would make i
   after the bootstrap stage; iteration 2's policy does not exist before the run, so its assumptions
   are iteration 1's).
 Measured: each stage's summary (summary.json, or the model directory's stepdapo_<stage>.json) and
-timings.json (wall seconds per stage). Writes the markdown report and a JSON next to it; the
-"Findings" section of the committed report is written by hand from the tables.
+timings.json (wall seconds per stage). Writes the markdown report (every number in it generated
+from the measurements, a summary line per run included) and a JSON next to it.
 """
 
 from __future__ import annotations
@@ -133,6 +133,12 @@ def compare(run: Path, n_pilot: int, given: Throughput | None = None) -> tuple[s
     tm, tu, tp = (sum(x[k] for x in times) for k in ("measured", "upper", "pilot"))
     lines.append(f"| **total** | {tm:.1f} | {tu:.1f} | {tu / tm:.2f} | {tp:.1f} | {tp / tm:.2f} | "
                  f"{'yes' if 0.5 <= tp / tm <= 2 else '**no**'} |")
+    outside = [f"{x['stage']} {x['pilot'] / x['measured']:.2f}x" for x in times
+               if not 0.5 <= x["pilot"] / x["measured"] <= 2]
+    lines += ["", f"Summary (generated): with the pilot the plan's total is {tp / tm:.2f}x the measured "
+                  f"{tm:.0f} s, and {len(times) - len(outside)} of {len(times)} stages are within 2x"
+                  + (f" (outside: {', '.join(outside)})" if outside else "")
+                  + f"; with the upper-bound assumptions the total is {tu / tm:.2f}x (an upper bound by design)."]
     lines += ["", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines), {"run": str(run), "processes": processes, "throughput": vars(thr), "load": load,
                               "pilot": vars(assumed), "counts": rows, "times": times}
@@ -154,8 +160,19 @@ def main(argv=None) -> int:
         data.append(d)
         print(text, file=sys.stderr)
     out = Path(args.out)
+    import platform
+
+    import torch
+    import transformers
+
+    from stepdapo.precision import fast_bf16
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    machine = (f"Machine: {cpu}, {os.cpu_count()} cores, fast bf16: {fast_bf16()[0]} ({fast_bf16()[1]}); torch "
+               f"{torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}.")
     out.write_text("# `stepdapo plan` vs measured runs\n\nMade by `python bench/plan_vs_measured.py "
-                   + " ".join(args.runs) + "`.\n\n" + "\n".join(parts))
+                   + " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n" + machine + "\n\n" + "\n".join(parts))
     out.with_suffix(".json").write_text(json.dumps(data, indent=2))
     return 0
 

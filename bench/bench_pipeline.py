@@ -42,12 +42,10 @@ def machine() -> dict:
     import torch
     import transformers
 
-    from stepdapo.precision import fast_bf16
+    from stepdapo.precision import cpu_model, fast_bf16
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
     ok, why = fast_bf16()
-    return {"cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)), "fast_bf16": ok, "bf16_why": why,
+    return {"cpu": cpu_model(), "cores": len(__import__("os").sched_getaffinity(0)), "fast_bf16": ok, "bf16_why": why,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 

@@ -50,7 +50,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from stepdapo.logprobs import sequence_logprobs
 from stepdapo.losses import dapo_loss
 from stepdapo.models import LogRatioCritic, critic_values
-from stepdapo.precision import fast_bf16, training_bf16
+from stepdapo.precision import cpu_model, fast_bf16, training_bf16
 
 RESULTS = Path(__file__).parent / "results"
 ACTION = 32
@@ -181,14 +181,6 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ints(text: str) -> list[int]:

@@ -57,16 +57,6 @@ WORKLOADS = {"labels": (16, 128), "solutions": (4, 256)}  # samples per prompt, 
 
 # ----------------------------------------------------------------------------- the machine
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def versions() -> dict:
     import transformers
     import vllm
@@ -306,7 +296,7 @@ def main():
     from stepdapo.config import GenerationConfig, load_config
     from stepdapo.generation import HFGenerator, VLLMGenerator, hf_sampling_dtype
     from stepdapo.models import import_model, load_policy, set_threads
-    from stepdapo.precision import fast_bf16
+    from stepdapo.precision import cpu_model, fast_bf16
     from stepdapo.tasks import get_task
 
     set_threads(args.threads)

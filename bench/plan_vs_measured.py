@@ -165,11 +165,9 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from stepdapo.precision import fast_bf16
+    from stepdapo.precision import cpu_model, fast_bf16
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    machine = (f"Machine: {cpu}, {os.cpu_count()} cores, fast bf16: {fast_bf16()[0]} ({fast_bf16()[1]}); torch "
+    machine = (f"Machine: {cpu_model()}, {os.cpu_count()} cores, fast bf16: {fast_bf16()[0]} ({fast_bf16()[1]}); torch "
                f"{torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}.")
     out.write_text("# `stepdapo plan` vs measured runs\n\nMade by `python bench/plan_vs_measured.py "
                    + " ".join(sys.argv[1:] if argv is None else argv) + "`.\n\n" + machine + "\n\n" + "\n".join(parts))

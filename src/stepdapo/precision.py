@@ -9,22 +9,30 @@ by the pipeline and kept in its report.
 
 from __future__ import annotations
 
+import platform
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line's value in /proc/cpuinfo (None where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(field)), None)
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for the machine line of measured numbers."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _cpu_has(probe: str, flag: str) -> bool:

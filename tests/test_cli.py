@@ -50,7 +50,7 @@ def test_run_with_bad_config_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("actor:\n  beta: -1\n")
     r = run("run", str(bad), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "bad.yaml:2: actor.beta: must be > 0" in r.stderr
+    assert r.returncode == 2 and "bad.yaml:2: actor.beta: must be in [1e-06, 1,000,000]" in r.stderr
     assert not (tmp_path / "o").exists()
 
 

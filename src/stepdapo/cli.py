@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from stepdapo.config import load_config
-from stepdapo.errors import ConfigError, StepdapoError
+from stepdapo.errors import ConfigError, StepdapoError, cap_message
+from stepdapo.paths import check_output_file, json_with_keys
 
 CONFIG_HELP = ("Every config key, with its value and documentation: `stepdapo config show [CONFIG] "
                "[key=value ...]`.")
@@ -81,6 +84,8 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise ConfigError(f"evaluate: --out {out} is a directory; give a JSON file path")
+    if out is not None:
+        check_output_file(out, json_with_keys({"eval"}), "evaluation result (--out)")
     if out is None and world_size() > 1:
         raise ConfigError("evaluate: several processes need --out FILE (they share its shard directory)")
     set_threads(cfg.threads)
@@ -188,7 +193,7 @@ def cmd_config(args) -> int:
     from stepdapo.config import dump_yaml
     from stepdapo.settings import describe
 
-    if args.config and "=" in args.config and not Path(args.config).exists():  # `config show k=v`: no file
+    if args.config and "=" in args.config and not os.path.lexists(args.config):  # `config show k=v`: no file
         args.overrides, args.config = [args.config] + list(args.overrides), None
     cfg = load_config(args.config, args.overrides)
     if args.no_docs:
@@ -208,18 +213,20 @@ def cmd_plan(args) -> int:
     from stepdapo.store import write_json
 
     cfg = load_config(args.config, args.overrides)
+    if args.json:
+        check_output_file(args.json, json_with_keys({"config", "stages", "total"}), "plan (--json)")
     # throughputs: --gpu-flops, or --probe, or the given tok/s (the rest from the defaults), or the defaults
     given = {"gen_tok_s": args.gen_tok_s, "train_tok_s": args.train_tok_s, "forward_tok_s": args.forward_tok_s}
     for name, v in list(given.items()) + [("gpu_flops", args.gpu_flops)]:
-        if v is not None and not v > 0:
-            raise ConfigError(f"plan: --{name.replace('_', '-')} must be positive, got {v:g}")
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"plan: --{name.replace('_', '-')} must be a positive finite number, got {v:g}")
     any_given = any(v is not None for v in given.values())
     if args.gpu_flops is not None and (args.probe or any_given):
         raise ConfigError("plan: --gpu-flops replaces the token throughputs and --probe; give one of them")
     if args.probe and any_given:
         raise ConfigError("plan: --probe measures the throughputs; do not also give --gen-tok-s etc.")
-    if args.processes < 1:
-        raise ConfigError(f"plan: --processes must be at least 1, got {args.processes}")
+    if not 1 <= args.processes <= 2**20:
+        raise ConfigError(f"plan: --processes must be in [1, {2**20}], got {args.processes}")
     throughput = None
     if args.gpu_flops is not None:
         throughput = Throughput(gpu_flops=args.gpu_flops, source="--gpu-flops")
@@ -250,8 +257,8 @@ def cmd_plan(args) -> int:
     # a model that is not on this machine: a stand-in tokenizer and its parameter count
     stand_in = {}
     if args.tokenizer is not None or args.params is not None:
-        if args.params is not None and not args.params >= 1:
-            raise ConfigError(f"plan: --params must be positive, got {args.params:g}")
+        if args.params is not None and not 1 <= args.params <= 1e15:  # also refuses inf and nan
+            raise ConfigError(f"plan: --params must be a parameter count in [1, 1e15], got {args.params:g}")
         tok, params, how = model_info(cfg, args.tokenizer, int(args.params) if args.params is not None else None)
         stand_in = {"tokenizer": tok, "params": params, "model_how": how}
     plan = make_plan(cfg, throughput, assumptions, probe_throughput=args.probe, processes=args.processes,
@@ -373,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(e: Exception) -> str:
+    if isinstance(e, StepdapoError) or not isinstance(e, OSError):
+        return str(e)
+    paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{paths}: {e.strerror or e}" if paths else str(e.strerror or e)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # overrides may come before or after options (`run CONFIG --out D k=v` and `run CONFIG k=v --out D`)
@@ -383,11 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except StepdapoError as e:  # the user's input; anything else is a bug and keeps its traceback
+    except (StepdapoError, OSError) as e:
+        # the user's input, or the paths they gave (a symlink loop, a parent that is a file, a full
+        # disk): one line naming it. Anything else is a bug and keeps its traceback.
         from stepdapo.runner import rank, world_size
 
         who = f" (rank {rank()})" if world_size() > 1 else ""
-        print(f"stepdapo {args.command}{who}: error: {e}", file=sys.stderr)
+        print(f"stepdapo {args.command}{who}: error: {cap_message(_describe(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stepdapo {args.command}: interrupted", file=sys.stderr)

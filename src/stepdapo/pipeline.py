@@ -28,9 +28,10 @@ import yaml
 from transformers import AutoTokenizer
 
 from stepdapo.config import RunConfig, dump_yaml, from_dict, to_dict
-from stepdapo.errors import ArtifactError, ConfigError
+from stepdapo.errors import ArtifactError, ConfigError, listing
 from stepdapo.generation import release_engine
-from stepdapo.models import import_model, set_threads
+from stepdapo.models import check_model_dir, import_model, set_threads
+from stepdapo.paths import existing_output_dir
 from stepdapo.precision import describe
 from stepdapo.runner import is_main, on_main
 from stepdapo.stages.actor import run_actor, train_dpo
@@ -50,6 +51,8 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     from stepdapo.report import write_report
 
     out = Path(out_dir)
+    if cfg.model is not None:  # a broken starting model is an error before the run directory is made
+        check_model_dir(cfg.model)
     on_main(lambda: _claim(out, cfg))
     set_threads(cfg.threads)
     task = get_task(cfg.task)
@@ -189,8 +192,7 @@ def _claim(out: Path, cfg: RunConfig) -> None:
     """A run directory belongs to one config: a new one gets config.yaml; resuming with another
     config is an error, not a mix; a directory that is not a run's is never written into."""
     saved = out / "config.yaml"
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"{out}: exists and is not a directory; give --out a new or run directory")
+    existing_output_dir(out, "run (--out)")
     if saved.is_file():
         try:
             old = from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
@@ -200,7 +202,7 @@ def _claim(out: Path, cfg: RunConfig) -> None:
             new_flat, old_flat = _flat(to_dict(cfg)), _flat(to_dict(old))
             diff = [k for k in new_flat if new_flat[k] != old_flat.get(k)]
             raise ConfigError(f"{saved}: this run directory was started with a different config "
-                              f"(differs in: {', '.join(diff)}); use another --out or delete it")
+                              f"(differs in: {listing(diff)}); use another --out or delete it")
         return
     if out.is_dir() and any(out.iterdir()):
         raise ArtifactError(f"{out}: not empty and not a stepdapo run directory (no config.yaml); "

@@ -107,6 +107,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from stepdapo.errors import ArtifactError
+from stepdapo.paths import existing_output_dir
 from stepdapo.store import check_parquet, read_json, read_parquet, write_json, write_parquet
 
 MANIFEST = "manifest.json"
@@ -268,10 +269,7 @@ def _not_ours(path: Path, what: str) -> ArtifactError:
 def _claim(directory: Path, mark: Path, record: dict, what: str) -> None:
     """Make `directory` ours by writing `mark` into it. A new or empty directory is fine; a file, or a
     non-empty directory without our mark, is an ArtifactError naming it, and nothing in it is touched."""
-    if directory.exists() and not directory.is_dir():
-        raise ArtifactError(f"{directory}: exists and is not a directory; the {what} needs a new or empty "
-                            f"directory there")
-    if directory.is_dir() and any(directory.iterdir()):
+    if existing_output_dir(directory, what) and any(directory.iterdir()):
         raise _not_ours(directory, what)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(mark, record)
@@ -450,10 +448,8 @@ class ModelStage:
 
     # -- rank 0 ------------------------------------------------------------------------------------
     def _finished(self) -> dict | None:
-        if not self.dir.exists():
+        if not existing_output_dir(self.dir, f"{self.name} output"):
             return None
-        if not self.dir.is_dir():
-            raise ArtifactError(f"{self.dir}: exists and is not a directory; choose another output directory")
         s = self.dir / self.summary_name
         if s.is_file():
             summary = read_json(s)

@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from stepdapo.errors import ConfigError
+from stepdapo.errors import ConfigError, StepdapoError, excerpt
+from stepdapo.paths import open_input
 
 S = TypeVar("S", bound="Section")
 
@@ -67,47 +68,154 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def parse_yaml(text: str, source: str) -> tuple[dict, dict[str, int]]:
-    """Parse YAML into plain data and the line of every dotted key; duplicate keys are errors."""
+# A config is a few KB of plain keys and values. What YAML can do beyond that is refused or bounded
+# before anything is built from it: tags (`!!python/object`: PyYAML's safe loader refuses them,
+# with a traceback), aliases that expand exponentially ("billion laughs": a 1 KB file that is
+# 10^9 values once expanded), nesting that overflows the recursive composer. Anchors, aliases and
+# merge keys (`<<: *base`) are allowed within those bounds: they are how YAML shares settings.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 20
+MAX_VALUES = 10_000
+SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map", "merge")}
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _check_events(text: str, source: str) -> None:
+    """Refuse explicit tags and nesting deeper than MAX_DEPTH, from the event stream (the parser
+    keeps a stack, it does not recurse), before the composer builds anything."""
+    depth = 0
+    try:
+        for ev in yaml.parse(text, Loader=_Loader):
+            line = f"{source}:{ev.start_mark.line + 1}"
+            tag = getattr(ev, "tag", None)
+            if tag is not None and tag not in SAFE_TAGS:
+                raise ConfigError(f"{line}: YAML tag {excerpt(tag, 80)} is not allowed in a config "
+                                  f"(plain values only; quote a value that starts with '!')")
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError(f"{line}: nested more than {MAX_DEPTH} levels deep; a config is "
+                                      f"sections of plain keys")
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {excerpt(str(e), 300)}") from None
+
+
+def _check_size(root: yaml.Node, source: str) -> None:
+    """Refuse a document that is more than MAX_VALUES nodes once its aliases are expanded, or whose
+    alias refers to a node that contains it (a loop). The size is counted on the composed graph,
+    each shared node once, so counting is as cheap as the file is small."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()  # nodes whose children are still being counted
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # post-order, without recursion
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        kids = [] if isinstance(node, yaml.ScalarNode) else (
+            [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else node.value)
+        if not children_done:
+            open_.add(id(node))
+            stack.append((node, True))
+            for kid in kids:
+                if id(kid) in open_:
+                    raise ConfigError(f"{source}:{kid.start_mark.line + 1}: an alias that refers to a node "
+                                      f"containing it (a loop)")
+                stack.append((kid, False))
+            continue
+        open_.discard(id(node))
+        size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+        if size[id(node)] > MAX_VALUES:
+            raise ConfigError(f"{source}:{node.start_mark.line + 1}: more than {MAX_VALUES:,} values once "
+                              f"its aliases are expanded; a config is a few hundred")
+
+
+def _compose(text: str, source: str) -> yaml.Node | None:
+    _check_events(text, source)
     try:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+        raise ConfigError(f"{source}: invalid YAML: {excerpt(str(e), 300)}") from None
+    if node is not None:
+        _check_size(node, source)
+    return node
+
+
+def _scalar_value(node: yaml.Node, source: str) -> Any:
+    try:
+        return yaml.load(yaml.serialize(node), Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of over 4300 digits
+        raise ConfigError(f"{source}:{node.start_mark.line + 1}: {excerpt(str(e), 200)}") from None
+
+
+def parse_yaml(text: str, source: str) -> tuple[dict, dict[str, int]]:
+    """Parse YAML into plain data and the line of every dotted key; duplicate keys are errors.
+    Merge keys (`<<: *base`, or a list of aliases) work as in YAML 1.1: the mapping's own keys win,
+    then the merged mappings in order."""
+    node = _compose(text, source)
     lines: dict[str, int] = {}
     if node is None:
         return {}, lines
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{source}:{node.start_mark.line + 1}: the top level must be a mapping of keys")
 
-    def walk(n: yaml.Node, prefix: str) -> Any:
-        if isinstance(n, yaml.MappingNode):
-            out = {}
-            for k, v in n.value:
-                key = prefix + str(k.value)
-                if str(k.value) in out:
-                    raise ConfigError(f"{source}:{k.start_mark.line + 1}: duplicate key {key!r} "
-                                      f"(first at line {lines[key]})")
-                lines[key] = k.start_mark.line + 1
-                out[str(k.value)] = walk(v, key + ".")
-            return out
-        return yaml.load(yaml.serialize(n), Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    def walk(n: yaml.Node, prefix: str, lines: dict[str, int]) -> Any:
+        if not isinstance(n, yaml.MappingNode):
+            return _scalar_value(n, source)
+        out, merged = {}, []
+        for k, v in n.value:
+            where = f"{source}:{k.start_mark.line + 1}"
+            if k.tag == _MERGE:
+                sources = v.value if isinstance(v, yaml.SequenceNode) else [v]
+                if not all(isinstance(m, yaml.MappingNode) for m in sources):
+                    raise ConfigError(f"{where}: a merge key (<<) takes a mapping or a list of mappings")
+                merged += sources
+                continue
+            if not isinstance(k, yaml.ScalarNode):
+                raise ConfigError(f"{where}: a key must be a plain name, not a "
+                                  f"{'list' if isinstance(k, yaml.SequenceNode) else 'mapping'}")
+            key = prefix + str(k.value)
+            if str(k.value) in out:
+                raise ConfigError(f"{where}: duplicate key {excerpt(key)} (first at line {lines[key]})")
+            lines[key] = k.start_mark.line + 1
+            out[str(k.value)] = walk(v, key + ".", lines)
+        for m in merged:
+            from_merge: dict[str, int] = {}
+            for key, value in walk(m, prefix, from_merge).items():
+                out.setdefault(key, value)
+            for key, line in from_merge.items():
+                lines.setdefault(key, line)
+        return out
 
-    return walk(node, ""), lines
+    return walk(node, "", lines), lines
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`actor.lr=1e-4` -> ("actor.lr", 1e-4); values are parsed as YAML scalars."""
+    """`actor.lr=1e-4` -> ("actor.lr", 1e-4); values are parsed as YAML (with the file's limits); a
+    value that is not valid YAML is a string."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value")
+        raise ConfigError(f"override {excerpt(text)}: expected key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(p == "" for p in key.split(".")):
-        raise ConfigError(f"override {text!r}: empty key")
+        raise ConfigError(f"override {excerpt(text)}: empty key")
+    if key.count(".") >= MAX_DEPTH:
+        raise ConfigError(f"override {excerpt(text)}: no config key is nested that deep")
+    if raw.strip() == "":
+        return key, ""
+    source = f"override {excerpt(text)}"
     try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() != "" else ""  # noqa: S506
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+        node = _compose(raw, source)
+    except ConfigError as e:
+        if "invalid YAML" not in str(e):
+            raise
+        return key, raw
+    if node is None:
+        return key, None
+    if isinstance(node, yaml.MappingNode):
+        return key, parse_yaml(raw, source)[0]
+    return key, _scalar_value(node, source)
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -142,7 +250,7 @@ def _bounds(info) -> str | None:
         for name in ("gt", "ge", "lt", "le"):
             if getattr(m, name, None) is not None:
                 b[name] = getattr(m, name)
-    b = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in b.items()}
+    b = {k: f"{v:g}" if isinstance(v, float) else f"{v:,}" for k, v in b.items()}
     lo = ("(", b["gt"]) if "gt" in b else ("[", b["ge"]) if "ge" in b else None
     hi = (")", b["lt"]) if "lt" in b else ("]", b["le"]) if "le" in b else None
     if lo and hi:
@@ -167,7 +275,7 @@ def _message(model: type[BaseModel], loc: tuple, err: dict) -> str:
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
         known = f" (known here: {', '.join(sorted(parent.model_fields))})" if parent is not None else ""
-        return f"unknown key {'.'.join(map(str, loc))!r}{known}"
+        return f"unknown key {excerpt('.'.join(map(str, loc)))}{known}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         text = _bounds(info) or err["msg"]
     elif kind in _TYPE_WORDS:
@@ -178,15 +286,22 @@ def _message(model: type[BaseModel], loc: tuple, err: dict) -> str:
         text = str(err["ctx"]["error"])
     else:
         text = err["msg"][0].lower() + err["msg"][1:]
-    return f"{text} (got {value!r})"
+    return f"{text} (got {excerpt(value)})"
+
+
+MAX_ERRORS = 8  # lines of one validation error; a file of 10^4 bad keys says how many more
 
 
 def _raise(model: type[BaseModel], e: ValidationError, where_of) -> None:
     lines = []
-    for err in e.errors():
+    errors = e.errors()
+    for err in errors[:MAX_ERRORS]:
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         dotted = ".".join(str(p) for p in loc)
-        lines.append(f"{where_of(dotted)}: {dotted}: {_message(model, loc, err)}")
+        shown = dotted if len(dotted) <= 80 else dotted[:80] + "..."
+        lines.append(f"{where_of(dotted)}: {shown}: {_message(model, loc, err)}")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"... and {len(errors) - MAX_ERRORS:,} more errors")
     raise ConfigError("\n".join(lines)) from None
 
 
@@ -202,16 +317,19 @@ def load(model: type[S], path: str | Path | None = None, overrides: list[str] | 
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        if not p.is_file():
+        if p.is_dir():
             raise ConfigError(f"{p}: a config must be a YAML file, not a directory")
         try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+            with open_input(p, "config file", max_bytes=MAX_CONFIG_BYTES) as f:
+                raw = f.read()
+        except StepdapoError as e:
+            raise ConfigError(str(e)) from None
         except OSError as e:
             raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
         data, lines = parse_yaml(text, source)
         if not data:
             raise ConfigError(f"{p}: the config file is empty; give at least one key (the defaults are "
@@ -219,7 +337,7 @@ def load(model: type[S], path: str | Path | None = None, overrides: list[str] | 
     origin_of: dict[str, str] = {}
     for ov in overrides:
         key, value = parse_override(ov)
-        origin_of[key] = f"override {ov!r}"
+        origin_of[key] = f"override {excerpt(ov)}"
         _set_dotted(data, key, value)
 
     def where_of(dotted: str) -> str:

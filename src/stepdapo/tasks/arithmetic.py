@@ -31,13 +31,13 @@ from stepdapo.tasks import Problem, Task, Verdict
 class ArithmeticConfig(Section):
     """The built-in task: a chain of operations mod `modulus`, one operation per line."""
 
-    n_ops_min: int = Field(3, ge=1)
+    n_ops_min: int = Field(3, ge=1, le=1000)
     """fewest operations in a problem."""
-    n_ops_max: int = Field(4, ge=1)
+    n_ops_max: int = Field(4, ge=1, le=1000)
     """most operations in a problem (>= n_ops_min)."""
-    max_operand: int = Field(9, ge=0)
+    max_operand: int = Field(9, ge=0, le=10**9)
     """operands are drawn uniformly from 0..max_operand."""
-    modulus: int = Field(10, ge=2)
+    modulus: int = Field(10, ge=2, le=10**9)
     """all results are taken mod this number (10 keeps every number one digit)."""
     operators: str = Field("+-", pattern=r"^[+\-*]+$")
     """the operators to draw from: a string of characters among "+-*"."""
@@ -46,18 +46,18 @@ class ArithmeticConfig(Section):
     running value plus operand is at least `flaw_min_sum`; the demonstration then writes the result
     plus one (a spurious carry). Above 0.5 this makes the SFT model's most likely step wrong exactly
     there, which greedy decoding shows."""
-    flaw_min_sum: int = Field(12, ge=0)
+    flaw_min_sum: int = Field(12, ge=0, le=10**9)
     """the smallest running value + operand that makes a "+" step a flaw case."""
     noise_prob: float = Field(0.02, ge=0, le=1)
     """probability of a random +-1 error on any other step of a demonstration."""
-    n_train: int = Field(2000, ge=1)
+    n_train: int = Field(2000, ge=1, le=10**8)
     """number of training problems."""
-    n_test: int = Field(1000, ge=1)
+    n_test: int = Field(1000, ge=1, le=10**8)
     """number of test problems."""
     test_fraction: float = Field(0.2, gt=0, lt=1)
     """share of the problem space reserved for the test split (by a hash of the problem text, so
     train and test never overlap whatever the seed or sizes)."""
-    n_demos: int = Field(60000, ge=1)
+    n_demos: int = Field(60000, ge=1, le=10**9)
     """number of flawed demonstrations generated for the bootstrap SFT."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
     """seed of the problem and demonstration generators."""

@@ -48,7 +48,7 @@ from typing import Any
 
 from pydantic import Field
 
-from stepdapo.errors import ConfigError, DataError
+from stepdapo.errors import ConfigError, DataError, excerpt
 from stepdapo.settings import Section
 from stepdapo.tasks import Problem, Task, Verdict, sandbox
 from stepdapo.tasks.data import DataFileNotFound, read_rows
@@ -72,13 +72,13 @@ class CodeConfig(Section):
     """appended to the problem in the user turn of the chat template."""
     step_delimiter: str = Field("\n", min_length=1)
     """the text that ends a step."""
-    timeout: float = Field(10.0, gt=0)
+    timeout: float = Field(10.0, gt=0, le=86400)
     """wall-clock seconds one program (with its tests) may run."""
-    cpu_seconds: int = Field(10, ge=1)
+    cpu_seconds: int = Field(10, ge=1, le=86400)
     """CPU seconds one program may use."""
-    memory_mb: int = Field(1024, ge=64)
+    memory_mb: int = Field(1024, ge=64, le=2**24)
     """address-space limit of one program in MiB."""
-    max_processes: int = Field(16, ge=1)
+    max_processes: int = Field(16, ge=1, le=4096)
     """most processes one program may have alive at once (fork bombs stop here)."""
 
 
@@ -192,13 +192,13 @@ def load_file(source: str) -> list[Problem]:
     if path.is_dir():
         raise DataError(f"code task: {path} is a directory, not a data file "
                         f"(.jsonl, .jsonl.gz, .json or .parquet)")
-    if not path.is_file():
+    if not path.exists():
         raise DataFileNotFound(f"code task: no such data file: {path}")
     out, seen = [], {}
     for i, (where, row) in enumerate(read_rows(str(path))):
         p = problem_from_row(row, where, f"{path.name.split('.')[0]}/{i}")
         if p.id in seen:
-            raise DataError(f"{where}: duplicate task_id {p.id!r} (first at {seen[p.id]})")
+            raise DataError(f"{where}: duplicate task_id {excerpt(p.id)} (first at {seen[p.id]})")
         seen[p.id] = where
         out.append(p)
     if not out:

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stepdapo.errors import DataError
+from stepdapo.errors import DataError, StepdapoError, listing
+from stepdapo.paths import open_input
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
@@ -49,10 +50,19 @@ def _not_utf8(where: str, data: bytes, start: int) -> DataError:
                      f"convert the file to UTF-8")
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+def _open(path: Path):
+    """The data file opened for reading if it is a regular file (a FIFO would block the reader
+    forever, a device never ends), else a DataError naming it."""
     try:
-        with opener(path, "rb") as f:
+        return open_input(path, "data file")
+    except StepdapoError as e:
+        raise DataError(str(e)) from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with _open(path) as raw_file, (gzip.GzipFile(fileobj=raw_file) if gz else raw_file) as f:
             for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
                 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -63,13 +73,16 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                     raise _not_utf8(where, raw, e.start) from None
                 if line.strip():
                     yield where, _loads(line, where)
+    except DataError:
+        raise
     except (OSError, EOFError, zlib.error) as e:  # unreadable; a corrupt or truncated gzip file
         raise DataError(f"{path}: cannot read: {e}") from None
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = path.read_bytes()
+        with _open(path) as f:
+            data = f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from None
     try:
@@ -90,7 +103,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
         lists = [v for v in rows.values() if isinstance(v, list)]
         if len(lists) != 1:
             raise DataError(f"{path}: expected a list of rows (or an object holding one list), "
-                            f"got an object with keys {sorted(rows)[:10]}")
+                            f"got an object with keys {listing(sorted(rows))}")
         rows = lists[0]
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a list of rows, got {type(rows).__name__}")
@@ -101,6 +114,8 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
+    with _open(path):
+        pass  # a regular file: pyarrow would block on a FIFO
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:

@@ -375,6 +375,68 @@ def test_pathological_completions_take_linear_time():
     assert time.monotonic() - t < 5
 
 
+# Runs extract_answer on one hostile completion in a child whose address space is capped at what
+# it holds after the import + 300 MB, and prints the answer (repr). A quadratic copy dies of
+# MemoryError; a backtracking regex runs into the parent's timeout.
+_BOUNDED_EXTRACT = textwrap.dedent("""
+    import resource, sys, time
+    from stepdapo.tasks.answers import extract_answer
+    text, gsm8k = eval(sys.argv[1]), sys.argv[2] == "gsm8k"
+    vm = next(int(l.split()[1]) << 10 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (300 << 20),) * 2)
+    t = time.monotonic()
+    answer = extract_answer(text, gsm8k)
+    assert time.monotonic() - t < 10, f"took {time.monotonic() - t:.1f}s"
+    print(repr(answer))
+""")
+
+_HOSTILE = {
+    # name: (expression for the completion, gsm8k style, expected answer)
+    "nested_closed": ('"\\\\boxed{" * 100_000 + "42" + "}" * 100_000', False, "42"),
+    "nested_closed_then_unclosed": (
+        '"\\\\boxed{" * 100_000 + "x" + "}" * 100_000 + "\\\\boxed{" * 100_000', False, "x"),
+    "a_million_characters": (  # 124_999 * 8 + 8 = 10**6
+        '"\\\\boxed{" * 124_999 + "12345678" + "}" * 124_999', False, "12345678"),
+    "a_million_newlines": ('"\\n" * 10**6', True, None),
+    "hash_line_after_a_million_newlines": ('"\\n" * 10**6 + "x\\n#### 72"', True, "72"),
+    "hash_number_then_spaces": ('"#### 5" + " " * 10**5 + "x"', True, None),
+    "answer_is_then_spaces": ('"the answer is" + " " * 10**5 + "x"', True, None),
+    "answer_is_long_number": ('"the answer is " + "1," * 300_000 + "..1"', True, None),
+}
+
+
+@pytest.mark.parametrize("name", list(_HOSTILE))
+def test_answer_extraction_is_linear_in_time_and_memory(name):
+    """A completion of nested boxes, or one built to make the fallback patterns backtrack, is
+    extracted in bounded memory and time, with the documented answer (the last complete box)."""
+    expr, gsm8k, expected = _HOSTILE[name]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _BOUNDED_EXTRACT, expr,
+                               "gsm8k" if gsm8k else "math"],
+                              capture_output=True, text=True, env=env, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name}: extraction still running after 60s")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == repr(expected)
+
+
+def test_a_completion_over_the_cap_is_judged_without_parsing():
+    from stepdapo.tasks.answers import MAX_COMPLETION_CHARS
+
+    task = _task()
+    p = Problem("p", "q", "5")
+    long = "\\boxed{5}" + " " * MAX_COMPLETION_CHARS
+    v = task.verify(p, long)
+    assert (v.correct, v.answer) == (False, None)
+    assert v.reason == (f"completion too long ({len(long)} characters; the limit is "
+                        f"{MAX_COMPLETION_CHARS})")
+    assert task.extract(p, long) is None
+    # just under the cap: judged as usual
+    assert task.verify(p, " " * (MAX_COMPLETION_CHARS - 9) + "\\boxed{5}").correct
+
+
 def test_worker_killed_between_calls_is_restarted():
     task = _task()
     p = Problem("p", "q", "5")

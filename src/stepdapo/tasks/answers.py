@@ -7,6 +7,12 @@ one. Only for GSM8K-style problems (gold from a `####` line, or task "gsm8k"), a
 boxed answer may instead end its answer with a `#### N` line (the format of the GSM8K solutions) or
 say "the (final) answer is N"; N must be a number there. Anything else is "no boxed answer".
 
+A completion longer than `MAX_COMPLETION_CHARS` is not parsed at all: the math task judges it
+incorrect ("completion too long"). Below that, extraction is linear in time and memory in the
+completion's length (only spans of boxes are kept, and the patterns cannot backtrack
+quadratically), so no completion can make it hang or exhaust memory; math-verify only ever sees the
+extracted answer, itself capped (`stepdapo.tasks.verifier.MAX_ANSWER_CHARS`).
+
 Normalisation (`normalize_answer`) before math-verify sees an answer: trailing punctuation, plain
 unit words such as "18 dollars", `\\,` / `{,}` thousands separators.
 
@@ -17,62 +23,68 @@ from __future__ import annotations
 
 import re
 
+# Far above any real solution: the longest our configs generate is 2048 tokens (under 10k
+# characters), and a 32k-token long-reasoning trace is about 130k characters.
+MAX_COMPLETION_CHARS = 500_000
+
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _HASH_LINE_RE = re.compile(r"^\s*####\s*(.*?)\s*$", re.MULTILINE)
-_HASH_NUM_RE = re.compile(rf"^\s*####\s*\$?\s*({_NUMBER})\s*\.?\s*$", re.MULTILINE)
+# The patterns below run on whole completions, so none may backtrack more than linearly: no two
+# `\s*` around an optional token (`\s*\.?\s*` tries every split of a run of spaces; four of
+# them made 200 spaces take 3 s), no `^\s*` that runs over the following lines from every line
+# start, and the number matched once: `(?=(N))\1` cannot backtrack into N, which with the
+# lookahead after it was quadratic in N's length.
+_HASH_NUM_RE = re.compile(rf"^[^\S\n]*####\s*(?:\$\s*)?({_NUMBER})\s*(?:\.\s*)?$", re.MULTILINE)
 _ANSWER_IS_RE = re.compile(
-    rf"answer\s+is\s*:?\s*(?:\\\(|\$)?\s*(?:\\\$|\$)?\s*({_NUMBER})(?![\d.,]*\d)", re.IGNORECASE)
+    rf"answer\s+is\s*(?::\s*)?(?:(?:\\\(|\$)\s*)?(?:(?:\\\$|\$)\s*)?(?=({_NUMBER}))\1(?![\d.,]*\d)",
+    re.IGNORECASE)
+_BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)  # an escape pair (`\{`, `\\`) or a brace
 _TOKEN_RE = re.compile(r"[^\s$]+")
 _THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
-def _closing_braces(text: str) -> dict[int, int]:
-    """For each `{` of `text`, the index of the `}` that closes it (unclosed ones are absent).
-    Escaped braces (`\\{`, `\\}`) do not count. One pass: a completion of thousands of unclosed
-    `\\boxed{` must not cost a scan to the end for each."""
-    closing: dict[int, int] = {}
-    opened: list[int] = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            opened.append(i)
-        elif c == "}" and opened:
-            closing[opened.pop()] = i
-        i += 1
-    return closing
-
-
-def boxed_contents(text: str) -> list[str]:
-    """The contents of every complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed N` in `text`, in
-    order. Nested braces are matched; an unclosed `\\boxed{` (a truncated completion) is skipped."""
-    out = []
-    closing = None
+def _box_spans(text: str) -> list[tuple[int, int]]:
+    """Where the contents of every complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed N` of
+    `text` lie, as (start, end) in order. Spans, not copies: copying every box of 10**5 nested
+    `\\boxed{` is quadratic in memory. Nested braces are matched and escaped ones (`\\{`, `\\}`)
+    do not count; an unclosed `\\boxed{` (a truncated completion) is skipped. Linear time and
+    memory: one pass finds the boxes, one pass over the braces closes them."""
+    spans: list[tuple[int, int] | None] = []
+    slot: dict[int, int] = {}  # index of a box's "{" -> its place in `spans`
+    n = len(text)
     for m in _BOX_RE.finditer(text):
         i = m.end()
-        while i < len(text) and text[i] in " \t":
+        while i < n and text[i] in " \t":
             i += 1
-        if i < len(text) and text[i] == "{":
-            if closing is None:
-                closing = _closing_braces(text)
-            if i in closing:
-                out.append(text[i + 1:closing[i]])
+        if i < n and text[i] == "{":
+            slot[i] = len(spans)
+            spans.append(None)  # filled in when its "}" is found
         elif i > m.end():  # "\boxed 5": the token after the space
             tok = _TOKEN_RE.match(text, i)
             if tok:
-                out.append(tok.group(0))
-    return out
+                spans.append(tok.span())
+    if slot:
+        # A box's "{" follows a letter or a space, so it is never the second character of an
+        # escape: the scan can start at the first one.
+        opened: list[int] = []
+        for b in _BRACE_RE.finditer(text, min(slot)):
+            c = b.group()
+            if c == "{":
+                opened.append(b.start())
+            elif c == "}" and opened:
+                i = opened.pop()
+                if i in slot:
+                    spans[slot[i]] = (i + 1, b.start())
+    return [s for s in spans if s is not None]
 
 
 def last_boxed(text: str) -> str | None:
     """The contents of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\boxed N`) in `text`,
-    None if there is none. `last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"`."""
-    found = boxed_contents(text)
-    return found[-1] if found else None
+    None if there is none. `last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"`.
+    "Last" is by where the box starts: in `\\boxed{\\boxed{1}}` it is the inner one."""
+    spans = _box_spans(text)
+    return text[spans[-1][0]:spans[-1][1]] if spans else None
 
 
 def gsm8k_gold(text: str) -> str | None:

@@ -24,10 +24,10 @@ from typing import Any
 
 from pydantic import Field
 
-from stepdapo.errors import ConfigError, DataError
+from stepdapo.errors import ConfigError, DataError, excerpt, listing
 from stepdapo.settings import Section
 from stepdapo.tasks import Problem, Task, Verdict
-from stepdapo.tasks.answers import extract_answer, gsm8k_gold, last_boxed
+from stepdapo.tasks.answers import MAX_COMPLETION_CHARS, extract_answer, gsm8k_gold, last_boxed
 from stepdapo.tasks.data import read_rows
 from stepdapo.tasks.verifier import check_equivalent
 
@@ -61,7 +61,7 @@ class MathConfig(Section):
     """appended to the question in the user turn of the chat template."""
     step_delimiter: str = Field("\n", min_length=1)
     """the text that ends a step (the paper: a newline)."""
-    verify_timeout: float = Field(5.0, gt=0)
+    verify_timeout: float = Field(5.0, gt=0, le=86400)
     """seconds math-verify may spend on one completion before it is judged incorrect ("verifier
     timeout")."""
 
@@ -89,7 +89,7 @@ class MathTask(Task):
         for index, (where, row) in enumerate(read_rows(str(source), hf_split)):
             p = self._problem(row, where, split, index)
             if p.id in seen:
-                raise DataError(f"{where}: duplicate id {p.id!r} (first at {seen[p.id]})")
+                raise DataError(f"{where}: duplicate id {excerpt(p.id)} (first at {seen[p.id]})")
             seen[p.id] = where
             out.append(p)
         if not out:
@@ -105,7 +105,7 @@ class MathTask(Task):
         if not isinstance(question, str) or not question.strip():
             what = "missing" if question is None else f"not a non-empty string ({question!r:.40})"
             raise DataError(f"{where}: field {c.question_field!r} {what} "
-                            f"(fields: {', '.join(map(str, row))})")
+                            f"(fields: {listing(map(str, row))})")
         solution = None
         raw = row.get(c.answer_field)
         if isinstance(raw, bool) or not isinstance(raw, (str, int, float, type(None))) or (
@@ -161,6 +161,8 @@ class MathTask(Task):
         return fmt == "####" or (fmt is None and self.name == "gsm8k")
 
     def extract(self, problem: Problem, completion: str) -> str | None:
+        if len(completion) > MAX_COMPLETION_CHARS:  # never parsed (see stepdapo.tasks.answers)
+            return None
         return extract_answer(completion, self._gsm8k_style(problem))
 
     def verify(self, problem: Problem, completion: str) -> Verdict:
@@ -174,6 +176,10 @@ class MathTask(Task):
         results = check_equivalent([(pairs[i][0].answer, answers[i]) for i in todo],
                                    self.cfg.verify_timeout)
         verdicts: list[Verdict] = [Verdict(False, None, "no boxed answer")] * len(pairs)
+        for i, (_, c) in enumerate(pairs):
+            if len(c) > MAX_COMPLETION_CHARS:
+                verdicts[i] = Verdict(False, None, f"completion too long ({len(c)} characters; "
+                                                   f"the limit is {MAX_COMPLETION_CHARS})")
         for i, (status, value) in zip(todo, results):
             a, gold = answers[i], pairs[i][0].answer
             if status == "timeout":

@@ -235,6 +235,59 @@ def test_the_judge_is_out_of_the_programs_reach(humaneval):
     assert not any(w in r.stdout for w in ("READ", "WROTE", "PTRACED")), r.stdout
 
 
+ATTACK_JUDGE = """
+import ctypes, os, platform, resource, signal
+judge = os.getppid()
+libc = ctypes.CDLL(None, use_errno=True)
+TGKILL = {"x86_64": 234, "aarch64": 131}[platform.machine()]
+def tgkill():
+    if libc.syscall(TGKILL, judge, judge, 0) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+# Attacks on the judge, harmless to it if refused (signal 0 only checks the right to signal); a
+# judge limited to 16 MB of address space fails at its next allocation.
+probes = {
+    "prlimit": lambda: resource.prlimit(judge, resource.RLIMIT_AS, (16 << 20, 16 << 20)),
+    "kill": lambda: os.kill(judge, 0),
+    "kill_own_group": lambda: os.kill(0, 0),
+    "tgkill": tgkill,
+    "pidfd_send_signal": lambda: signal.pidfd_send_signal(os.pidfd_open(judge), 0),
+}
+for name, probe in probes.items():
+    try:
+        probe()
+        print("DONE", name)
+    except OSError as e:
+        print("refused", name, e.errno)
+print("cmdline", open(f"/proc/{judge}/cmdline", "rb").read())
+launcher = int(open(f"/proc/{judge}/status").read().split("PPid:")[1].split()[0])
+print("launcher cmdline", open(f"/proc/{launcher}/cmdline", "rb").read())
+# What an honest program may still do to itself and its own children.
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+child = os.fork()
+if child == 0:
+    signal.pause()
+os.kill(child, signal.SIGKILL)
+os.waitpid(child, 0)
+print("own limits and children: ok")
+""" + WRONG_0
+
+
+def test_the_program_cannot_limit_or_signal_the_judge(humaneval):
+    """The program (same uid as the judge) cannot prlimit the judge (which would make the judge
+    fail) or signal it, and the launcher's command line holds nothing of the run's setup. Where the
+    attack were to work, the verdict still fails closed: never passed."""
+    task, by_id = humaneval
+    passed, reason, r = task.judge(by_id["HumanEval/0"], ATTACK_JUDGE)
+    assert not passed, (reason, r)
+    assert "own limits and children: ok" in r.stdout, r.stdout
+    assert reason == FAILS_FIRST_ASSERT_0, (reason, r.stdout)  # the judge ran undisturbed
+    assert "DONE" not in r.stdout, r.stdout
+    for name in ("prlimit", "kill", "kill_own_group", "tgkill", "pidfd_send_signal"):
+        assert f"refused {name} 1\n" in r.stdout, r.stdout  # EPERM
+    launcher = r.stdout.split("launcher cmdline ")[1].splitlines()[0]
+    assert "stepdapo-sandbox" not in launcher and "uid" not in launcher, launcher
+
+
 FIND_TESTS = '''
 import json
 import os

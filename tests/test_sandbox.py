@@ -314,6 +314,16 @@ def test_secret_input_on_fd_3_and_report_from_fd_4():
     assert r.ok and b"sekrit" not in r.stdout.encode(), r
 
 
+def test_the_launchers_command_line_holds_no_spec():
+    """Anyone can read a process's argv in /proc: the run's setup (its directory, uid, limits,
+    hidden paths) is not in the launcher's (the program's parent)."""
+    r = run("import os\nprint(open(f'/proc/{os.getppid()}/cmdline', 'rb').read())",
+            hide=["/no-such-path-hidden"])
+    assert r.ok and r.stdout.startswith("b'"), r
+    for leak in ("stepdapo-sandbox-", "memory_mb", "no-such-path-hidden", "{"):
+        assert leak not in r.stdout, r.stdout
+
+
 @needs_namespaces
 def test_the_programs_root_holds_only_the_os():
     r = run("import os\nprint(sorted(os.listdir('/')))\n"

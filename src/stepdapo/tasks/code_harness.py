@@ -6,6 +6,9 @@ hidden tests having run and passed. So the program and the tests never share an 
 
   * the judge (this process) makes itself non-dumpable first, so that the program, which runs as the
     same uid, can neither ptrace it nor read its memory, file descriptors or environment in /proc.
+    The program's process also installs a seccomp filter (`fence_off`, x86_64 and aarch64) that
+    refuses it and its children the syscalls that would still reach the judge: prlimit, signals,
+    scheduling, ptrace, process_vm_*, pidfd_getfd / pidfd_send_signal.
   * it forks the program's process, which closes fds 3 and 4, receives the program's source, runs
     it, and then answers calls: (function name, arguments) -> return value or exception. The fork
     comes first, so nothing secret was ever in that process's memory.
@@ -150,6 +153,86 @@ def serve(calls, answers) -> None:
             send(answers, {"raised": "TypeError", "message": f"from {name}(): {e}"})
 
 
+# -- the judge out of the program's reach --------------------------------------------------------
+
+# Syscalls by which a process of the judge's uid could still act on it (non-dumpable already stops
+# ptrace and /proc/<pid>/{mem,fd,environ}): (name, x86_64 number, aarch64 number, when to refuse).
+# "judge": when argument i is the judge's pid; "not_positive": when argument i is 0 or negative
+# (a process group or every process, the judge's included); "always".
+_FENCE = [
+    ("kill", 62, 129, [(0, "judge"), (0, "not_positive")]),
+    ("tkill", 200, 130, [(0, "judge")]),
+    ("tgkill", 234, 131, [(0, "judge"), (1, "judge")]),
+    ("rt_sigqueueinfo", 129, 138, [(0, "judge"), (0, "not_positive")]),
+    ("rt_tgsigqueueinfo", 297, 240, [(0, "judge"), (1, "judge")]),
+    ("prlimit64", 302, 261, [(0, "judge")]),  # setrlimit() on itself is prlimit64(0, ...)
+    ("sched_setaffinity", 203, 122, [(0, "judge")]),
+    ("sched_setparam", 142, 118, [(0, "judge")]),
+    ("sched_setscheduler", 144, 119, [(0, "judge")]),
+    ("sched_setattr", 314, 274, [(0, "judge")]),
+    ("ptrace", 101, 117, "always"),
+    ("process_vm_readv", 310, 270, "always"),
+    ("process_vm_writev", 311, 271, "always"),
+    ("pidfd_send_signal", 424, 424, "always"),  # a pidfd may also be an open /proc/<pid>
+    ("pidfd_getfd", 438, 438, "always"),
+]
+_ARCH = {"x86_64": (0xC000003E, 1), "aarch64": (0xC00000B7, 2)}  # AUDIT_ARCH_*, column in _FENCE
+
+
+def fence_off(judge: int) -> bool:
+    """Install a seccomp filter in this process (inherited by all it starts) that refuses (EPERM)
+    the syscalls of `_FENCE` aimed at `judge`: the program, which runs as the judge's uid, cannot
+    limit, signal, reschedule or read the judge. False where that cannot be done (another
+    architecture, no seccomp): the verdict still fails closed then (docs/reward-hacking.md)."""
+    import ctypes
+    import platform
+
+    arch = _ARCH.get(platform.machine())
+    if arch is None or sys.byteorder != "little":
+        return False
+    audit_arch, column = arch
+    allow, refuse = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JMP|JGE|K, RET|K
+
+    def arg(i):  # offset of the low 32 bits of argument i in struct seccomp_data (a pid is an int)
+        return 16 + 8 * i
+
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, refuse),  # another ABI (int 0x80)
+            (ld, 0, 0, 0)]  # the syscall number
+    if column == 1:
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, refuse)]  # the x32 ABI's numbers
+    for entry in _FENCE:
+        nr, when = entry[column], entry[3]
+        if when == "always":
+            body = [(ret, 0, 0, refuse)]
+        else:  # each body ends in a return: the number need not be loaded again after it
+            body = []
+            for i, test in when:
+                body.append((ld, 0, 0, arg(i)))
+                if test == "judge":
+                    body += [(jeq, 0, 1, judge), (ret, 0, 0, refuse)]
+                else:  # 0, or negative as a 32-bit int
+                    body += [(jeq, 1, 0, 0), (jge, 0, 1, 0x80000000), (ret, 0, 0, refuse)]
+            body.append((ret, 0, 0, allow))
+        prog += [(jeq, 0, len(body), nr)] + body
+    prog.append((ret, 0, 0, allow))
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                    ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+
+    filters = (Filter * len(prog))(*[Filter(*f) for f in prog])
+    fprog = Program(len(prog), filters)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # PR_SET_NO_NEW_PRIVS (needed without CAP_SYS_ADMIN), then PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    zero = ctypes.c_ulong(0)
+    return (libc.prctl(38, ctypes.c_ulong(1), zero, zero, zero) == 0
+            and libc.prctl(22, ctypes.c_ulong(2), ctypes.byref(fprog), zero, zero) == 0)
+
+
 # -- the judge ---------------------------------------------------------------------------------
 
 class ProgramDied(BaseException):
@@ -168,6 +251,7 @@ class Program:
                 os.close(fd)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
+                fence_off(os.getppid())  # before anything of the program's runs
                 serve(os.fdopen(call_r, "rb"), os.fdopen(answer_w, "wb"))
             except BaseException:  # noqa: BLE001 - e.g. a value too big to send
                 os._exit(1)

@@ -8,9 +8,10 @@ harness) passes `secret_input`: the program reads it on fd 3 (it is in no file, 
 and whatever it writes to fd 4 comes back as `r.report`, apart from stdout and stderr.
 
 Model-generated code never runs in our own process. A small launcher (this file run as a script,
-`python -I -S sandbox.py <spec>`, in a new session) sets up the isolation, forks the program's
-process, which sets its limits and execs a fresh `python -I -u -B main.py`, waits for it and reports
-back. Two isolation levels, chosen once per process by `isolation()`:
+`python -I -S sandbox.py`, in a new session; its spec comes on stdin, not in argv, which anyone
+can read in /proc) sets up the isolation, forks the program's process, which sets its limits and
+execs a fresh `python -I -u -B main.py`, waits for it and reports back. Two isolation levels,
+chosen once per process by `isolation()`:
 
 "namespaces" -- running as root with CAP_SYS_ADMIN (our containers and VMs):
   * the program runs as a dedicated unprivileged uid, SANDBOX_UID_BASE + slot (default 64000..64063,
@@ -145,12 +146,16 @@ def _run(code: str, mode: str, *, timeout: float, cpu_seconds: int, memory_mb: i
                     hide=[os.path.realpath(p) for p in hide], **_interpreter(mode))
         out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            # The spec goes on stdin, not in argv: anyone can read a process's argv in /proc.
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(spec)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
+                [sys.executable, "-I", "-S", os.path.abspath(__file__)],
+                stdin=subprocess.PIPE, stdout=out, stderr=err, close_fds=True,
                 pass_fds=() if input_fd is None else (input_fd,),
                 start_new_session=True, cwd=root, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
             try:
+                with contextlib.suppress(BrokenPipeError):  # a launcher dead at start: see below
+                    with proc.stdin:
+                        proc.stdin.write(json.dumps(spec).encode())
                 proc.wait(timeout=timeout + 30)  # the launcher enforces `timeout`; this is a backstop
             except subprocess.TimeoutExpired:
                 pass
@@ -544,4 +549,8 @@ def _exec_program(libc, spec: dict) -> None:
 
 
 if __name__ == "__main__":
-    _launcher(json.loads(sys.argv[1]))
+    _spec = json.loads(sys.stdin.buffer.read())  # from the caller's pipe (see `_run`)
+    _null = os.open(os.devnull, os.O_RDONLY)  # the program's stdin
+    os.dup2(_null, 0)
+    os.close(_null)
+    _launcher(_spec)

@@ -84,9 +84,10 @@ def test_every_field_is_documented_and_every_number_constrained():
             assert (info.description or "").strip(), f"{where}.{name}: no docstring under the field"
             types = set(typing.get_args(info.annotation)) or {info.annotation}
             if types & {int, float} and bool not in types:
-                bounds = [m for m in info.metadata if any(getattr(m, b, None) is not None
-                                                          for b in ("gt", "ge", "lt", "le"))]
-                assert bounds, f"{where}.{name}: a number without a declared range"
+                declared = {b for m in info.metadata for b in ("gt", "ge", "lt", "le")
+                            if getattr(m, b, None) is not None}
+                assert declared & {"gt", "ge"} and declared & {"lt", "le"}, \
+                    f"{where}.{name}: a number without a lower and an upper bound"
 
 
 @pytest.mark.parametrize("override,needle", [

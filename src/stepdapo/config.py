@@ -143,7 +143,8 @@ class EvalConfig(Section):
     """samples per problem at `temperature` for sampled pass@1, pass@k and maj@k (0 skips the
     sampled metrics)."""
     temperature: float = Field(1.0, ge=0.01, le=100)
-    """temperature of the sampled metrics (greedy is always reported)."""
+    """temperature of the sampled metrics (greedy is always reported); at least 0.01, below which
+    logits / temperature overflow."""
     top_p: float = Field(1.0, gt=0, le=1)
     """nucleus sampling threshold of the sampled metrics."""
     k: int = Field(4, ge=1, le=2**16)
@@ -441,7 +442,7 @@ class RunConfig(Section):
     model."""
     threads: int = Field(2, ge=1, le=1024)
     """torch CPU threads per process (with N processes on C cores, C / N; 2 is fastest for one process
-    on a 2-core machine)."""
+    on a 2-core machine); at most 1024."""
     bf16: bool | Literal["auto"] = False
     """train the critic, the actor and the DPO baseline (and a fine-tuned `bootstrap.finetune_model`)
     under bf16 autocast (weights stay float32). "auto": bf16 where the device computes it natively

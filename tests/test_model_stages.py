@@ -447,7 +447,7 @@ def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
     tok.save_pretrained(tmp_path / "given")
     cfg = load_config(None, TINY + [f"model={tmp_path / 'given'}", "bootstrap.finetune_model=true",
                                     "states.n_problems=30", "label.rollouts=8", "critic.epochs=1",
-                                    "critic.heldout_fraction=0.3", "critic.min_brier_gain=100", "actor.epochs=1",
+                                    "critic.heldout_fraction=0.3", "critic.min_brier_gain=1", "actor.epochs=1",
                                     "critic.continue_epochs=2", "eval.limit=40", "eval.samples=1", "eval.k=1",
                                     "iterations=2", "baseline.dpo=false"])
     assert cfg.advantages.source == "critic"

@@ -8,6 +8,7 @@ with `save_pretrained` / `from_pretrained`, so the tiny model and a real LM take
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -66,8 +67,13 @@ def is_gguf(path: str | os.PathLike) -> bool:
     return str(path).endswith(".gguf")
 
 
-def check_model_dir(path: str | os.PathLike) -> Path:
-    """A clear error for a model path that is neither a loadable HF directory nor a GGUF file."""
+def check_model_dir(path: str | os.PathLike, tokenizer: bool = True, weights: bool = True) -> Path:
+    """The model path, resolved, after a cheap check that it is a loadable model: an HF directory
+    (a config.json that is a JSON object with a known `model_type`; unless `weights=False`, weights
+    that are present, non-empty and, for safetensors, whose header is whole; unless
+    `tokenizer=False`, a tokenizer) or a GGUF file (its header and tensor table whole, every
+    tensor's data inside the file). No tensor is loaded. Anything wrong is a ModelPathError naming the file: a stage calls this before it
+    claims its output directory, so a broken model leaves nothing behind."""
     p = Path(os.path.expandvars(os.path.expanduser(str(path))))  # configs may say ~/.cache/...
     if not p.exists():
         raise ModelPathError(f"model path not found: {p}")
@@ -75,18 +81,277 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         raise ModelPathError(f"{p} is not a Hugging Face model directory (no config.json)")
     if p.is_file() and not is_gguf(p):
         raise ModelPathError(f"{p}: a model is an HF directory or a .gguf file")
+    if p.is_file():
+        _check_gguf(p)
+    else:
+        _check_hf_dir(p, tokenizer, weights)
     return p
 
 
-def _source(path: str | os.PathLike) -> tuple[Path, dict]:
-    """(directory, from_pretrained kwargs) of an HF directory or a GGUF file."""
+def check_critic(path: str | os.PathLike) -> Path:
+    """`check_model_dir` for a critic directory the critic stage saved: also, for a LogRatioCritic,
+    its metadata, its value head and the reference model it names."""
     p = check_model_dir(path)
+    if p.is_dir() and LogRatioCritic.saved_in(p):
+        _check_safetensors(p / LogRatioCritic.HEAD, "the critic's value head")
+        LogRatioCritic.reference_of(p)
+    return p
+
+
+_INCOMPLETE = "the model directory is incomplete"
+# what AutoTokenizer can build a tokenizer from (tokenizer_config.json alone names a class that
+# then needs one of the others, but a saved fast tokenizer always has tokenizer.json)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _read_json_file(f: Path, what: str):
+    """A small JSON file's value; every way it can be broken is a ModelPathError naming it."""
+    try:
+        data = f.read_bytes()
+    except OSError as e:
+        raise ModelPathError(f"{f}: cannot read {what} ({e.strerror})") from None
+    if not data:
+        raise ModelPathError(f"{f}: empty file (0 bytes); {_INCOMPLETE}")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelPathError(f"{f}: {what} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ModelPathError(f"{f}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def _check_hf_dir(d: Path, tokenizer: bool, weights: bool) -> None:
+    config = _read_json_file(d / "config.json", "the model config")
+    if not isinstance(config, dict):
+        raise ModelPathError(f"{d / 'config.json'}: the model config must be a JSON object, not a "
+                             f"{type(config).__name__}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelPathError(f"{d / 'config.json'}: no model_type; not a Hugging Face model config")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ModelPathError(f"{d / 'config.json'}: model_type {model_type!r} is not one this transformers "
+                             f"version knows")
+    if weights:
+        _check_weights(d)
+    if tokenizer:
+        found = [f for f in _TOKENIZER_FILES if (d / f).is_file()]
+        if not found:
+            raise ModelPathError(f"{d}: no tokenizer (none of {', '.join(_TOKENIZER_FILES[:4])}, ...); "
+                                 f"{_INCOMPLETE}")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if name in found and not isinstance(_read_json_file(d / name, "the tokenizer"), dict):
+                raise ModelPathError(f"{d / name}: the tokenizer must be a JSON object")
+
+
+def _check_weights(d: Path) -> None:
+    """The weights transformers would load, in its order of preference: model.safetensors, its
+    sharded index, pytorch_model.bin, its sharded index."""
+    if (d / "model.safetensors").is_file():
+        return _check_safetensors(d / "model.safetensors")
+    if (d / "model.safetensors.index.json").is_file():
+        for shard in _index_shards(d / "model.safetensors.index.json"):
+            _check_safetensors(shard)
+        return None
+    if (d / "pytorch_model.bin").is_file():
+        return _check_torch_bin(d / "pytorch_model.bin")
+    if (d / "pytorch_model.bin.index.json").is_file():
+        for shard in _index_shards(d / "pytorch_model.bin.index.json"):
+            _check_torch_bin(shard)
+        return None
+    raise ModelPathError(f"{d}: no weights (model.safetensors, pytorch_model.bin or a sharded *.index.json); "
+                         f"{_INCOMPLETE}")
+
+
+def _index_shards(index: Path) -> list[Path]:
+    data = _read_json_file(index, "the sharded weights' index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelPathError(f"{index}: no weight_map of tensor names to shard files")
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise ModelPathError(f"{shard}: missing; {index.name} lists it as a shard of the weights: {_INCOMPLETE}")
+    return shards
+
+
+def _not_empty(f: Path) -> int:
+    size = f.stat().st_size
+    if size == 0:
+        raise ModelPathError(f"{f}: empty file (0 bytes); {_INCOMPLETE}")
+    return size
+
+
+def _check_safetensors(f: Path, what: str = "the model's weights") -> None:
+    """A safetensors file whose header is whole (8-byte length, JSON) and whose tensors' data
+    fits in the file: not the tensors themselves."""
+    import struct
+
+    if not f.is_file():
+        raise ModelPathError(f"{f}: missing ({what}); {_INCOMPLETE}")
+    size = _not_empty(f)
+    bad = f"{f}: not a whole safetensors file ({what}): "
+    if size < 8:
+        raise ModelPathError(bad + f"{size} bytes, shorter than the 8-byte header length")
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n == 0 or 8 + n > size:
+            raise ModelPathError(bad + f"its header length ({n} bytes) does not fit in the file ({size} bytes): "
+                                 f"truncated or not safetensors")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelPathError(bad + "its header is not JSON: damaged or not safetensors") from None
+    if not isinstance(header, dict):
+        raise ModelPathError(bad + "its header is not a JSON object")
+    data_size, end = size - 8 - n, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ModelPathError(bad + f"tensor {name!r} has no data_offsets")
+        end = max(end, offsets[1])
+    if end > data_size:
+        raise ModelPathError(bad + f"its tensors need {end} bytes of data, the file holds {data_size}: truncated")
+
+
+def _check_torch_bin(f: Path) -> None:
+    """A PyTorch checkpoint: not empty; the zip format's directory (at the file's end) readable."""
+    import zipfile
+
+    _not_empty(f)
+    with open(f, "rb") as fh:
+        magic = fh.read(4)
+    if magic.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise ModelPathError(f"{f}: not a whole PyTorch checkpoint ({e}): truncated or damaged") from None
+    elif not magic.startswith(b"\x80"):  # the legacy format is a pickle
+        raise ModelPathError(f"{f}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+
+
+_GGUF_CHECKED: dict[tuple, None] = {}
+
+
+def _check_gguf(f: Path) -> None:
+    """A GGUF file's header, key-value metadata and tensor table parse, and every tensor's data lies
+    inside the file; parsed here (struct over a memory map: the gguf package's reader decodes every
+    array, seconds for a real vocabulary), no tensor read. Remembered per (path, size, mtime)."""
+    import mmap
+    import struct
+
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _GGUF_CHECKED:
+        return
+    _not_empty(f)
+    with open(f, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            fh.seek(0)
+            head = fh.read(16)
+            raise ModelPathError(f"{f}: not a GGUF file (it does not begin with the GGUF magic; its first bytes "
+                                 f"are {head[:8].hex(' ')})")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            try:
+                _gguf_layout(f, m, st.st_size)
+            except ModelPathError:
+                raise
+            except struct.error:
+                raise ModelPathError(f"{f}: truncated GGUF file: its header or tensor table ends early (the "
+                                     f"file has {st.st_size} bytes)") from None
+            except (IndexError, ValueError, OverflowError, UnicodeDecodeError) as e:
+                raise ModelPathError(f"{f}: a truncated or damaged GGUF file ({e})") from None
+    _GGUF_CHECKED[key] = None
+
+
+def _gguf_layout(f: Path, m, size: int) -> None:
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    pos = 4
+
+    def take(fmt: str):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, m, pos)
+        pos += struct.calcsize("<" + fmt)
+        return v[0]
+
+    def string() -> bytes:
+        nonlocal pos
+        n = take("Q")
+        if pos + n > size:
+            raise ValueError(f"a string of {n} bytes at offset {pos} runs past the end of the file")
+        pos += n
+        return m[pos - n:pos]
+
+    def value(t: int):
+        nonlocal pos
+        if t in scalar:
+            return take(scalar[t])
+        if t == 8:
+            return string()
+        if t == 9:
+            item, count = take("I"), take("Q")
+            if item in scalar:
+                width = struct.calcsize("<" + scalar[item])
+                if pos + width * count > size:
+                    raise ValueError(f"an array of {count} values at offset {pos} runs past the end of the file")
+                pos += width * count
+            else:
+                for _ in range(count):
+                    value(item)
+            return None
+        raise ValueError(f"unknown metadata value type {t} at offset {pos - 4}")
+
+    version = take("I")
+    if version not in (2, 3):
+        raise ModelPathError(f"{f}: GGUF version {version} (2 or 3 are read)")
+    n_tensors, n_kv = take("Q"), take("Q")
+    alignment = GGUF_DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        name = string()
+        v = value(take("I"))
+        if name == b"general.alignment" and isinstance(v, int) and v > 0:
+            alignment = v
+    tensors = []
+    for _ in range(n_tensors):
+        name = string().decode("utf-8", "replace")
+        dims = [take("Q") for _ in range(take("I"))]
+        kind, offset = take("I"), take("Q")
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            raise ModelPathError(f"{f}: tensor {name!r} has an unknown type ({kind}): damaged, or a newer GGUF "
+                                 f"than this gguf package reads") from None
+        n = 1
+        for d in dims:
+            n *= d
+        tensors.append((name, offset, n // block * type_size))
+    start = pos + (-pos) % alignment
+    for name, offset, nbytes in tensors:
+        if start + offset + nbytes > size:
+            raise ModelPathError(f"{f}: truncated GGUF file: tensor {name!r} needs bytes up to "
+                                 f"{start + offset + nbytes}, the file has {size}")
+
+
+def _source(path: str | os.PathLike, tokenizer: bool = False, weights: bool = False) -> tuple[Path, dict]:
+    """(directory, from_pretrained kwargs) of an HF directory or a GGUF file, checked
+    (`check_model_dir`; by default its config only: a plan reads just that)."""
+    p = check_model_dir(path, tokenizer=tokenizer, weights=weights)
     return (p.parent, {"gguf_file": p.name}) if p.is_file() else (p, {})
 
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer of an HF directory or a GGUF file, left-padded, with a pad token."""
-    d, kw = _source(path)
+    d, kw = _source(path, tokenizer=True)  # no weights needed: a plan counts tokens with a stand-in's
     tokenizer = AutoTokenizer.from_pretrained(d, **kw)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -96,7 +361,7 @@ def load_tokenizer(path: str | os.PathLike):
 
 def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Load an HF causal LM (a directory, or a GGUF file, dequantized) and its tokenizer."""
-    d, kw = _source(path)
+    d, kw = _source(path, tokenizer=True, weights=True)
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kw)
     if kw:  # a dequantized GGUF model is a plain model: let it be trained and saved as one
@@ -112,7 +377,7 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
 def load_critic(path: str | os.PathLike):
     """Load a critic saved by the critic stage and its tokenizer: a `LogRatioCritic`, or a
     sequence-classification model with one logit (`critic.log_ratio_beta: 0`)."""
-    p = check_model_dir(path)
+    p = check_critic(path)
     model = LogRatioCritic.from_pretrained(p) if LogRatioCritic.saved_in(p) else \
         AutoModelForSequenceClassification.from_pretrained(p)
     return model.eval(), AutoTokenizer.from_pretrained(p)
@@ -168,13 +433,15 @@ class LogRatioCritic(torch.nn.Module):
         return (Path(path) / cls.META).is_file()
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "LogRatioCritic":
-        import json
-
-        from safetensors.torch import load_file
-
+    def reference_of(cls, path: str | os.PathLike) -> Path:
+        """The reference model (pi_ref) a critic saved in `path` names, checked: there, loadable
+        (`check_model_dir`, no tokenizer needed) and the one the critic was trained against."""
         p = Path(path)
-        meta = json.loads((p / cls.META).read_text())
+        meta = _read_json_file(p / cls.META, "the critic's metadata")
+        if not isinstance(meta, dict) or not all(k in meta for k in ("beta", "reference", "reference_absolute",
+                                                                      "reference_weights")):
+            raise ModelPathError(f"{p / cls.META}: not a LogRatioCritic's metadata (beta, reference, "
+                                 f"reference_absolute, reference_weights)")
         ref = (p / meta["reference"]).resolve()
         if not (ref / "config.json").is_file() and Path(meta["reference_absolute"], "config.json").is_file():
             ref = Path(meta["reference_absolute"])
@@ -182,9 +449,19 @@ class LogRatioCritic(torch.nn.Module):
             raise ModelPathError(f"{p / cls.META}: the critic's reference model {meta['reference']} (relative to the "
                                  f"critic; it was {meta['reference_absolute']}) is missing: it is the policy the "
                                  f"critic started from and is needed to compute its values")
+        check_model_dir(ref, tokenizer=False)
         if _weights_id(ref) != meta["reference_weights"]:
             raise ModelPathError(f"{p / cls.META}: the reference model at {ref} is not the one the critic was trained "
                                  f"against (its weight files differ)")
+        return ref
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "LogRatioCritic":
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        meta = json.loads((p / cls.META).read_text())
+        ref = cls.reference_of(p)
         policy = AutoModelForCausalLM.from_pretrained(p)
         head_weights = load_file(p / cls.HEAD)
         head = torch.nn.Linear(head_weights["weight"].shape[1], 1)

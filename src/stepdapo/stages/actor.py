@@ -46,7 +46,7 @@ from stepdapo.config import ActorConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
 from stepdapo.losses import dapo_loss, dpo_loss
-from stepdapo.models import load_policy, model_fingerprint
+from stepdapo.models import check_model_dir, load_policy, model_fingerprint
 from stepdapo.precision import training_bf16
 from stepdapo.runner import ModelStage, is_main, on_main, stage_fingerprint
 from stepdapo.stages.advantages import read_advantages
@@ -169,6 +169,7 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
     stage = ModelStage(out_dir, "actor", fingerprint(cfg, policy, adv_dir))
     if (done := stage.done()) is not None:  # before reading the advantages
         return done
+    check_model_dir(policy)  # a broken model is an error before the stage claims its directory
     t0 = time.perf_counter()
     c = cfg.actor
     rows = read_advantages(adv_dir).to_pylist()
@@ -286,6 +287,7 @@ def train_dpo(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_di
                                         "seed": cfg.seed, "states": stage_fingerprint(states_dir, "states")})
     if (done := stage.done()) is not None:  # before reading the solutions
         return done
+    check_model_dir(policy)  # a broken model is an error before the stage claims its directory
     t0 = time.perf_counter()
     pairs = dpo_pairs(read_solutions(states_dir), b.pairs_per_problem)
     if not pairs:

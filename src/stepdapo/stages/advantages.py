@@ -32,7 +32,7 @@ from stepdapo.algorithms import advantage_gap, distinct_actions, keeps_state, st
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.generation import delimiter_token_mask, split_steps
-from stepdapo.models import critic_values, is_log_ratio_critic, load_critic, model_fingerprint
+from stepdapo.models import check_critic, critic_values, is_log_ratio_critic, load_critic, model_fingerprint
 from stepdapo.runner import ShardedStage, device, read_stage, stage_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.stages.states import IDS
@@ -150,6 +150,8 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
     labels = read_labels(labels_dir)
     if c.source == "critic" and critic is None:  # checked before the stage is marked started
         raise StageInputError("advantages.source=critic needs a critic directory")
+    if c.source == "critic":
+        check_critic(critic)  # a broken critic is an error before the stage is marked started
     if c.source == "mc" and tokenizer is None:
         raise StageInputError("advantages.source=mc needs the policy's tokenizer")
 

@@ -24,7 +24,7 @@ from transformers import LlamaForCausalLM, Trainer
 from stepdapo.config import EvalConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.generation import HFGenerator, encode_prompts
-from stepdapo.models import char_tokenizer, load_policy, model_fingerprint, tiny_llama
+from stepdapo.models import char_tokenizer, check_model_dir, load_policy, model_fingerprint, tiny_llama
 from stepdapo.precision import training_bf16
 from stepdapo.runner import ModelStage, is_main, on_main, world_size
 from stepdapo.stages.evaluate import evaluate_shard, summarize
@@ -126,6 +126,8 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: 
                                               "seed": cfg.seed, "bf16": training_bf16(cfg.bf16),
                                               **({"base": model_fingerprint(base)} if base is not None else {})})
     lora = base is not None and b.lora_r > 0
+    if base is not None:
+        check_model_dir(base)  # a broken model is an error before the stage claims its directory
 
     def load(checkpoint: Path | None):
         """The model to train: new, or as a finished round left it."""

@@ -47,7 +47,7 @@ from stepdapo.generation import delimiter_token_mask, split_steps
 from stepdapo.losses import critic_loss
 from stepdapo.models import (
     LogRatioCritic,
-    check_model_dir,
+    check_critic as check_critic_dir,
     critic_logits,
     critic_token_logits,
     critic_values,
@@ -532,10 +532,11 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
     stage = ModelStage(out_dir, "critic", fingerprint(cfg, init, labels_dir))
     if (done := stage.done()) is not None:  # before reading the labels
         return done
+    init_dir = check_critic_dir(init)  # a policy or a critic; a broken one is an error before the stage starts
     t0 = time.perf_counter()
     c = cfg.critic
     labels = read_labels(labels_dir)
-    tok = AutoTokenizer.from_pretrained(check_model_dir(init))
+    tok = AutoTokenizer.from_pretrained(init_dir)
     train, held, train_states = critic_examples(labels, c, delimiter_token_mask(tok, task.step_delimiter), cfg.seed)
     if not train:
         raise StageInputError(f"{labels_dir}: no training states for the critic")

@@ -383,3 +383,45 @@ def describe(cfg: BaseModel, width: int = 100) -> str:
 
     walk(cfg, "")
     return "\n".join(out).rstrip() + "\n"
+
+
+def reference_markdown(cfg: BaseModel) -> str:
+    """Every key of `cfg` as Markdown: one table per section (key, default, allowed values,
+    documentation), from the same field docstrings and constraints as `describe`, so the docs
+    site's configuration page is generated, never copied by hand."""
+    out: list[str] = []
+
+    def cell(text: str) -> str:
+        return " ".join((text or "").split()).replace("|", "\\|")
+
+    def allowed(info) -> str:
+        import typing
+
+        def kinds(t) -> list[str]:
+            origin, args = typing.get_origin(t), typing.get_args(t)
+            if origin is typing.Literal:
+                return [f"`{a}`" for a in args]
+            if args:  # a union, or list[...]
+                inner = [k for a in args for k in kinds(a)]
+                return [f"a list of {' / '.join(inner)}"] if origin is list else inner
+            return {bool: ["`true`", "`false`"], type(None): ["`null`"], str: ["text"]}.get(t, [])
+
+        return "; ".join(x for x in (_bounds(info), ", ".join(kinds(info.annotation))) if x)
+
+    def walk(obj: BaseModel, prefix: str) -> None:
+        rows, subsections = [], []
+        for name, info in type(obj).model_fields.items():
+            value = getattr(obj, name)
+            if isinstance(value, BaseModel):
+                subsections.append((prefix + name, value, info.description))
+                continue
+            default = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+            rows.append(f"| `{prefix + name}` | `{cell(default)}` | {cell(allowed(info))} | {cell(info.description)} |")
+        if rows:
+            out.extend(["| key | default | allowed | what it does |", "|---|---|---|---|", *rows, ""])
+        for key, value, doc in subsections:
+            out.extend([f"{'#' * min(key.count('.') + 2, 4)} `{key}`", "", cell(doc) or cell(type(value).__doc__), ""])
+            walk(value, key + ".")
+
+    walk(cfg, "")
+    return "\n".join(out).rstrip() + "\n"

@@ -50,8 +50,10 @@ from stepdapo.precision import training_bf16
 DEFAULT_THROUGHPUTS = [
     (2e6, 21000.0, 14500.0, 48500.0, "the built-in tiny model (0.8M params), --probe with threads=1, "
                                     "configs/arithmetic.yaml"),
-    (3e7, 4000.0, 4000.0, 15000.0, "a 4M-param Llama, 2 threads (DESIGN.md)"),
-    (3e8, 100.0, 130.0, 400.0, "SmolLM2-135M fp32, 2 threads (DESIGN.md; forward assumed 3x training)"),
+    (3e7, 4000.0, 4000.0, 15000.0, "a 4M-param Llama, 2 threads (measured once when the planner was "
+                                   "written, not re-measured since: use --probe)"),
+    (3e8, 100.0, 130.0, 400.0, "SmolLM2-135M fp32, 2 threads (conservative: --probe measured 362-438 / "
+                               "192-217 / 635-823 tok/s, bench/results/plan-vs-measured-smollm2.md)"),
 ]
 
 
@@ -147,16 +149,6 @@ class Shape:
         return Shape(self.prompt, [e for e in self.ends if e < max_new] + [max_new])
 
 
-def reference_solution(task, problem) -> str | None:
-    if task.name == "arithmetic":
-        return task.demonstration(problem)  # the correct worked solution
-    if isinstance(problem.meta.get("solution"), str):
-        return problem.meta["solution"]  # GSM8K's worked answer, MATH's solution
-    if task.name == "code" and problem.answer:
-        return problem.answer  # the reference code
-    return None
-
-
 def shapes(task, tokenizer, problems: list, steps_if_unknown: float, max_new: int,
            most: int = 500) -> tuple[list[Shape], str]:
     """Shapes of up to `most` problems spread over `problems`, and a sentence saying how they were made."""
@@ -168,7 +160,7 @@ def shapes(task, tokenizer, problems: list, steps_if_unknown: float, max_new: in
     check_step_delimiter(tokenizer, task.step_delimiter, is_delim)  # the states stage would refuse it
     out, n_ref = [], 0
     for p, prompt in zip(picked, prompts):
-        text = reference_solution(task, p)
+        text = task.reference_solution(p)
         if text is None:  # no reference: max_new_tokens, in equal steps (an upper bound on its length)
             k = max(1, round(steps_if_unknown))
             out.append(Shape(len(prompt), [round(max_new * (i + 1) / k) for i in range(k)]))

@@ -69,6 +69,13 @@ class Task(ABC):
         has none."""
         return None
 
+    def reference_solution(self, problem: Problem) -> str | None:
+        """A worked solution of `problem` in the policy's format, if the data has one (`stepdapo
+        plan` counts its steps and tokens when no pilot sampled any): by default a `solution` in
+        the problem's metadata (GSM8K's worked answer, MATH's solution)."""
+        solution = problem.meta.get("solution")
+        return solution if isinstance(solution, str) else None
+
     def step_is_correct(self, problem: Problem, prefix: str, step: str) -> bool:
         """Is `step` the right next step after the solution text `prefix`? Only for tasks with
         `supports_step_checks`; the others cannot judge a single step."""

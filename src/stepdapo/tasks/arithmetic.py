@@ -148,6 +148,9 @@ class ArithmeticTask(Task):
     def chain_of(problem: Problem) -> Chain:
         return Chain(problem.meta["first"], tuple((op, x) for op, x in problem.meta["ops"]))
 
+    def reference_solution(self, problem: Problem) -> str:
+        return self.demonstration(problem)  # the correct worked solution
+
     def prompt(self, problem: Problem, tokenizer=None) -> str:
         # The tiny model has no chat template: the prompt is the question and a newline.
         return problem.question + "\n"

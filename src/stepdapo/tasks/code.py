@@ -237,6 +237,9 @@ class CodeTask(Task):
                 self._hide.add(os.path.abspath(os.path.expanduser(source)))
         return self._cache[split]
 
+    def reference_solution(self, problem: Problem) -> str | None:
+        return super().reference_solution(problem) or problem.answer or None  # else the reference code
+
     def prompt(self, problem: Problem, tokenizer: Any = None) -> str:
         content = problem.question.rstrip() + "\n\n" + self.cfg.instruction
         if getattr(tokenizer, "chat_template", None):

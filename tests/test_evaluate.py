@@ -1,7 +1,7 @@
 import itertools
 import math
 
-from stepdapo.stages.evaluate import majority_correct, pass_at_k, wilson_interval
+from stepdapo.metrics import majority_correct, pass_at_k, wilson_interval
 
 
 def test_pass_at_k_matches_enumeration():

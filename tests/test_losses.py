@@ -6,7 +6,7 @@ import torch
 
 from stepdapo.algorithms import state_advantages
 from stepdapo.losses import critic_loss, dapo_loss, dpo_loss
-from stepdapo.stages.critic import auc, ece
+from stepdapo.metrics import auc, ece
 
 
 def test_dapo_loss_value_and_gradient_match_hand_derivation():

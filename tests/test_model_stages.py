@@ -17,8 +17,9 @@ from transformers import TrainerCallback
 
 from stepdapo import models
 from stepdapo.config import load_config
-from stepdapo.errors import ArtifactError
+from stepdapo.errors import ArtifactError, StepdapoError
 from stepdapo.models import char_tokenizer, import_model
+from stepdapo import metrics
 from stepdapo.stages import actor, bootstrap, critic
 from stepdapo.stages.advantages import read_advantages, run_advantages
 from stepdapo.stages.labels import read_labels, run_labels
@@ -110,7 +111,7 @@ def test_foreign_directory_or_file_is_refused_and_untouched(name, inputs, tmp_pa
     assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
     file = tmp_path / "file"
     file.write_text("keep")
-    with pytest.raises(ArtifactError, match=f"{file}: exists and is not a directory"):
+    with pytest.raises(StepdapoError, match=f"{file}: exists and is a regular file; the {name} output needs"):
         run(name, inputs, file)
     assert file.read_text() == "keep"
     assert sorted(os.listdir(tmp_path)) == ["file", "mine"]  # no work dir either
@@ -392,21 +393,21 @@ def test_check_critic_judges_the_intervals():
 def test_grouped_bootstrap_interval_resamples_problems_not_states():
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 2.0, 400)
-    lo, hi = critic.grouped_bootstrap_interval(x, np.ones(400), np.arange(400))
+    lo, hi = metrics.grouped_bootstrap_interval(x, np.ones(400), np.arange(400))
     half = 1.96 * 2.0 / np.sqrt(400)  # the normal interval of a mean of 400 independent values
     assert lo < x.mean() < hi and (hi - lo) / 2 == pytest.approx(half, rel=0.15)
     # every problem's value repeated 10 times (10 states of one problem that agree): no more evidence,
     # so no narrower an interval; resampling the 4000 states one by one would make it ~3x narrower
-    lo10, hi10 = critic.grouped_bootstrap_interval(np.repeat(x, 10), np.ones(4000), np.repeat(np.arange(400), 10))
+    lo10, hi10 = metrics.grouped_bootstrap_interval(np.repeat(x, 10), np.ones(4000), np.repeat(np.arange(400), 10))
     assert (hi10 - lo10) == pytest.approx(hi - lo, rel=0.15)
     # a ratio of sums: pairs per problem weigh by their number
-    lo, hi = critic.grouped_bootstrap_interval([3, 0], [3, 1], ["a", "b"])
+    lo, hi = metrics.grouped_bootstrap_interval([3, 0], [3, 1], ["a", "b"])
     assert 0 <= lo <= 0.75 <= hi <= 1
 
 
 def test_quality_reports_the_bce_gain_with_its_interval():
     pred, target = [0.9, 0.8, 0.2, 0.1, 0.7, 0.3], [1.0, 1.0, 0.0, 0.0, 0.5, 0.5]
-    q = critic.quality(pred, target, 0.5, groups=["a", "a", "b", "b", "c", "c"])
+    q = metrics.quality(pred, target, 0.5, groups=["a", "a", "b", "b", "c", "c"])
     for name in ("bce", "brier"):
         assert q[f"{name}_gain"] == pytest.approx(q[f"{name}_constant"] - q[name])
         assert q[f"{name}_gain_ci95"][0] <= q[f"{name}_gain"] <= q[f"{name}_gain_ci95"][1]
@@ -417,18 +418,18 @@ def test_platt_calibration_recovers_a_known_map_and_keeps_the_ranking():
     z = rng.normal(0, 2, 3000)
     v = 1 / (1 + np.exp(-z))  # an overconfident critic: the true values are sigmoid(0.5 z - 0.3)
     truth = 1 / (1 + np.exp(-(0.5 * z - 0.3)))
-    assert critic.fit_platt(v, truth) == pytest.approx((0.5, -0.3), abs=1e-4)
-    a, b = critic.fit_platt(v, (rng.random(3000) < truth).astype(float))  # from 0/1 outcomes: close
+    assert metrics.fit_platt(v, truth) == pytest.approx((0.5, -0.3), abs=1e-4)
+    a, b = metrics.fit_platt(v, (rng.random(3000) < truth).astype(float))  # from 0/1 outcomes: close
     assert abs(a - 0.5) < 0.06 and abs(b + 0.3) < 0.12
-    mapped = critic.apply_platt(v, (a, b))
+    mapped = metrics.apply_platt(v, (a, b))
     assert np.array_equal(np.argsort(mapped, kind="stable"), np.argsort(v, kind="stable"))
-    assert critic.bce(mapped, truth) < critic.bce(v, truth)
-    assert critic.fit_platt(v, 1 - truth) is None  # values ranked the wrong way: no increasing map helps
+    assert metrics.bce(mapped, truth) < metrics.bce(v, truth)
+    assert metrics.fit_platt(v, 1 - truth) is None  # values ranked the wrong way: no increasing map helps
     # cross-fitted: each problem's values come from the map fitted on the other half of the problems
     groups = [f"p{i // 3}" for i in range(3000)]
-    oof, ab = critic.cross_fitted_calibration(v, truth, groups)
-    assert ab == pytest.approx((0.5, -0.3), abs=1e-4) and critic.bce(oof, truth) < critic.bce(v, truth)
-    assert critic.cross_fitted_calibration(v[:10], truth[:10], groups[:10]) == (None, None)  # too few states
+    oof, ab = metrics.cross_fitted_calibration(v, truth, groups)
+    assert ab == pytest.approx((0.5, -0.3), abs=1e-4) and metrics.bce(oof, truth) < metrics.bce(v, truth)
+    assert metrics.cross_fitted_calibration(v[:10], truth[:10], groups[:10]) == (None, None)  # too few states
 
 
 def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
@@ -497,7 +498,7 @@ def test_the_critic_is_judged_calibrated_and_the_map_is_reported(inputs, tmp_pat
     labels = read_labels(d / "labels")
     tok = char_tokenizer()
     _, held, train_states = critic.critic_examples(labels, cfg.critic, delimiter_token_mask(tok, "\n"), 0)
-    assert len(held) >= critic.MIN_CALIBRATION_STATES
+    assert len(held) >= metrics.MIN_CALIBRATION_STATES
     target = {tuple(e.input_ids): e.target for e in held + train_states}
 
     def underconfident(model, sequences, pad_id, **kw):

@@ -12,6 +12,7 @@ from runner_toy import N_SHARDS, SCHEMA, run_toy, toy_rows
 
 from stepdapo.runner import ModelStage, ShardedStage, read_stage, stage_fingerprint
 from stepdapo.store import ArtifactError
+from stepdapo.errors import StepdapoError
 
 TESTS = Path(__file__).parent
 
@@ -167,7 +168,7 @@ def test_foreign_model_dir_is_refused_and_untouched(tmp_path):
         st.run(user_writes_meanwhile)
     assert os.listdir(st.dir) == ["user.txt"]
     (tmp_path / "f").write_text("a file")
-    with pytest.raises(ArtifactError, match="f: exists and is not a directory"):
+    with pytest.raises(StepdapoError, match="f: exists and is a regular file; the .* output needs a new or empty directory"):
         model_stage(tmp_path / "f").run(saver(model_stage(tmp_path / "f")))
 
 

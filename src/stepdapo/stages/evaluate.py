@@ -14,7 +14,6 @@ many processes share the work, and a killed evaluation resumes at its first miss
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -25,51 +24,10 @@ import pyarrow as pa
 from stepdapo.config import EvalConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts, policy_generator, sampler_fingerprint
+from stepdapo.metrics import bootstrap_interval, majority_correct, pass_at_k, wilson_interval
 from stepdapo.models import model_fingerprint
 from stepdapo.runner import ShardedStage, shard_seed
 from stepdapo.tasks import verify_all
-
-Z95 = 1.959963984540054
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
-    # exact at the ends: the rounding error of centre +- half must not exclude p itself
-    return (0.0 if successes == 0 else lo, 1.0 if successes == n else hi)
-
-
-def bootstrap_interval(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of per-problem values."""
-    v = np.asarray(values, dtype=float)
-    if len(v) == 0:
-        return (0.0, 1.0)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
-    return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples (drawn without replacement from n) is correct."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def majority_correct(answers: list[str | None], gold_ok: list[bool]) -> bool:
-    """Is the most frequent non-empty answer a correct one? Ties go to the first seen."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return False
-    best = max(counts.values())
-    top = next(a for a in answers if a is not None and counts[a] == best)
-    return gold_ok[answers.index(top)]
-
 
 def _diagnostics(task, problems, completions) -> dict:
     tot: Counter = Counter()

@@ -189,6 +189,27 @@ def cmd_actor(args) -> int:
     return 0
 
 
+def cmd_prm_score(args) -> int:
+    from stepdapo.models import set_threads
+    from stepdapo.prm import OUTPUT_SUFFIXES, is_scores_file, score_file
+    from stepdapo.runner import world_size
+    from stepdapo.tasks import get_task
+
+    cfg = _load(args)
+    if world_size() > 1:  # every process would score every row and write the same file
+        raise ConfigError("prm score runs in one process: start it without torchrun / accelerate launch")
+    if Path(args.out).suffix not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"prm score: --out {args.out}: write a {' or '.join(OUTPUT_SUFFIXES)} file")
+    if args.batch_size < 1:
+        raise ConfigError(f"prm score: --batch-size must be at least 1, got {args.batch_size}")
+    check_output_file(args.out, is_scores_file, "step scores (--out)")
+    set_threads(cfg.threads)
+    s = score_file(args.critic, args.input, args.out, get_task(cfg.task), args.batch_size)
+    print(f"scored {s['steps']:,} steps of {s['rows']:,} solutions ({s['tokens']:,} tokens) in "
+          f"{s['seconds']:.1f} s -> {args.out}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from stepdapo.config import dump_yaml
     from stepdapo.settings import describe
@@ -344,6 +365,23 @@ def build_parser() -> argparse.ArgumentParser:
                                  "let it resume and split across processes, go to OUT.shards/")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("prm", help="the trained critic as a process reward model")
+    psub = p.add_subparsers(dest="prm_command", required=True)
+    p = psub.add_parser("score", help="the critic's value after every step of each solution in a file",
+                        description="Each row: `prompt` (the text the policy saw, as in the labels stage's "
+                        "stepwise.parquet) or `question` (formatted by the config's task), and `steps` / "
+                        "`completions` (a list of step texts; the task's step delimiter is added to a step "
+                        "that lacks it) or `completion` (one text, cut into steps as the pipeline cuts them). "
+                        "Writes the rows with `step_values`: V(prompt + steps[:i+1]) for each step i, all "
+                        "read from one forward pass per solution.")
+    p.add_argument("--critic", required=True, help="a critic directory the critic stage saved")
+    p.add_argument("--in", dest="input", required=True, help="the rows to score: .jsonl, .json or .parquet")
+    p.add_argument("--out", required=True, help="the scored rows: .jsonl or .parquet (replaces only a file "
+                                                "this command wrote)")
+    p.add_argument("--batch-size", type=int, default=32, help="solutions per forward pass (default 32)")
+    _common(p)
+    p.set_defaults(func=cmd_prm_score)
 
     p = sub.add_parser("run", help="the whole pipeline: [bootstrap] -> evaluate -> [states -> label -> critic "
                                    "-> advantages -> actor -> evaluate] x iterations -> report")

@@ -1,0 +1,240 @@
+"""The trained critic as a process reward model: a value for every step of a solution.
+
+    score_steps(critic, tokenizer, [(prompt, steps), ...]) -> [[V(prompt + steps[:1]), ...], ...]
+
+Every step's value comes from ONE forward pass over the whole solution: the critic is causal, so
+its logit at the last token of step i is its value of the prefix that ends there
+(`models.critic_token_logits`), the number `critic_values` gives that prefix alone, for both critic
+kinds (tests/test_prm.py). One pass instead of one per step (bench/bench_prm_scoring.py).
+
+Text becomes tokens as in the pipeline: the prompt as `generation.encode_prompts` encodes it (the
+states stage's prompt ids), the solution after it as one text without special tokens (a policy
+samples it as one text), and step i ends at the last token that starts inside steps[:i+1]. For steps
+the pipeline cut (a token holding the delimiter ends a step: `generation.split_steps`), that is the
+pipeline's state prompt_ids + solution_ids[:step_end]. A solution given as one text is cut by that
+same rule (`encode_completion`). No EOS is added: the last step's value is the critic's, not the
+verifier's reward the pipeline uses for a finished solution.
+
+`stepdapo prm score` (cli.py) runs it over a .jsonl / .parquet file: `read_items`, `write_scores`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from bisect import bisect_left
+from pathlib import Path
+
+import torch
+
+from stepdapo.errors import DataError, excerpt
+from stepdapo.generation import encode_prompts, split_steps
+from stepdapo.models import critic_token_logits, is_log_ratio_critic
+
+Encoded = tuple[list[int], list[int], list[int]]  # (prompt ids, solution ids, each step's end in the solution ids)
+
+
+def join_delimiter(steps: list[str], delimiter: str) -> list[str]:
+    """The steps with `delimiter` after every step but the last that does not end with it (trailing
+    spaces aside): datasets often store steps without their newlines, and the pipeline's states
+    always hold them."""
+    return [s if i == len(steps) - 1 or s.rstrip(" \t").endswith(delimiter) else s + delimiter
+            for i, s in enumerate(steps)]
+
+
+def _offsets(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """(token ids, each token's first character) of a solution text, without special tokens."""
+    if not text:
+        return [], []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], [a for a, _ in enc["offset_mapping"]]
+
+
+def encode(tokenizer, prompt: str, steps: list[str]) -> Encoded:
+    """The token ids of `prompt` + the steps' text, and where each step ends in the solution's ids."""
+    ids, starts = _offsets(tokenizer, "".join(steps))
+    ends, chars = [], 0
+    for s in steps:
+        chars += len(s)
+        ends.append(bisect_left(starts, chars))  # the tokens that start before the step's end
+    return encode_prompts(tokenizer, [prompt])[0], ids, ends
+
+
+def encode_completion(tokenizer, prompt: str, completion: str, is_delim: torch.Tensor) -> tuple[Encoded, list[str]]:
+    """`encode` for a solution given as one text, cut into steps by the pipeline's rule
+    (`split_steps` with `generation.delimiter_token_mask`); also the steps' texts."""
+    ids, starts = _offsets(tokenizer, completion)
+    ends = split_steps(ids, is_delim) if ids else []
+    cuts = [starts[e] if e < len(ids) else len(completion) for e in ends]
+    steps = [completion[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
+    return (encode_prompts(tokenizer, [prompt])[0], ids, ends), steps
+
+
+def _read_positions(ids: list[int], prompt_len: int, ends: list[int], pad_id: int, log_ratio: bool) -> list[int]:
+    """Where each step's value is read in prompt + solution: the prefix's last token. A value-head
+    critic (HF sequence classification) reads the prefix's last token that is not the pad token,
+    as `critic_values` does (a text may hold the pad token, e.g. Qwen's <|endoftext|>)."""
+    if log_ratio:
+        return [prompt_len + e - 1 for e in ends]
+    last, cur = [], 0
+    for j, t in enumerate(ids):
+        cur = j if t != pad_id else cur
+        last.append(cur)
+    return [last[prompt_len + e - 1] for e in ends]
+
+
+@torch.no_grad()
+def score_ids(critic, pad_id: int, solutions: list[Encoded], batch_size: int = 32, progress: bool = False
+              ) -> list[list[float]]:
+    """Each step's value V(prompt + solution[:step end]) of each encoded solution: one forward pass
+    per batch of `batch_size` whole solutions (of similar lengths; right-padded, so that the
+    padding comes after every token read). A log-ratio critic's forward holds [batch, length,
+    vocabulary] log-probabilities: lower `batch_size` for a large vocabulary."""
+    from tqdm.auto import tqdm
+
+    critic.eval()
+    log_ratio = is_log_ratio_critic(critic)
+    order = sorted(range(len(solutions)), key=lambda i: len(solutions[i][0]) + len(solutions[i][1]))
+    out: list[list[float]] = [[] for _ in solutions]
+    with tqdm(total=sum(len(p) + len(x) for p, x, _ in solutions), unit="tok", unit_scale=True, desc="prm score",
+              disable=not progress) as bar:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            seqs = [solutions[i][0] + solutions[i][1] for i in idx]
+            plens = [len(solutions[i][0]) for i in idx]
+            logits = critic_token_logits(critic, seqs, pad_id, plens if log_ratio else None)
+            values = torch.sigmoid(logits.float()).cpu()
+            for row, (i, ids, plen) in enumerate(zip(idx, seqs, plens)):
+                at = _read_positions(ids, plen, solutions[i][2], pad_id, log_ratio)
+                out[i] = values[row, at].tolist()
+            bar.update(sum(map(len, seqs)))
+    return out
+
+
+def score_steps(critic, tokenizer, items: list[tuple[str, list[str]]], batch_size: int = 32,
+                progress: bool = False) -> list[list[float]]:
+    """V(prompt + steps[:i + 1]) for every step i of every (prompt, steps) item, the prompt the text
+    the policy was given (`task.prompt`), each step's text as written, delimiter included
+    (`join_delimiter` adds a missing one). A critic and its tokenizer from `models.load_critic`."""
+    return score_ids(critic, tokenizer.pad_token_id, [encode(tokenizer, p, s) for p, s in items], batch_size, progress)
+
+
+# -- files: `stepdapo prm score` ------------------------------------------------------------------
+
+def _field(where: str, row: dict, names: tuple[str, ...], kind: str):
+    """(name, value) of the one field of `names` the row has; a DataError naming the file, line and
+    field otherwise."""
+    found = [n for n in names if row.get(n) is not None]
+    if len(found) != 1:
+        raise DataError(f"{where}: a row needs exactly one of {', '.join(repr(n) for n in names)} ({kind}); "
+                        + (f"it has {', '.join(found)}" if found else f"its fields: {excerpt(sorted(row))}"))
+    name, value = found[0], row[found[0]]
+    ok = isinstance(value, str) if name in ("prompt", "question", "completion") else \
+        isinstance(value, list) and all(isinstance(s, str) for s in value)
+    if not ok or (name in ("prompt", "question") and not value):
+        want = "a non-empty string" if name in ("prompt", "question") else \
+            "a string" if name == "completion" else "a list of strings"
+        raise DataError(f"{where}: field {name!r} must be {want}, got {excerpt(value)}")
+    return name, value
+
+
+def read_items(path: str | Path) -> list[tuple[str, dict, tuple]]:
+    """(where, row, (prompt field, prompt, steps field, steps)) of every row of a .jsonl / .parquet
+    file, checked: `prompt` (the text the policy saw, as the labels stage's stepwise.parquet and
+    TRL's stepwise format hold it) or `question` (formatted by the task); `steps` or `completions`
+    (lists of step texts) or `completion` (one text, cut by the task's step delimiter)."""
+    from stepdapo.tasks.data import FILE_SUFFIXES, read_rows
+
+    if not str(path).lower().endswith(FILE_SUFFIXES):  # read_rows would take a bare name for a hub dataset
+        raise DataError(f"{path}: the rows to score are a {' / '.join(FILE_SUFFIXES)} file")
+    items = []
+    for where, row in read_rows(str(path)):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be an object with prompt and steps, got {excerpt(row)}")
+        items.append((where, row, (*_field(where, row, ("prompt", "question"), "the prompt"),
+                                   *_field(where, row, ("steps", "completions", "completion"), "the solution"))))
+    if not items:
+        raise DataError(f"{path}: no rows to score")
+    return items
+
+
+def encode_items(items: list[tuple[str, dict, tuple]], tokenizer, task) -> list[Encoded]:
+    """The rows' token ids, the pipeline's way (module docstring); a `completion`'s steps are added
+    to its row as `steps`."""
+    from stepdapo.generation import check_step_delimiter, delimiter_token_mask
+    from stepdapo.tasks import Problem
+
+    is_delim = None
+    encoded = []
+    for _, row, (pname, prompt, sname, steps) in items:
+        if pname == "question":
+            prompt = task.prompt(Problem(id="", question=prompt, answer=""), tokenizer)
+        if sname != "completion":
+            encoded.append(encode(tokenizer, prompt, join_delimiter(steps, task.step_delimiter)))
+            continue
+        if is_delim is None:  # a pass over the vocabulary: only when a row needs it
+            is_delim = delimiter_token_mask(tokenizer, task.step_delimiter)
+            check_step_delimiter(tokenizer, task.step_delimiter, is_delim)
+        enc, row["steps"] = encode_completion(tokenizer, prompt, steps, is_delim)
+        encoded.append(enc)
+    return encoded
+
+
+OUTPUT_SUFFIXES = (".jsonl", ".parquet")
+
+
+def is_scores_file(p: Path) -> bool:
+    """Whether `p` is a file `write_scores` wrote (a column or first row with step_values): the
+    only kind --out may replace."""
+    try:
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return "step_values" in pq.read_schema(p).names
+        with open(p, "rb") as f:
+            first = f.readline(1 << 24)
+        row = json.loads(first)
+        return isinstance(row, dict) and "step_values" in row
+    except Exception:  # noqa: BLE001 - unreadable or not ours: refused either way
+        return False
+
+
+def write_scores(path: str | Path, rows: list[dict]) -> None:
+    """The rows (with their step_values) to a .jsonl or .parquet file, atomically."""
+    from stepdapo.store import atomic_write_text, write_parquet
+
+    p = Path(path)
+    if p.suffix == ".parquet":
+        import pyarrow as pa
+
+        try:
+            keys = dict.fromkeys(k for r in rows for k in r)  # from_pylist would keep the first row's only
+            table = pa.table({k: [r.get(k) for r in rows] for k in keys})
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # e.g. a field that is a number in one row, text in another
+            raise DataError(f"{p}: the rows do not make a parquet table ({e}); write .jsonl instead") from None
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(p, table)
+    else:
+        atomic_write_text(p, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def score_file(critic_dir: str | Path, in_path: str | Path, out_path: str | Path, task, batch_size: int = 32,
+               progress: bool = True) -> dict:
+    """Score every row of `in_path` with the critic in `critic_dir`; write the rows with
+    `step_values` to `out_path`. Returns a summary (rows, steps, tokens, seconds)."""
+    from stepdapo.models import load_critic
+    from stepdapo.runner import device
+
+    items = read_items(in_path)  # a bad row is an error before the critic is loaded
+    t0 = time.perf_counter()
+    critic, tokenizer = load_critic(critic_dir)
+    critic.to(device())
+    encoded = encode_items(items, tokenizer, task)
+    t1 = time.perf_counter()
+    values = score_ids(critic, tokenizer.pad_token_id, encoded, batch_size, progress)
+    seconds = time.perf_counter() - t1
+    rows = [{**row, "step_values": v} for (_, row, _), v in zip(items, values)]
+    write_scores(out_path, rows)
+    tokens = sum(len(p) + len(x) for p, x, _ in encoded)
+    return {"rows": len(rows), "steps": sum(map(len, values)), "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else None, "load_seconds": t1 - t0}

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import random
 
-from stepdapo.generation import Sample, delimiter_token_mask
+from stepdapo.generation import Sample
+
+from stepdapo.steps import delimiter_token_mask
 from stepdapo.tasks.arithmetic import _STEP_RE
 
 

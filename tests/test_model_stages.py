@@ -490,7 +490,7 @@ def test_the_critic_is_judged_calibrated_and_the_map_is_reported(inputs, tmp_pat
     it with the cross-fitted quality the check judges (`pipeline.judged`); the published critic is
     the raw one. Here an underconfident stand-in critic (values sigmoid(0.3 logit target)) makes the
     map's effect known: a slope well above 1, and a better Brier score after it."""
-    from stepdapo.generation import delimiter_token_mask
+    from stepdapo.steps import delimiter_token_mask
     from stepdapo.pipeline import judged
 
     d, task, _ = inputs

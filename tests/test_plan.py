@@ -13,7 +13,7 @@ from scripted import ScriptedArithmeticPolicy
 from stepdapo.algorithms import value_examples
 from stepdapo.cli import main
 from stepdapo.config import load_config
-from stepdapo.generation import split_steps
+from stepdapo.steps import split_steps
 from stepdapo.models import char_tokenizer, tiny_llama
 from stepdapo.plan import Assumptions, Throughput, make_plan, padded_length, pilot
 from stepdapo.stages.labels import read_labels, run_labels

@@ -15,7 +15,8 @@ from transformers import AutoModelForSequenceClassification
 
 from stepdapo.cli import main
 from stepdapo.config import ArithmeticConfig
-from stepdapo.generation import delimiter_token_mask, encode_prompts, split_steps
+from stepdapo.generation import encode_prompts
+from stepdapo.steps import delimiter_token_mask, split_steps
 from stepdapo.models import LogRatioCritic, critic_values, load_critic, load_tokenizer
 from stepdapo.prm import encode, encode_completion, score_ids, score_steps
 from stepdapo.tasks.arithmetic import ArithmeticTask

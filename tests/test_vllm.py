@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from stepdapo.config import GenerationConfig, load_config
-from stepdapo.generation import (HFGenerator, SamplingParams, encode_prompts, release_engine, split_steps,
-                                 vllm_generator)
+from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts, release_engine, vllm_generator
 from stepdapo.logprobs import batched_sequence_logprobs
 from stepdapo.models import import_model, load_policy
+from stepdapo.steps import split_steps
 from stepdapo.tasks import get_task
 from smollm2 import DATA, GGUF, NEEDS_SMOLLM2, ROOT
 

@@ -152,7 +152,8 @@ class Shape:
 def shapes(task, tokenizer, problems: list, steps_if_unknown: float, max_new: int,
            most: int = 500) -> tuple[list[Shape], str]:
     """Shapes of up to `most` problems spread over `problems`, and a sentence saying how they were made."""
-    from stepdapo.generation import check_step_delimiter, delimiter_token_mask, encode_prompts, split_steps
+    from stepdapo.generation import encode_prompts
+    from stepdapo.steps import check_step_delimiter, delimiter_token_mask, split_steps
 
     picked = problems[::max(1, len(problems) // most)][:most]
     prompts = encode_prompts(tokenizer, [task.prompt(p, tokenizer) for p in picked])
@@ -404,7 +405,7 @@ def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> t
     from pathlib import Path
 
     from stepdapo.algorithms import value_examples
-    from stepdapo.generation import delimiter_token_mask, split_steps
+    from stepdapo.steps import delimiter_token_mask, split_steps
     from stepdapo.models import load_tokenizer, set_threads
     from stepdapo.stages.actor import dpo_pairs
     from stepdapo.stages.advantages import action_values, advantage_rows

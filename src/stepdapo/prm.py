@@ -10,7 +10,7 @@ kinds (tests/test_prm.py). One pass instead of one per step (bench/bench_prm_sco
 Text becomes tokens as in the pipeline: the prompt as `generation.encode_prompts` encodes it (the
 states stage's prompt ids), the solution after it as one text without special tokens (a policy
 samples it as one text), and step i ends at the last token that starts inside steps[:i+1]. For steps
-the pipeline cut (a token holding the delimiter ends a step: `generation.split_steps`), that is the
+the pipeline cut (a token holding the delimiter ends a step: `steps.split_steps`), that is the
 pipeline's state prompt_ids + solution_ids[:step_end]. A solution given as one text is cut by that
 same rule (`encode_completion`). No EOS is added: the last step's value is the critic's, not the
 verifier's reward the pipeline uses for a finished solution.
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from stepdapo.errors import DataError, excerpt
-from stepdapo.generation import encode_prompts, split_steps
+from stepdapo.generation import encode_prompts
+from stepdapo.steps import split_steps
 from stepdapo.models import critic_token_logits, is_log_ratio_critic
 
 Encoded = tuple[list[int], list[int], list[int]]  # (prompt ids, solution ids, each step's end in the solution ids)
@@ -62,7 +63,7 @@ def encode(tokenizer, prompt: str, steps: list[str]) -> Encoded:
 
 def encode_completion(tokenizer, prompt: str, completion: str, is_delim: torch.Tensor) -> tuple[Encoded, list[str]]:
     """`encode` for a solution given as one text, cut into steps by the pipeline's rule
-    (`split_steps` with `generation.delimiter_token_mask`); also the steps' texts."""
+    (`split_steps` with `steps.delimiter_token_mask`); also the steps' texts."""
     ids, starts = _offsets(tokenizer, completion)
     ends = split_steps(ids, is_delim) if ids else []
     cuts = [starts[e] if e < len(ids) else len(completion) for e in ends]
@@ -161,7 +162,7 @@ def read_items(path: str | Path) -> list[tuple[str, dict, tuple]]:
 def encode_items(items: list[tuple[str, dict, tuple]], tokenizer, task) -> list[Encoded]:
     """The rows' token ids, the pipeline's way (module docstring); a `completion`'s steps are added
     to its row as `steps`."""
-    from stepdapo.generation import check_step_delimiter, delimiter_token_mask
+    from stepdapo.steps import check_step_delimiter, delimiter_token_mask
     from stepdapo.tasks import Problem
 
     is_delim = None

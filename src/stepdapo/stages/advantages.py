@@ -31,7 +31,7 @@ import pyarrow as pa
 from stepdapo.algorithms import advantage_gap, distinct_actions, keeps_state, state_advantages, value_examples
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.errors import StageInputError
-from stepdapo.generation import delimiter_token_mask, split_steps
+from stepdapo.steps import delimiter_token_mask, split_steps
 from stepdapo.models import check_critic, critic_values, is_log_ratio_critic, load_critic, model_fingerprint
 from stepdapo.runner import ShardedStage, device, read_stage, stage_fingerprint
 from stepdapo.stages.labels import read_labels

@@ -43,7 +43,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from stepdapo.algorithms import TokenValueExample, ValueExample, token_value_examples, value_examples
 from stepdapo.config import CriticConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
-from stepdapo.generation import delimiter_token_mask, split_steps
+from stepdapo.steps import delimiter_token_mask, split_steps
 from stepdapo.losses import critic_loss
 from stepdapo.metrics import cross_fitted_calibration, grouped_bootstrap_interval, quality
 from stepdapo.models import (

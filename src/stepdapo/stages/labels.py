@@ -20,7 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from stepdapo.config import RunConfig, to_dict
-from stepdapo.generation import Generator, SamplingParams, policy_generator, sampler_fingerprint, split_steps
+from stepdapo.generation import Generator, SamplingParams, policy_generator, sampler_fingerprint
+from stepdapo.steps import split_steps
 from stepdapo.models import load_tokenizer, model_fingerprint
 from stepdapo.runner import ShardedStage, read_stage, shard_seed, stage_fingerprint
 from stepdapo.stages.states import IDS, read_solutions, unique_states

@@ -14,15 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from stepdapo.config import RunConfig, to_dict
-from stepdapo.generation import (
-    Generator,
-    SamplingParams,
-    check_step_delimiter,
-    encode_prompts,
-    policy_generator,
-    sampler_fingerprint,
-    split_steps,
-)
+from stepdapo.generation import Generator, SamplingParams, encode_prompts, policy_generator, sampler_fingerprint
+from stepdapo.steps import check_step_delimiter, split_steps
 from stepdapo.models import model_fingerprint
 from stepdapo.runner import ShardedStage, read_stage, shard_seed
 from stepdapo.tasks import verify_all

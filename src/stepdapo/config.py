@@ -104,8 +104,8 @@ class BootstrapConfig(Section):
     """the criterion the SFT model is trained to: its greedy solutions of `check_problems` held-out
     problems get at least this share of the ordinary (not flaw-case) steps right. The demonstrations
     get 98% of them right (noise_prob 0.02), so a converged model does better; a run that lands short
-    of it (one seed's model on another CPU got 90.1%, and DAPO then repaired the flaw but not those
-    errors) trains another round."""
+    of it trains another round (an SFT model that writes ordinary steps wrong leaves DAPO errors it
+    repairs slowly: docs/measured.md, issue 21)."""
     max_flaw_step_accuracy: float = Field(0.5, ge=0, le=1)
     """the criterion's other half: the flaw is visible, i.e. the greedy solutions get at most this
     share of the flaw-case steps right (the flaw is what DAPO should repair). More rounds do not change
@@ -281,9 +281,9 @@ class CriticConfig(Section):
     must be above this (judged on the calibrated values with `calibrate`). A critic not shown to beat
     knowing the average value gives advantages that are noise. Brier, not BCE: an advantage is a
     difference of values, so a value's error enters it linearly, and BCE lets a few confidently
-    wrong states outweigh hundreds (stepdapo.stages.critic.check_critic). A fixed margin on a point
-    estimate instead failed good critics by chance (one with AUC 0.82 and right > wrong 0.86 missed
-    0.05 of BCE by 0.002, issue 21). The log and the report say which check failed;
+    wrong states outweigh hundreds (stepdapo.stages.critic.check_critic). An interval, not a fixed
+    margin on a point estimate, which failed good critics by chance (issue 21). The log and the
+    report say which check failed;
     `recovery_epochs`, then `fallback`, decide what follows."""
     min_step_ranking: float = Field(0.5, ge=0, le=1)
     """the critic's second check, on tasks that judge single steps (the built-in one): at held-out
@@ -291,17 +291,17 @@ class CriticConfig(Section):
     95% interval (over problems) of the share where the critic values the right one higher must be
     above this (0.5: better than chance). The advantages are differences between siblings; a critic
     can beat the constant's BCE by knowing how far along a solution is and still not tell siblings
-    apart (a value-head critic on SmolLM2: 0.50, and its advantages made the actor worse)."""
+    apart, and its advantages then make the actor worse (seen with a value-head critic on SmolLM2:
+    bench/results/smollm2-arithmetic.md)."""
     calibrate: bool = True
     """judge the critic's values after an increasing map, sigmoid(a * logit V + b) with a > 0 (Platt
     scaling), fitted on the held-out states and cross-fitted (each half of the held-out problems
     mapped by the map fitted on the other half, so the check does not see its own fit): the check
     asks whether the values carry information, which a critic that ranks states right but is over-
-    or under-confident does (from a weaker SFT model on the built-in task: right > wrong in 0.85 of
-    343 held-out pairs, a raw Brier gain whose interval included 0, a calibrated one above 0). The
-    advantages use the raw values, as the paper does: the fitted map shrank them (a = 0.41 there)
-    and the actor then learnt less (greedy 69.7% after iteration 1, against 82.8% with Monte-Carlo
-    advantages and 75.2% with the raw critic). The map is reported with the critic."""
+    or under-confident does (seen from a weaker SFT model on the built-in task: a good sibling
+    ranking, a raw Brier gain whose interval included 0, a calibrated one above 0). The advantages
+    use the raw values, as the paper does: the fitted map shrinks over-confident values and the
+    actor then learnt less (bench/results/weak-sft.md). The map is reported with the critic."""
     recovery_epochs: float = Field(1.0, ge=0, le=10**4)
     """when the critic fails its check: train it this many more passes over the same labels
     (continuing from it, in `iter-k/critic-more`) and check again; only a critic that still fails
@@ -317,19 +317,18 @@ class CriticConfig(Section):
     token_value_examples). A causal model computes all those prefixes' values in one pass, so this
     gives many more targets per forward pass; the error of a wrong step shows at the very token that
     makes it. `action_states`, `rollout_prefixes` and `shared_prefix` do not apply. Off by default:
-    on the built-in task it left the plateau after ~300 steps instead of ~600 on one seed (half the
-    time), but with 8 rollouts it stayed on the plateau where the step-level examples did not
-    (bench/results/critic-plateau.md)."""
+    on the built-in task it left the plateau sooner on one seed but stayed on it with 8 rollouts,
+    where the step-level examples did not (bench/results/critic-plateau.md)."""
     log_ratio_beta: float = Field(1.0, ge=0, le=10**6)
     """weight of the log-ratio term: the critic's logit is its value head plus log_ratio_beta times
     the sum, over the solution's tokens so far, of log pi_critic - log pi_ref, where pi_critic is the
     critic's own language model (trained with it) and pi_ref the policy it started from, frozen
     (stepdapo.models.LogRatioCritic). At the start the term is 0: the paper's critic. It lets the
     critic find a wrong step as an unlikely token instead of learning to re-check every step in its
-    head. On the built-in task: every seed's critic checks the arithmetic (held-out BCE 0.47-0.54
-    against the constant's 0.67-0.69, right > wrong 0.95-0.99) after ~240 steps, where the head
-    alone (0) failed on 2 seeds in 5 after 1633 (bench/results/critic-plateau.md, pipeline.md).
-    Costs a forward pass of pi_ref with every batch, and the critic's directory refers to pi_ref's.
+    head. On the built-in task every measured seed's critic learnt to check the arithmetic with it,
+    and the head alone (0) failed on some seeds after several times as many steps
+    (bench/results/critic-plateau.md, pipeline.md). Costs a forward pass of pi_ref with every batch,
+    and the critic's directory refers to pi_ref's.
     0: the paper's critic, a sequence-classification model."""
     shared_prefix: bool = False
     """batch the examples of a state together (the state, its s + a and rollout prefixes, shuffled

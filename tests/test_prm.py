@@ -16,9 +16,9 @@ from transformers import AutoModelForSequenceClassification
 from stepdapo.cli import main
 from stepdapo.config import ArithmeticConfig
 from stepdapo.generation import encode_prompts
-from stepdapo.steps import delimiter_token_mask, split_steps
 from stepdapo.models import LogRatioCritic, critic_values, load_critic, load_tokenizer
 from stepdapo.prm import encode, encode_completion, score_ids, score_steps
+from stepdapo.steps import delimiter_token_mask, split_steps
 from stepdapo.tasks.arithmetic import ArithmeticTask
 
 KINDS = ("log_ratio", "value_head")
@@ -170,3 +170,92 @@ def test_command_line_bad_rows_and_foreign_outputs(critic_dirs, tmp_path):
     r = run("--in", str(good), "--out", str(foreign))
     assert r.returncode == 2 and "refusing to replace it" in r.stderr
     assert foreign.read_text() == '{"mine": 1}\n'
+
+
+# -- ProcessBench's protocol -------------------------------------------------------------------------
+
+def test_processbench_scores_by_hand():
+    from stepdapo.metrics import best_threshold, earliest_below, processbench_scores
+
+    assert earliest_below([0.9, 0.7, 0.2, 0.1], 0.5) == 2 and earliest_below([0.9, 0.6], 0.5) == -1
+    assert earliest_below([], 0.5) == -1
+    # erroneous: 3 rows, 2 found at the right step; correct: 2 rows, 1 left alone
+    s = processbench_scores([1, 0, 2, -1, 0], [1, 1, 2, -1, -1])
+    assert (s["n_erroneous"], s["n_correct"]) == (3, 2)
+    assert s["acc_erroneous"] == pytest.approx(2 / 3) and s["acc_correct"] == pytest.approx(0.5)
+    assert s["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert processbench_scores([0, 0], [-1, -1])["f1"] is None  # no erroneous rows: no F1
+    # values that drop exactly at the first wrong step: any threshold between the two levels is perfect
+    values = [[0.8, 0.7, 0.3, 0.2], [0.9, 0.85, 0.8], [0.75, 0.1]]
+    labels = [2, -1, 1]
+    t = best_threshold(values, labels)
+    assert 0.3 < t < 0.7 and processbench_scores([earliest_below(v, t) for v in values], labels)["f1"] == 1.0
+
+
+def test_builtin_processbench_rows_have_the_earliest_wrong_step_as_label():
+    """Every step before the label is right and the labelled one wrong, as the task judges single
+    steps; half the rows correct; the file round-trips through the reader."""
+    from stepdapo.prm import arithmetic_processbench
+
+    rows = arithmetic_processbench(TASK, "test", 60, seed=3)
+    assert sum(r["label"] == -1 for r in rows) == 30 and {r["label"] for r in rows} - {-1}
+    problems = {f"test/{p.id}": p for p in TASK.problems("test")[:60]}
+    for r in rows:
+        p = problems[r["id"]]
+        last = len(r["steps"]) - 1 if r["label"] == -1 else r["label"]
+        for i in range(last + 1):
+            right = TASK.step_is_correct(p, "".join(r["steps"][:i]), r["steps"][i])
+            assert right == (i != r["label"]), (r, i)
+        assert r["final_answer_correct"] == (r["label"] == -1)
+
+
+def test_evaluate_processbench_chooses_on_one_part_and_scores_the_other():
+    from stepdapo.prm import calibration_part, evaluate_processbench
+
+    rng = random.Random(0)
+    ids = [f"r{i}" for i in range(400)]
+    labels = [-1 if i % 2 else rng.randrange(4) for i in range(400)]
+    values = [[0.9] * 4 if y == -1 else [0.9] * y + [0.1] * (4 - y) for y in labels]
+    r = evaluate_processbench(values, labels, ids)
+    held = [i for i in ids if not calibration_part(i, 0.5)]
+    assert r["n_erroneous"] + r["n_correct"] == len(held) and 150 < len(held) < 250
+    assert r["f1"] == 1.0 and 0.1 < r["threshold"] < 0.9 and "calibration" in r["threshold_how"]
+    r = evaluate_processbench(values, labels, ids, threshold=0.05)  # below every value: finds nothing
+    assert r["acc_correct"] == 1.0 and r["acc_erroneous"] == 0.0 and r["f1"] == 0.0
+    assert r["n_erroneous"] + r["n_correct"] == 400
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_command_prm_eval(critic_dirs, loaded, kind, tmp_path, capsys):
+    """The command's scores are those of the API on the same rows; bad labels are clean errors."""
+    from stepdapo.metrics import earliest_below, processbench_scores
+    from stepdapo.prm import arithmetic_processbench
+
+    rows = arithmetic_processbench(TASK, "test", 40, seed=1)
+    data = tmp_path / "pb.jsonl"
+    write_jsonl(data, rows)
+    out = tmp_path / "pb-eval.json"
+    code = main(["prm", "eval", "--critic", str(critic_dirs[kind]), "--in", str(data), "--threshold", "0.4",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    got = json.loads(out.read_text())["processbench"]
+    critic, tok = loaded[kind]
+    values = score_steps(critic, tok, [(TASK.prompt(TASK.problems("test")[i]), r["steps"]) for i, r in enumerate(rows)])
+    # the answer line (no delimiter after it) is not scored: the critic never saw such a prefix
+    want = processbench_scores([earliest_below(v[:-1], 0.4) for v in values], [r["label"] for r in rows])
+    assert got["f1"] == pytest.approx(want["f1"]) and got["acc_erroneous"] == pytest.approx(want["acc_erroneous"])
+    assert got["acc_correct"] == pytest.approx(want["acc_correct"]) and got["rule"] == "value"
+    # the advantage rule: each step's value minus the one before (the prompt's before the first step)
+    assert main(["prm", "eval", "--critic", str(critic_dirs[kind]), "--in", str(data), "--threshold", "-0.05",
+                 "--rule", "advantage", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["processbench"]
+    enc = [encode(tok, TASK.prompt(TASK.problems("test")[i]), r["steps"]) for i, r in enumerate(rows)]
+    with_prompt = score_ids(critic, tok.pad_token_id, [(p, x, [0] + e) for p, x, e in enc])
+    adv = [[b - a for a, b in zip(v, v[1:])][:-1] for v in with_prompt]
+    want = processbench_scores([earliest_below(a, -0.05) for a in adv], [r["label"] for r in rows])
+    assert got["f1"] == pytest.approx(want["f1"]) and got["acc_correct"] == pytest.approx(want["acc_correct"])
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [rows[0], {**rows[1], "label": len(rows[1]["steps"])}])
+    assert main(["prm", "eval", "--critic", str(critic_dirs[kind]), "--in", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: field 'label' must be the index of the earliest wrong step" in err

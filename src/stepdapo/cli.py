@@ -210,6 +210,71 @@ def cmd_prm_score(args) -> int:
     return 0
 
 
+def cmd_prm_eval(args) -> int:
+    import tempfile
+
+    from stepdapo.models import set_threads
+    from stepdapo.prm import arithmetic_processbench, eval_file, write_scores
+    from stepdapo.runner import world_size
+    from stepdapo.tasks import get_task
+
+    cfg = _load(args)
+    if world_size() > 1:
+        raise ConfigError("prm eval runs in one process: start it without torchrun / accelerate launch")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise ConfigError(f"prm eval: --threshold must be a finite number, got {args.threshold}")
+    if not 0 < args.calibration_fraction < 1:
+        raise ConfigError(f"prm eval: --calibration-fraction must be in (0, 1), got {args.calibration_fraction}")
+    if not 1 <= args.batch_size <= 2**20:
+        raise ConfigError(f"prm eval: --batch-size must be in [1, {2**20}], got {args.batch_size}")
+    if args.out:
+        check_output_file(args.out, json_with_keys({"processbench"}), "PRM evaluation (--out)")
+    task = get_task(cfg.task)
+    set_threads(cfg.threads)
+    with tempfile.TemporaryDirectory(prefix="stepdapo-prm-") as tmp:
+        data = args.input
+        if data is None:
+            if cfg.task.name != "arithmetic":
+                raise ConfigError("prm eval: --in is needed for a task other than the built-in one")
+            data = str(Path(tmp) / "processbench.jsonl")
+            write_scores(data, arithmetic_processbench(task, "test", cfg.eval.limit or 1000, cfg.seed))
+        r = eval_file(args.critic, data, task, args.threshold, args.calibration_fraction, args.batch_size,
+                      rule=args.rule)
+    if args.input is None:
+        r["data"] = f"the built-in task's test split, first {cfg.eval.limit or 1000} problems (seed {cfg.seed})"
+
+    def pct(x, ci):
+        return "n/a" if x is None else f"{100 * x:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+    print(f"ProcessBench protocol, {r['rows']} rows ({r['data']}); rule {r['rule']}, threshold {r['threshold']:.3f} "
+          f"({r['threshold_how']}):\n  erroneous ({r['n_erroneous']}): {pct(r['acc_erroneous'], r['acc_erroneous_ci95'])}"
+          f"\n  correct ({r['n_correct']}): {pct(r['acc_correct'], r['acc_correct_ci95'])}\n  F1: "
+          + ("n/a" if r["f1"] is None else f"{100 * r['f1']:.1f}"))
+    if args.out:
+        from stepdapo.store import write_json
+
+        write_json(args.out, {"processbench": r})
+    return 0
+
+
+def cmd_prm_processbench(args) -> int:
+    from stepdapo.prm import arithmetic_processbench, is_processbench_file, write_scores
+    from stepdapo.tasks import get_task
+
+    cfg = _load(args)
+    if cfg.task.name != "arithmetic":
+        raise ConfigError("prm processbench writes the built-in task's solutions: use task.name=arithmetic")
+    if not str(args.out).endswith(".jsonl"):
+        raise ConfigError(f"prm processbench: --out {args.out}: write a .jsonl file")
+    if args.n < 1:
+        raise ConfigError(f"prm processbench: --n must be at least 1, got {args.n}")
+    check_output_file(args.out, is_processbench_file, "ProcessBench rows (--out)")
+    rows = arithmetic_processbench(get_task(cfg.task), args.split, args.n, cfg.seed)
+    write_scores(args.out, rows)
+    print(f"{len(rows)} rows ({sum(r['label'] == -1 for r in rows)} correct) -> {args.out}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from stepdapo.config import dump_yaml
     from stepdapo.settings import describe
@@ -382,6 +447,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="solutions per forward pass (default 32)")
     _common(p)
     p.set_defaults(func=cmd_prm_score)
+    p = psub.add_parser("eval", help="ProcessBench's protocol: does the critic find the earliest wrong step?",
+                        description="Rows in ProcessBench's format: `problem` (or `question` / `prompt`), `steps`, "
+                        "and `label` (the index of the earliest wrong step, -1 when all are right). The critic "
+                        "predicts the first step it values below a threshold; reported: accuracy on erroneous and "
+                        "on correct solutions (95%% Wilson intervals) and their harmonic mean F1. The threshold is "
+                        "chosen for the best F1 on a calibration part of the rows (a stable hash of each row's "
+                        "id) and the scores come from the rest, unless --threshold is given.")
+    p.add_argument("--critic", required=True, help="a critic directory the critic stage saved")
+    p.add_argument("--in", dest="input", help="ProcessBench-format rows (.jsonl, .json, .parquet); default: the "
+                   "built-in task's (`stepdapo prm processbench`), made in memory")
+    p.add_argument("--rule", choices=["value", "advantage"], default="value",
+                   help="score a step by its value V(prefix) (ProcessBench's rule, the default) or by its "
+                   "advantage V(prefix) - V(prefix before it), what DAPO trains on")
+    p.add_argument("--threshold", type=float, help="use this threshold on every row instead of choosing one")
+    p.add_argument("--calibration-fraction", type=float, default=0.5,
+                   help="share of the rows the threshold is chosen on (default 0.5)")
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--batch-size", type=int, default=32, help="solutions per forward pass (default 32)")
+    _common(p)
+    p.set_defaults(func=cmd_prm_eval)
+    p = psub.add_parser("processbench", help="write the built-in task's solutions, each with its earliest "
+                        "wrong step, in ProcessBench's format (half correct, half with one wrong step)")
+    p.add_argument("--out", required=True, help="a .jsonl file")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="problems of this split (test)")
+    p.add_argument("--n", type=int, default=1000, help="the first N problems (default 1000)")
+    _common(p)
+    p.set_defaults(func=cmd_prm_processbench)
 
     p = sub.add_parser("run", help="the whole pipeline: [bootstrap] -> evaluate -> [states -> label -> critic "
                                    "-> advantages -> actor -> evaluate] x iterations -> report")

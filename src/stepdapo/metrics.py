@@ -190,3 +190,43 @@ def cross_fitted_calibration(pred, target, groups) -> tuple[list[float] | None, 
             return None, None
         out[fold == f] = apply_platt(pred[fold == f], ab)
     return out.tolist(), fit_platt(pred, target)
+
+
+# -- process reward models: ProcessBench's protocol ---------------------------------------------------
+# A solution's label is the index of its earliest wrong step, -1 when every step is right. A PRM
+# predicts the first step it scores below a threshold (-1: none). Scored separately on erroneous
+# solutions (the predicted index must equal the label) and on correct ones (it must be -1); F1 is
+# their harmonic mean (Zheng et al. 2024, ProcessBench).
+
+def earliest_below(values, threshold: float) -> int:
+    """Index of the first value below `threshold`; -1 if there is none."""
+    return next((i for i, v in enumerate(values) if v < threshold), -1)
+
+
+def processbench_scores(predicted: list[int], labels: list[int]) -> dict:
+    """Accuracy on erroneous and on correct solutions (95% Wilson intervals) and their harmonic mean."""
+    err = [p == y for p, y in zip(predicted, labels) if y != -1]
+    ok = [p == -1 for p, y in zip(predicted, labels) if y == -1]
+    acc_err = sum(err) / len(err) if err else None
+    acc_ok = sum(ok) / len(ok) if ok else None
+    f1 = (2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err is not None and acc_ok is not None
+          and acc_err + acc_ok > 0 else 0.0 if acc_err is not None and acc_ok is not None else None)
+    return {"n_erroneous": len(err), "n_correct": len(ok),
+            "acc_erroneous": acc_err, "acc_erroneous_ci95": list(wilson_interval(sum(err), len(err))),
+            "acc_correct": acc_ok, "acc_correct_ci95": list(wilson_interval(sum(ok), len(ok))), "f1": f1}
+
+
+def best_threshold(step_values: list[list[float]], labels: list[int], centre: float = 0.5) -> float:
+    """The threshold with the highest ProcessBench F1 on these solutions (ties: the one nearest
+    `centre`), among the midpoints between consecutive distinct step scores and the ends."""
+    points = np.unique(np.concatenate([np.asarray(v, float) for v in step_values if len(v)] or [np.array([0.5])]))
+    if len(points) > 400:  # the F1 moves in steps; 400 quantiles resolve it well enough
+        points = np.unique(np.quantile(points, np.linspace(0, 1, 400)))
+    candidates = np.concatenate([[points[0] - 1e-6], (points[1:] + points[:-1]) / 2, [points[-1] + 1e-6]])
+    best, best_key = 0.5, None
+    for t in candidates:
+        f1 = processbench_scores([earliest_below(v, t) for v in step_values], labels)["f1"] or 0.0
+        key = (f1, -abs(t - centre))
+        if best_key is None or key > best_key:
+            best, best_key = float(t), key
+    return best

@@ -239,3 +239,143 @@ def score_file(critic_dir: str | Path, in_path: str | Path, out_path: str | Path
     tokens = sum(len(p) + len(x) for p, x, _ in encoded)
     return {"rows": len(rows), "steps": sum(map(len, values)), "tokens": tokens, "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds > 0 else None, "load_seconds": t1 - t0}
+
+
+# -- ProcessBench's protocol: `stepdapo prm eval` --------------------------------------------------
+# Rows: `problem` (or `question`: formatted by the task; or `prompt`: the policy's text), `steps`
+# (a list of step texts) and `label` (the index of the earliest wrong step, -1 when all are right),
+# as ProcessBench's files hold them. The critic's prediction is the first step whose score is below
+# a threshold (stepdapo.metrics); the threshold is chosen on a calibration part of the rows (a hash
+# of each row's id, so the split does not depend on the file's order) and the scores are reported on
+# the rest, or a given threshold is used on all rows.
+#
+# Two scores (`rule`). "value": V(prefix through step i), ProcessBench's rule for a PRM that judges
+# steps. "advantage": V(through step i) - V(through step i-1), V before the first step being the
+# prompt's. Our critic is a value model of pi_ref, V(s) = P(pi_ref ends correct from s): a right step
+# ahead of a hard part (the built-in task's flaw) has a low value although nothing is wrong yet, and
+# a critic of a policy that rarely errs has seen few wrong prefixes. What such a critic says about a
+# step is the change it makes, the advantage DAPO trains on.
+#
+# A solution's last step, when no delimiter ends it (the answer line), is not scored: the pipeline's
+# states never end there (the step holds the end of the solution, whose value is the verifier's
+# reward), so the critic was never trained on such a prefix (on the built-in task it values every one
+# near 0). An error in that step goes undetected by this rule.
+RULES = ("value", "advantage")
+
+def read_processbench(path: str | Path) -> list[tuple[str, dict, tuple]]:
+    """The rows of a ProcessBench-format .jsonl / .json / .parquet file, as `read_items` gives them
+    (`problem` read as `question`), each with a checked integer `label` in [-1, len(steps))."""
+    from stepdapo.tasks.data import FILE_SUFFIXES, read_rows
+
+    if not str(path).lower().endswith(FILE_SUFFIXES):
+        raise DataError(f"{path}: ProcessBench rows are a {' / '.join(FILE_SUFFIXES)} file")
+    items = []
+    for where, row in read_rows(str(path)):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be an object with problem, steps and label, got {excerpt(row)}")
+        row = {**row}
+        if "problem" in row and "question" not in row and "prompt" not in row:
+            row["question"] = row.pop("problem")
+        prompt = _field(where, row, ("prompt", "question"), "the problem")
+        steps = _field(where, row, ("steps",), "the solution's steps")
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < len(steps[1]):
+            raise DataError(f"{where}: field 'label' must be the index of the earliest wrong step (0 to "
+                            f"{len(steps[1]) - 1}) or -1 when every step is right, got {excerpt(label)}")
+        items.append((where, row, (*prompt, *steps)))
+    if not items:
+        raise DataError(f"{path}: no rows")
+    return items
+
+
+def is_processbench_file(p: Path) -> bool:
+    """Whether `p` is a file `stepdapo prm processbench` wrote (its first row's fields)."""
+    try:
+        with open(p, "rb") as f:
+            row = json.loads(f.readline(1 << 24))
+        return isinstance(row, dict) and {"id", "problem", "steps", "label", "final_answer_correct"} <= set(row)
+    except Exception:  # noqa: BLE001 - unreadable or not ours: refused either way
+        return False
+
+
+def calibration_part(row_id: str, fraction: float) -> bool:
+    """Whether a row (by its id) is in the calibration part: a stable hash, not the file's order."""
+    import hashlib
+
+    return int(hashlib.sha1(f"prm-calibration/{row_id}".encode()).hexdigest()[:8], 16) / 16**8 < fraction
+
+
+def step_scores(values: list[float], rule: str) -> list[float]:
+    """The per-step scores of one solution from its values [V(prompt), V(step 1), ...]."""
+    if rule == "value":
+        return values[1:]
+    return [b - a for a, b in zip(values, values[1:])]
+
+
+def evaluate_processbench(step_values: list[list[float]], labels: list[int], ids: list[str],
+                          threshold: float | None = None, calibration_fraction: float = 0.5,
+                          centre: float = 0.5) -> dict:
+    """ProcessBench's scores of these per-step scores: with `threshold`, on every row; else the
+    threshold with the best F1 on the calibration part (ties: nearest `centre`), scores on the
+    other part."""
+    from stepdapo.metrics import best_threshold, earliest_below, processbench_scores
+
+    if threshold is None:
+        cal = [calibration_part(i, calibration_fraction) for i in ids]
+        if all(cal) or not any(cal):
+            raise DataError(f"{len(ids)} rows: too few to split into a calibration and an evaluation part; "
+                            f"give more rows or a --threshold")
+        threshold = best_threshold([v for v, c in zip(step_values, cal) if c], [y for y, c in zip(labels, cal) if c],
+                                   centre)
+        rows = [k for k, c in enumerate(cal) if not c]
+        how = f"chosen on {sum(cal)} calibration rows (best F1), scored on the other {len(rows)}"
+    else:
+        rows, how = list(range(len(ids))), "given, scored on every row"
+    predicted = [earliest_below(step_values[k], threshold) for k in rows]
+    return {"threshold": threshold, "threshold_how": how,
+            **processbench_scores(predicted, [labels[k] for k in rows])}
+
+
+def arithmetic_processbench(task, split: str = "test", n: int = 1000, seed: int = 0) -> list[dict]:
+    """ProcessBench-format rows of the built-in task, whose steps are judged exactly: for each of
+    the first `n` problems of `split` its correct worked solution (label -1) or, for every other
+    problem, one with a single wrong step at a random position (the steps after it carry on from the
+    written value, as a model's would; label = that step)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for k, problem in enumerate(task.problems(split)[:n]):
+        n_ops = len(task.running_values(task.chain_of(problem))) - 1
+        label = -1 if k % 2 == 0 else rng.randrange(n_ops)
+        errors = {} if label == -1 else {label: rng.randrange(1, task.cfg.modulus)}
+        text = task.demonstration(problem, errors=errors)
+        lines = text.split(task.step_delimiter)
+        steps = [s + task.step_delimiter for s in lines[:-1]] + [lines[-1]]
+        rows.append({"id": f"{split}/{problem.id}", "problem": problem.question, "steps": steps, "label": label,
+                     "final_answer_correct": task.verify(problem, text).correct})
+    return rows
+
+
+def eval_file(critic_dir: str | Path, in_path: str | Path, task, threshold: float | None = None,
+              calibration_fraction: float = 0.5, batch_size: int = 32, progress: bool = True,
+              rule: str = "value") -> dict:
+    """`evaluate_processbench` of the critic in `critic_dir` on the rows of `in_path`, each step
+    scored by `rule` (RULES)."""
+    from stepdapo.models import load_critic
+    from stepdapo.runner import device
+
+    items = read_processbench(in_path)  # a bad row is an error before the critic is loaded
+    critic, tokenizer = load_critic(critic_dir)
+    critic.to(device())
+    t0 = time.perf_counter()
+    # the prompt's value too: a step "ending" at 0 tokens is read at the prompt's last token
+    encoded = [(p, x, [0] + ends) for p, x, ends in encode_items(items, tokenizer, task)]
+    values = score_ids(critic, tokenizer.pad_token_id, encoded, batch_size, progress)
+    scores = [step_scores(v, rule)[:len(steps) - (not steps[-1].rstrip(" \t").endswith(task.step_delimiter))]
+              for v, (_, row, (_, _, _, steps)) in zip(values, items)]
+    ids = [str(row.get("id", where)) for where, row, _ in items]
+    result = evaluate_processbench(scores, [row["label"] for _, row, _ in items], ids, threshold,
+                                   calibration_fraction, centre=0.5 if rule == "value" else 0.0)
+    return {"critic": str(critic_dir), "data": str(in_path), "rows": len(items), "rule": rule, **result,
+            "seconds": time.perf_counter() - t0}

@@ -259,3 +259,18 @@ def test_command_prm_eval(critic_dirs, loaded, kind, tmp_path, capsys):
     assert main(["prm", "eval", "--critic", str(critic_dirs[kind]), "--in", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: field 'label' must be the index of the earliest wrong step" in err
+
+
+def test_best_of_n_and_weighted_vote_by_hand():
+    from stepdapo.metrics import best_of_n_correct, majority_correct, weighted_vote_correct
+
+    answers, correct = ["3", "5", "5", None, "3"], [True, False, False, False, True]
+    assert best_of_n_correct([0.2, 0.9, 0.1, 0.95, 0.3], correct) is False  # the answerless sample scores highest
+    assert best_of_n_correct([0.8, 0.9, 0.1, 0.2, 0.3], correct) is False
+    assert best_of_n_correct([0.9, 0.9, 0.1, 0.2, 0.3], correct) is True  # a tie: the first
+    assert best_of_n_correct([], []) is False
+    # "3": 0.4 + 0.3 = 0.7 against "5": 0.2 + 0.3 = 0.5; unweighted it is a 2-2 tie, first seen wins
+    assert weighted_vote_correct(answers, [0.4, 0.2, 0.3, 0.9, 0.3], correct) is True
+    assert weighted_vote_correct(answers, [0.1, 0.5, 0.5, 0.9, 0.1], correct) is False
+    assert weighted_vote_correct([None, None], [1.0, 1.0], [False, False]) is False
+    assert weighted_vote_correct(answers, [1.0] * 5, correct) == majority_correct(answers, correct)

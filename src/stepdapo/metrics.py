@@ -230,3 +230,24 @@ def best_threshold(step_values: list[list[float]], labels: list[int], centre: fl
         if best_key is None or key > best_key:
             best, best_key = float(t), key
     return best
+
+
+# -- process reward models at test time: best-of-N and weighted votes --------------------------------
+
+def best_of_n_correct(scores: list[float], correct: list[bool]) -> bool:
+    """Is the highest-scored sample correct? (Ties: the first of them.)"""
+    return bool(correct[int(np.argmax(scores))]) if scores else False
+
+
+def weighted_vote_correct(answers: list[str | None], weights: list[float], correct: list[bool]) -> bool:
+    """Is the answer with the largest total weight correct? Samples without an answer do not vote;
+    ties go to the answer seen first."""
+    totals: dict[str, float] = {}
+    for a, w in zip(answers, weights):
+        if a is not None:
+            totals[a] = totals.get(a, 0.0) + w
+    if not totals:
+        return False
+    best = max(totals.values())
+    top = next(a for a in answers if a is not None and totals[a] == best)
+    return bool(correct[answers.index(top)])

@@ -64,18 +64,26 @@ def check_input_file(path: str | os.PathLike, what: str = "file") -> Path:
         return Path(path)
 
 
+def _stat(p: Path, what: str, follow: bool) -> os.stat_result | None:
+    """The path's stat (of the link itself unless `follow`), None if nothing is there; any other
+    error (a symbolic-link loop, a parent that is a file, no permission) names the path."""
+    try:
+        return os.stat(p) if follow else os.lstat(p)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserPathError(f"{p}: cannot use as the {what}: {e.strerror}") from None
+
+
 def check_output_file(path: str | os.PathLike, is_ours: Callable[[Path], bool], what: str) -> Path:
     """`path`, if a file may be written there: nothing is there, or a regular file that `is_ours`
     recognises (a previous output of the same command). A directory, device, FIFO, socket, symbolic
     link or someone else's file is refused, and nothing is touched. Its parent directories are
     created by the writer."""
     p = Path(path)
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
+    st = _stat(p, what, follow=False)
+    if st is None:
         return p
-    except OSError as e:
-        raise UserPathError(f"{p}: cannot use as the {what}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise UserPathError(f"{p}: exists and is {kind_of(st.st_mode)}; the {what} must be a new file "
                             f"(or one this command wrote), and nothing there was changed")
@@ -90,15 +98,12 @@ def existing_output_dir(path: str | os.PathLike, what: str) -> bool:
     the path (a file, a FIFO, a dangling symbolic link, a symbolic-link loop) is refused before any
     work starts, instead of failing when the finished work is published."""
     p = Path(path)
-    try:
-        st = os.stat(p)  # a symbolic link to a directory is a directory
-    except FileNotFoundError:
+    st = _stat(p, what, follow=True)  # a symbolic link to a directory is a directory
+    if st is None:
         if os.path.lexists(p):
             raise UserPathError(f"{p}: a symbolic link to nothing; the {what} needs a new or empty "
-                                f"directory there") from None
+                                f"directory there")
         return False
-    except OSError as e:
-        raise UserPathError(f"{p}: cannot use as the {what}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UserPathError(f"{p}: exists and is {kind_of(st.st_mode)}; the {what} needs a new or empty "
                             f"directory there")

@@ -38,7 +38,7 @@ from stepdapo.metrics import (best_of_n_correct, bootstrap_interval, majority_co
                               weighted_vote_correct)
 from stepdapo.models import load_critic  # noqa: E402
 from stepdapo.precision import cpu_model  # noqa: E402
-from stepdapo.prm import RULES, arithmetic_processbench, eval_file, score_ids, write_scores  # noqa: E402
+from stepdapo.prm import RULES, eval_file, score_ids, write_scores  # noqa: E402
 from stepdapo.steps import delimiter_token_mask, split_steps  # noqa: E402
 from stepdapo.tasks import get_task, verify_all  # noqa: E402
 
@@ -55,7 +55,7 @@ def processbench(run: Path, critics: list[Path], task, rows: int, seed: int) -> 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "processbench.jsonl"
-        write_scores(data, arithmetic_processbench(task, "test", rows, seed))
+        write_scores(data, task.processbench_rows("test", rows, seed))
         for critic in critics:
             for rule in RULES:
                 r = eval_file(critic, data, task, rule=rule, progress=False)

@@ -44,6 +44,11 @@ def test_critic_beats_the_constant_predictor(run_dir):
     assert q["brier"] < q["brier_constant"] - 0.02
     assert q["auc_mc0_vs_positive"] > 0.75
     assert q["step_ranking"]["pairs"] > 20 and q["step_ranking"]["right_above_wrong"] > 0.7
+    # as a process reward model (ProcessBench's protocol on solutions with one planted error or none),
+    # far above what a critic that never flags a step (F1 0) or flags the first one (F1 0) gets
+    pb = json.loads((run_dir / "report.json").read_text())["iterations"][1]["critic"]["processbench"]
+    assert pb["n_erroneous"] + pb["n_correct"] > 200 and pb["f1"] > 0.5, pb
+    assert "PRM F1 (ProcessBench)" in (run_dir / "report.md").read_text()
 
 
 def test_dapo_improves_greedy_accuracy(run_dir):

@@ -195,9 +195,7 @@ def test_processbench_scores_by_hand():
 def test_builtin_processbench_rows_have_the_earliest_wrong_step_as_label():
     """Every step before the label is right and the labelled one wrong, as the task judges single
     steps; half the rows correct; the file round-trips through the reader."""
-    from stepdapo.prm import arithmetic_processbench
-
-    rows = arithmetic_processbench(TASK, "test", 60, seed=3)
+    rows = TASK.processbench_rows("test", 60, seed=3)
     assert sum(r["label"] == -1 for r in rows) == 30 and {r["label"] for r in rows} - {-1}
     problems = {f"test/{p.id}": p for p in TASK.problems("test")[:60]}
     for r in rows:
@@ -229,9 +227,7 @@ def test_evaluate_processbench_chooses_on_one_part_and_scores_the_other():
 def test_command_prm_eval(critic_dirs, loaded, kind, tmp_path, capsys):
     """The command's scores are those of the API on the same rows; bad labels are clean errors."""
     from stepdapo.metrics import earliest_below, processbench_scores
-    from stepdapo.prm import arithmetic_processbench
-
-    rows = arithmetic_processbench(TASK, "test", 40, seed=1)
+    rows = TASK.processbench_rows("test", 40, seed=1)
     data = tmp_path / "pb.jsonl"
     write_jsonl(data, rows)
     out = tmp_path / "pb-eval.json"

@@ -214,7 +214,7 @@ def cmd_prm_eval(args) -> int:
     import tempfile
 
     from stepdapo.models import set_threads
-    from stepdapo.prm import arithmetic_processbench, eval_file, write_scores
+    from stepdapo.prm import eval_file, write_scores
     from stepdapo.runner import world_size
     from stepdapo.tasks import get_task
 
@@ -234,10 +234,11 @@ def cmd_prm_eval(args) -> int:
     with tempfile.TemporaryDirectory(prefix="stepdapo-prm-") as tmp:
         data = args.input
         if data is None:
-            if cfg.task.name != "arithmetic":
-                raise ConfigError("prm eval: --in is needed for a task other than the built-in one")
+            rows = task.processbench_rows("test", cfg.eval.limit or 1000, cfg.seed)
+            if rows is None:
+                raise ConfigError(f"prm eval: task {cfg.task.name!r} cannot make labelled solutions; give --in")
             data = str(Path(tmp) / "processbench.jsonl")
-            write_scores(data, arithmetic_processbench(task, "test", cfg.eval.limit or 1000, cfg.seed))
+            write_scores(data, rows)
         r = eval_file(args.critic, data, task, args.threshold, args.calibration_fraction, args.batch_size,
                       rule=args.rule)
     if args.input is None:
@@ -258,18 +259,19 @@ def cmd_prm_eval(args) -> int:
 
 
 def cmd_prm_processbench(args) -> int:
-    from stepdapo.prm import arithmetic_processbench, is_processbench_file, write_scores
+    from stepdapo.prm import is_processbench_file, write_scores
     from stepdapo.tasks import get_task
 
     cfg = _load(args)
-    if cfg.task.name != "arithmetic":
-        raise ConfigError("prm processbench writes the built-in task's solutions: use task.name=arithmetic")
+    task = get_task(cfg.task)
     if not str(args.out).endswith(".jsonl"):
         raise ConfigError(f"prm processbench: --out {args.out}: write a .jsonl file")
     if args.n < 1:
         raise ConfigError(f"prm processbench: --n must be at least 1, got {args.n}")
     check_output_file(args.out, is_processbench_file, "ProcessBench rows (--out)")
-    rows = arithmetic_processbench(get_task(cfg.task), args.split, args.n, cfg.seed)
+    rows = task.processbench_rows(args.split, args.n, cfg.seed)
+    if rows is None:
+        raise ConfigError(f"prm processbench: task {cfg.task.name!r} cannot make labelled solutions")
     write_scores(args.out, rows)
     print(f"{len(rows)} rows ({sum(r['label'] == -1 for r in rows)} correct) -> {args.out}")
     return 0
@@ -467,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="solutions per forward pass (default 32)")
     _common(p)
     p.set_defaults(func=cmd_prm_eval)
-    p = psub.add_parser("processbench", help="write the built-in task's solutions, each with its earliest "
-                        "wrong step, in ProcessBench's format (half correct, half with one wrong step)")
+    p = psub.add_parser("processbench", help="write a task's solutions with known earliest wrong steps in "
+                        "ProcessBench's format (the built-in task: half correct, half with one wrong step)")
     p.add_argument("--out", required=True, help="a .jsonl file")
     p.add_argument("--split", default="test", choices=["train", "test"], help="problems of this split (test)")
     p.add_argument("--n", type=int, default=1000, help="the first N problems (default 1000)")

@@ -336,39 +336,11 @@ def evaluate_processbench(step_values: list[list[float]], labels: list[int], ids
             **processbench_scores(predicted, [labels[k] for k in rows])}
 
 
-def arithmetic_processbench(task, split: str = "test", n: int = 1000, seed: int = 0) -> list[dict]:
-    """ProcessBench-format rows of the built-in task, whose steps are judged exactly: for each of
-    the first `n` problems of `split` its correct worked solution (label -1) or, for every other
-    problem, one with a single wrong step at a random position (the steps after it carry on from the
-    written value, as a model's would; label = that step)."""
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for k, problem in enumerate(task.problems(split)[:n]):
-        n_ops = len(task.running_values(task.chain_of(problem))) - 1
-        label = -1 if k % 2 == 0 else rng.randrange(n_ops)
-        errors = {} if label == -1 else {label: rng.randrange(1, task.cfg.modulus)}
-        text = task.demonstration(problem, errors=errors)
-        lines = text.split(task.step_delimiter)
-        steps = [s + task.step_delimiter for s in lines[:-1]] + [lines[-1]]
-        rows.append({"id": f"{split}/{problem.id}", "problem": problem.question, "steps": steps, "label": label,
-                     "final_answer_correct": task.verify(problem, text).correct})
-    return rows
-
-
-def eval_file(critic_dir: str | Path, in_path: str | Path, task, threshold: float | None = None,
-              calibration_fraction: float = 0.5, batch_size: int = 32, progress: bool = True,
-              rule: str = "value") -> dict:
-    """`evaluate_processbench` of the critic in `critic_dir` on the rows of `in_path`, each step
-    scored by `rule` (RULES)."""
-    from stepdapo.models import load_critic
-    from stepdapo.runner import device
-
-    items = read_processbench(in_path)  # a bad row is an error before the critic is loaded
-    critic, tokenizer = load_critic(critic_dir)
-    critic.to(device())
-    t0 = time.perf_counter()
+def evaluate_critic_processbench(critic, tokenizer, items: list[tuple[str, dict, tuple]], task,
+                                 threshold: float | None = None, calibration_fraction: float = 0.5,
+                                 batch_size: int = 32, progress: bool = False, rule: str = "value") -> dict:
+    """`evaluate_processbench` of a loaded critic on checked rows (`read_processbench`, or
+    `processbench_items`), each step scored by `rule` (RULES)."""
     # the prompt's value too: a step "ending" at 0 tokens is read at the prompt's last token
     encoded = [(p, x, [0] + ends) for p, x, ends in encode_items(items, tokenizer, task)]
     values = score_ids(critic, tokenizer.pad_token_id, encoded, batch_size, progress)
@@ -377,5 +349,26 @@ def eval_file(critic_dir: str | Path, in_path: str | Path, task, threshold: floa
     ids = [str(row.get("id", where)) for where, row, _ in items]
     result = evaluate_processbench(scores, [row["label"] for _, row, _ in items], ids, threshold,
                                    calibration_fraction, centre=0.5 if rule == "value" else 0.0)
-    return {"critic": str(critic_dir), "data": str(in_path), "rows": len(items), "rule": rule, **result,
-            "seconds": time.perf_counter() - t0}
+    return {"rows": len(items), "rule": rule, **result}
+
+
+def processbench_items(rows: list[dict]) -> list[tuple[str, dict, tuple]]:
+    """Rows a task made (`Task.processbench_rows`) in the form `read_processbench` gives."""
+    return [(f"row {i}", {**r, "question": r["problem"]}, ("question", r["problem"], "steps", r["steps"]))
+            for i, r in enumerate(rows)]
+
+
+def eval_file(critic_dir: str | Path, in_path: str | Path, task, threshold: float | None = None,
+              calibration_fraction: float = 0.5, batch_size: int = 32, progress: bool = True,
+              rule: str = "value") -> dict:
+    """`evaluate_critic_processbench` of the critic in `critic_dir` on the rows of `in_path`."""
+    from stepdapo.models import load_critic
+    from stepdapo.runner import device
+
+    items = read_processbench(in_path)  # a bad row is an error before the critic is loaded
+    critic, tokenizer = load_critic(critic_dir)
+    critic.to(device())
+    t0 = time.perf_counter()
+    r = evaluate_critic_processbench(critic, tokenizer, items, task, threshold, calibration_fraction, batch_size,
+                                     progress, rule)
+    return {"critic": str(critic_dir), "data": str(in_path), **r, "seconds": time.perf_counter() - t0}

@@ -166,18 +166,19 @@ def write_report(report: dict, out: Path) -> None:
         for it in its[1:]:
             md.append(_check_row(it))
         md += ["", "## Per iteration", "",
-               "| iteration | states | MC=0 / 0<MC<1 / MC=1 | critic BCE (const) | Brier (const) | ECE (const) | AUC | right>wrong step | states kept (gap) | mean abs A | actor corr(log-ratio, A/beta) |",
-               "|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| iteration | states | MC=0 / 0<MC<1 / MC=1 | critic BCE (const) | Brier (const) | ECE (const) | AUC | right>wrong step | PRM F1 (ProcessBench) | states kept (gap) | mean abs A | actor corr(log-ratio, A/beta) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for it in its[1:]:
             lab, q, adv, act = it["labels"], it["critic"]["heldout"], it["advantages"], it.get("actor", {})
             sr = (q.get("step_ranking") or {}).get("right_above_wrong")
             auc = q.get("auc_mc0_vs_positive")
             corr = act.get("final_corr_log_ratio_target")
+            pb = it["critic"].get("processbench") or {}
             md.append(
                 f"| {it['iteration']} | {lab['states']} | {lab['fraction_mc_0']:.2f} / {lab['fraction_mc_between']:.2f} / "
                 f"{lab['fraction_mc_1']:.2f} | {_num(q['bce'])} ({_num(q['bce_constant'])}) | {_num(q['brier'])} "
                 f"({_num(q['brier_constant'])}) | {_num(q['ece'])} ({_num(q['ece_constant'])}) | "
-                f"{_num(auc)} | {_num(sr, 2)} | "
+                f"{_num(auc)} | {_num(sr, 2)} | {_num(pb.get('f1'), 2)} | "
                 f"{adv['states_kept']} ({adv['fraction_kept']:.2f}) | {adv['advantage_abs_mean']:.3f} | "
                 f"{_num(corr, 2)} |")
     md += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
@@ -189,5 +190,6 @@ def write_report(report: dict, out: Path) -> None:
            f"{report['config']['eval']['temperature']} (bootstrap interval over problems). The critic is measured "
            "on states of held-out problems against the constant prediction (the training mean); AUC separates "
            "MC=0 states from MC>0 ones; 'right>wrong step' is how often it scores a right next step above a wrong "
-           "one at the same state."]
+           "one at the same state; 'PRM F1' is ProcessBench's F1 of the critic finding the earliest wrong step of "
+           "solutions with one planted error (or none), the threshold chosen on half of them (`stepdapo prm eval`)."]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")

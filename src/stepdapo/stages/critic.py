@@ -286,6 +286,19 @@ def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -
             "mean_gap": float((vr - vw).mean())}
 
 
+PROCESSBENCH_ROWS = 500  # test problems whose earliest wrong step is known (Task.processbench_rows): ~2 s
+
+
+def processbench_quality(model, tok, task) -> dict | None:
+    """The critic as a process reward model, where the task makes solutions whose earliest wrong
+    step is known (Task.processbench_rows): ProcessBench's scores (stepdapo.prm; the threshold
+    chosen on half of the rows, scored on the other half); None for other tasks."""
+    from stepdapo.prm import evaluate_critic_processbench, processbench_items
+
+    rows = task.processbench_rows("test", PROCESSBENCH_ROWS)
+    return evaluate_critic_processbench(model, tok, processbench_items(rows), task, batch_size=64) if rows else None
+
+
 def evaluate_critic(model, tok, train_states: list[ValueExample], held: list[ValueExample], labels, task,
                     calibrate: bool = False) -> dict:
     """The critic's quality on the held-out states and on (up to 2000) training states, each metric
@@ -434,6 +447,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
         def evaluate() -> dict:  # on the saved critic: what is published, however training was sharded
             model = load_critic(stage.model_dir)[0].to(dev)
             metrics = evaluate_critic(model, tok, train_states, held, labels, task, calibrate=c.calibrate)
+            metrics["processbench"] = processbench_quality(model, tok, task)
             keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
             plot_reliability(metrics["heldout"], stage.model_dir / "reliability.png", "critic on held-out states")
             return metrics
@@ -455,6 +469,7 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
             "calibration": metrics.get("calibration"),
             "heldout_calibrated": metrics.get("heldout_calibrated"),
             "train_subset": metrics["train_subset"],
+            "processbench": metrics.get("processbench"),
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
         }

@@ -76,6 +76,13 @@ class Task(ABC):
         solution = problem.meta.get("solution")
         return solution if isinstance(solution, str) else None
 
+    def processbench_rows(self, split: str, n: int, seed: int = 0) -> list[dict] | None:
+        """Solutions whose earliest wrong step is known exactly, in ProcessBench's format (`id`,
+        `problem`, `steps`, `label`: that step's index or -1, `final_answer_correct`), to judge a
+        critic as a process reward model (`stepdapo prm eval`, the critic stage's report); None
+        where the task cannot make them."""
+        return None
+
     def step_is_correct(self, problem: Problem, prefix: str, step: str) -> bool:
         """Is `step` the right next step after the solution text `prefix`? Only for tasks with
         `supports_step_checks`; the others cannot judge a single step."""

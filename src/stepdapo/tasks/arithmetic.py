@@ -148,6 +148,22 @@ class ArithmeticTask(Task):
     def chain_of(problem: Problem) -> Chain:
         return Chain(problem.meta["first"], tuple((op, x) for op, x in problem.meta["ops"]))
 
+    def processbench_rows(self, split: str, n: int, seed: int = 0) -> list[dict]:
+        """For each of the first `n` problems of `split`: its correct worked solution (label -1) or,
+        for every other problem, one with a single wrong step at a random position (the steps after
+        it carry on from the written value, as a model's would; label = that step)."""
+        rng = random.Random(seed)
+        rows = []
+        for k, problem in enumerate(self.problems(split)[:n]):
+            n_ops = len(self.chain_of(problem).ops)
+            label = -1 if k % 2 == 0 else rng.randrange(n_ops)
+            text = self.demonstration(problem, errors={} if label == -1 else {label: rng.randrange(1, self.cfg.modulus)})
+            lines = text.split(self.step_delimiter)
+            rows.append({"id": f"{split}/{problem.id}", "problem": problem.question, "label": label,
+                         "steps": [s + self.step_delimiter for s in lines[:-1]] + [lines[-1]],
+                         "final_answer_correct": self.verify(problem, text).correct})
+        return rows
+
     def reference_solution(self, problem: Problem) -> str:
         return self.demonstration(problem)  # the correct worked solution
 

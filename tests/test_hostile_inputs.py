@@ -204,6 +204,23 @@ def test_inputs_that_are_not_regular_files_are_refused_without_waiting(small_mod
                         "--out", str(tmp_path / "o.json")], capsys, tmp_path, "FIFO")
 
 
+def test_stage_inputs_holding_fifos_are_refused_without_waiting(small_model_dir, tmp_path, capsys):
+    """A stage directory given as input (--labels, --states) whose manifest or shard is a FIFO."""
+    from stepdapo.store import check_parquet, read_json
+
+    for name in ("manifest.json", "shard-00000.parquet"):
+        os.mkfifo(tmp_path / name)
+    with pytest.raises(Exception, match="not a regular file"):
+        read_json(tmp_path / "manifest.json")
+    with pytest.raises(Exception, match="not a regular file"):
+        check_parquet(tmp_path / "shard-00000.parquet")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    os.mkfifo(labels / "manifest.json")
+    assert_clean_error(["critic", "--model", str(small_model_dir), "--labels", str(labels), "--out",
+                        str(tmp_path / "c")], capsys, tmp_path, "manifest.json")
+
+
 def test_outputs_that_are_not_ours_are_never_replaced(small_model_dir, tmp_path, capsys):
     model = str(small_model_dir)
     fifo = tmp_path / "out.fifo"

@@ -46,6 +46,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     p = Path(path)
+    if p.exists() and not p.is_file():  # a FIFO would block the reader
+        raise ArtifactError(f"{p}: not a regular file; expected a JSON file stepdapo wrote")
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -67,6 +69,8 @@ def check_parquet(path: str | os.PathLike, schema: pa.Schema | None = None) -> t
     """(row count, key-value metadata) of a parquet file, from its footer only; a corrupt file or
     a schema other than `schema` is an ArtifactError naming the file."""
     p = Path(path)
+    if p.exists() and not p.is_file():  # a FIFO would block the reader, a device never end
+        raise ArtifactError(f"{p}: not a regular file; a stage's shard is a parquet file")
     try:
         meta = pq.read_metadata(p)
         found = pq.read_schema(p)

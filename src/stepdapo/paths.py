@@ -58,12 +58,6 @@ def open_input(path: str | os.PathLike, what: str = "file", max_bytes: int | Non
         raise
 
 
-def check_input_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """`path`, if it is a regular file (checked without opening it for long)."""
-    with open_input(path, what):
-        return Path(path)
-
-
 def _stat(p: Path, what: str, follow: bool) -> os.stat_result | None:
     """The path's stat (of the link itself unless `follow`), None if nothing is there; any other
     error (a symbolic-link loop, a parent that is a file, no permission) names the path."""

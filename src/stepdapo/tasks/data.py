@@ -114,12 +114,11 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
-    with _open(path):
-        pass  # a regular file: pyarrow would block on a FIFO
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as e:
-        raise DataError(f"{path}: cannot read parquet: {e}") from e
+    with _open(path) as f:  # a regular file, opened once: pyarrow would block on a FIFO
+        try:
+            rows = pq.read_table(f).to_pylist()
+        except Exception as e:
+            raise DataError(f"{path}: cannot read parquet: {e}") from e
     for i, row in enumerate(rows):
         yield f"{path}: row {i}", row
 

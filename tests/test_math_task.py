@@ -20,7 +20,7 @@ from stepdapo.tasks import Problem, Task, Verdict, get_task
 from stepdapo.tasks.answers import extract_answer, last_boxed, normalize_answer
 from stepdapo.tasks.data import DataError
 from stepdapo.tasks.math import MathTask
-from stepdapo.tasks.verifier import verifier
+from stepdapo.execution.verifier import verifier
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K = DATA / "gsm8k"
@@ -464,7 +464,7 @@ _CHILD = textwrap.dedent("""
     import os, sys, threading
     from stepdapo.tasks import Problem
     from stepdapo.tasks.math import MathTask
-    from stepdapo.tasks.verifier import verifier
+    from stepdapo.execution.verifier import verifier
     task = MathTask(name="math")
     assert task.verify(Problem("p", "q", "5"), "\\\\boxed{5}").correct
     print(verifier().pid, flush=True)

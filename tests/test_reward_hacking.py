@@ -7,7 +7,8 @@ import os
 import pytest
 
 from stepdapo.config import CodeConfig
-from stepdapo.tasks import Problem, Verdict, sandbox
+from stepdapo.execution import sandbox
+from stepdapo.tasks import Problem, Verdict
 from stepdapo.tasks.code import CodeTask
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stepdapo.tasks import sandbox
-from stepdapo.tasks.sandbox import run_python
+from stepdapo.execution import sandbox
+from stepdapo.execution.sandbox import run_python
 
 LIMITS = {"timeout": 3.0, "cpu_seconds": 2, "memory_mb": 256, "max_processes": 8}
 SLACK = 3.0  # seconds: two interpreter start-ups, namespace setup and the cleanup

@@ -11,12 +11,12 @@ A completion longer than `MAX_COMPLETION_CHARS` is not parsed at all: the math t
 incorrect ("completion too long"). Below that, extraction is linear in time and memory in the
 completion's length (only spans of boxes are kept, and the patterns cannot backtrack
 quadratically), so no completion can make it hang or exhaust memory; math-verify only ever sees the
-extracted answer, itself capped (`stepdapo.tasks.verifier.MAX_ANSWER_CHARS`).
+extracted answer, itself capped (`stepdapo.execution.verifier.MAX_ANSWER_CHARS`).
 
 Normalisation (`normalize_answer`) before math-verify sees an answer: trailing punctuation, plain
 unit words such as "18 dollars", `\\,` / `{,}` thousands separators.
 
-Pure functions of text; equivalence itself is checked in `stepdapo.tasks.verifier`.
+Pure functions of text; equivalence itself is checked in `stepdapo.execution.verifier`.
 """
 
 from __future__ import annotations

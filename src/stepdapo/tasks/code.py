@@ -1,5 +1,5 @@
 """Python programming problems (HumanEval, MBPP-style files), judged by running their unit tests in
-the sandbox (`stepdapo.tasks.sandbox`); model-generated code never runs in our process.
+the sandbox (`stepdapo.execution.sandbox`); model-generated code never runs in our process.
 
     question:    the problem (HumanEval: the function's signature and docstring)
     prompt:      <question>\\n\\n<instruction>   (the user turn of the chat template, if any)
@@ -25,7 +25,7 @@ for base models; any other problem has "no code block".
 The program is: setup code, then the prompt's code if the extracted code does not define the
 entry point itself (a block holding just the body), else only the prompt's import lines (a full
 rewrite often drops `from typing import List`), then the code. The tests (and `check(<entry
-point>)`) are not part of it: the judge (`stepdapo.tasks.code_harness`) runs them in the sandbox, in
+point>)`) are not part of it: the judge (`stepdapo.execution.code_harness`) runs them in the sandbox, in
 a process of its own that the program cannot reach, against the functions of the program's process,
 exchanging plain data only. A program passes only if the judge reports, on a channel the program
 does not have, the secret token of this run, which it does only after every test ran and passed;
@@ -50,7 +50,8 @@ from pydantic import Field
 
 from stepdapo.errors import ConfigError, DataError, excerpt
 from stepdapo.settings import Section
-from stepdapo.tasks import Problem, Task, Verdict, sandbox
+from stepdapo.execution import sandbox
+from stepdapo.tasks import Problem, Task, Verdict
 from stepdapo.tasks.data import DataFileNotFound, read_rows
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -95,7 +96,7 @@ log = logging.getLogger(__name__)
 
 @cache
 def _judge_source() -> str:
-    return Path(__file__).with_name("code_harness.py").read_text(encoding="utf-8")
+    return (Path(__file__).parents[1] / "execution" / "code_harness.py").read_text(encoding="utf-8")
 
 
 @cache

@@ -11,7 +11,7 @@ gold answer is the text after GSM8K's final `#### N` line (thousands separators 
 The model's answer is its last boxed answer (`stepdapo.tasks.answers`). Equivalence is
 math-verify's (`parse` + `verify`: numbers, fractions vs decimals, LaTeX forms, sets, intervals,
 ...), run in a worker process with a per-answer timeout of `verify_timeout` seconds
-(`stepdapo.tasks.verifier`): a pathological answer is judged incorrect ("verifier timeout") instead
+(`stepdapo.execution.verifier`): a pathological answer is judged incorrect ("verifier timeout") instead
 of hanging the run.
 """
 
@@ -29,7 +29,7 @@ from stepdapo.settings import Section
 from stepdapo.tasks import Problem, Task, Verdict
 from stepdapo.tasks.answers import MAX_COMPLETION_CHARS, extract_answer, gsm8k_gold, last_boxed
 from stepdapo.tasks.data import read_rows
-from stepdapo.tasks.verifier import check_equivalent
+from stepdapo.execution.verifier import check_equivalent
 
 
 class MathConfig(Section):

@@ -41,7 +41,7 @@ import sys
 import time
 import types
 
-INPUT_FD, REPORT_FD = 3, 4  # as stepdapo.tasks.sandbox
+INPUT_FD, REPORT_FD = 3, 4  # as stepdapo.execution.sandbox
 MAX_MESSAGE = 256 << 20  # bytes of one message between the processes
 
 

@@ -129,7 +129,7 @@ def _serve(req_fd: int, resp_fd: int, parent: int) -> None:  # pragma: no cover 
             out.send(res)
 
 
-_BOOT = ("import sys; sys.path[0:1] = [sys.argv[4]]; from stepdapo.tasks.verifier import _serve; "
+_BOOT = ("import sys; sys.path[0:1] = [sys.argv[4]]; from stepdapo.execution.verifier import _serve; "
          "_serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))")
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from stepdapo.config import ArithmeticConfig
-from stepdapo.generation import HFGenerator, SamplingParams, _choose, encode_prompts
+from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts
+from stepdapo.generation.hf import _choose
 from stepdapo.logprobs import batched_sequence_logprobs
 from stepdapo.models import load_policy
 from stepdapo.tasks.arithmetic import ArithmeticTask

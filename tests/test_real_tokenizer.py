@@ -28,7 +28,8 @@ from smollm2 import DATA, GGUF
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from stepdapo.errors import ConfigError
-from stepdapo.generation import HFGenerator, SamplingParams, _eos_ids, chat_turn_end_id, encode_prompts, end_token_ids
+from stepdapo.generation import HFGenerator, SamplingParams, chat_turn_end_id, encode_prompts, end_token_ids
+from stepdapo.generation.base import _eos_ids
 from stepdapo.steps import check_step_delimiter, delimiter_token_mask, split_steps
 from stepdapo.logprobs import sequence_logprobs
 from stepdapo.models import critic_values, load_tokenizer

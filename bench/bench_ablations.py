@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 
 from stepdapo.config import load_config
 from stepdapo.models import load_policy, set_threads
-from stepdapo.stages.actor import run_actor, train_dpo
+from stepdapo.stages.actor import run_actor
+from stepdapo.stages.dpo import train as train_dpo
 from stepdapo.stages.advantages import run_advantages
 from stepdapo.stages.evaluate import evaluate
 from stepdapo.stages.states import read_solutions
@@ -37,8 +38,8 @@ VARIANTS = {
 # the outcome-level DPO baseline on the same stage-1 samples, at a few settings
 DPO_VARIANTS = {
     "DPO beta 0.1, lr 1e-4 (default)": [],
-    "DPO beta 0.1, lr 3e-5": ["baseline.lr=3e-5"],
-    "DPO beta 0.5, lr 3e-5": ["baseline.beta=0.5", "baseline.lr=3e-5"],
+    "DPO beta 0.1, lr 3e-5": ["dpo.lr=3e-5"],
+    "DPO beta 0.5, lr 3e-5": ["dpo.beta=0.5", "dpo.lr=3e-5"],
 }
 
 

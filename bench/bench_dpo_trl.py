@@ -72,7 +72,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, Trainin
 from trl import DPOConfig, DPOTrainer
 
 from stepdapo.models import char_tokenizer
-from stepdapo.stages.actor import DAPOTrainer, OutcomeDPOTrainer, _PairCollator, _StateCollator, group_by_state
+from stepdapo.stages.actor import DAPOTrainer, _StateCollator, group_by_state
+from stepdapo.stages.dpo import OutcomeDPOTrainer, _PairCollator
 
 RESULTS = Path(__file__).parent / "results"
 ACTION = 32  # action / response tokens (the last one eos)
@@ -288,7 +289,7 @@ def baseline_section(rows: list[dict], args) -> list[str]:
         "## Outcome-level DPO baseline step vs TRL DPOTrainer",
         "",
         f"Batches of {PAIRS} (prompt, chosen, rejected) triples, distinct prompts of P tokens, completions of 32 "
-        f"and 24 tokens (`OutcomeDPOTrainer`, `baseline.shared_prefix` on and off). Median seconds per step, end of "
+        f"and 24 tokens (`OutcomeDPOTrainer`, `dpo.shared_prefix` on and off). Median seconds per step, end of "
         f"step to end of step, over {args.repeats} x {BASE_STEPS - 1} steps (each run's first step left out), "
         "the trainers alternating.",
         "",
@@ -298,7 +299,7 @@ def baseline_section(rows: list[dict], args) -> list[str]:
     lines += [f"| {r['prompt_tokens']} | {r['trainer']} | {r['median_step_s']:.3f} | {r['vs_trl']:.2f}x |"
               for r in rows]
     lines += ["", "TRL's step runs prompt+chosen and prompt+rejected as two rows (the prompt twice), as do ours "
-              "with `baseline.shared_prefix=false`; the gap between those two is TRL's per-step work besides the "
+              "with `dpo.shared_prefix=false`; the gap between those two is TRL's per-step work besides the "
               "model (its collator, metrics, log-prob computation), not analysed here. With the shared prefix "
               "(the default) the prompt runs once and both completions on its keys/values."]
     return lines

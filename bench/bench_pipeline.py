@@ -61,7 +61,7 @@ def critic_outcome(it: dict) -> str:
 def summarize_run(report: dict) -> dict:
     its = report["iterations"]
     boot = report.get("bootstrap") or {}
-    dpo = next((it["dpo"]["eval"] for it in its if "dpo" in it), None)
+    dpo = next((it["baselines"]["dpo"]["eval"] for it in its if "eval" in it.get("baselines", {}).get("dpo", {})), None)
     return {
         "sft": its[0]["eval"]["accuracy"],
         "sft_other_steps": its[0]["eval"].get("greedy_other_step_accuracy"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["threads=2", "task.arithmetic.n_demos=20000", "states.n_problems=200", "label.rollouts=8",
-         "label.shard_size=100", "critic.epochs=3", "actor.epochs=2", "baseline.epochs=1", "eval.limit=300",
+         "label.shard_size=100", "critic.epochs=3", "actor.epochs=2", "dpo.epochs=1", "eval.limit=300",
          "eval.samples=2", "eval.k=2", "iterations=2"]
 # (name, the file whose appearance means the stage is in its middle)
 POINTS = [

@@ -92,7 +92,7 @@ def test_every_field_is_documented_and_every_number_constrained():
 
 @pytest.mark.parametrize("override,needle", [
     ("critic.batch_size=0", "critic.batch_size: must be in [1, 16,777,216]"),
-    ("baseline.epochs=0", "baseline.epochs: must be in (0, 10,000]"),
+    ("dpo.epochs=0", "dpo.epochs: must be in (0, 10,000]"),
     ("label.max_new_tokens=0", "label.max_new_tokens: must be in [1, "),
     ("states.batch_size=0", "states.batch_size: must be in [1, "),
     ("actor.beta=.inf", "actor.beta: must be a finite number"),

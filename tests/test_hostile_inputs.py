@@ -130,13 +130,13 @@ def test_aliases_and_merge_keys_within_bounds_work(tmp_path):
     """Anchors, aliases and merge keys are how YAML shares settings: allowed, with YAML 1.1's
     merge semantics (the mapping's own keys win) and the merged keys' lines in errors."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("actor: &opt\n  lr: 2.0e-4\n  epochs: 5.0\nbaseline:\n  <<: *opt\n  epochs: 2.0\n"
+    cfg.write_text("actor: &opt\n  lr: 2.0e-4\n  epochs: 5.0\ndpo:\n  <<: *opt\n  epochs: 2.0\n"
                    "critic:\n  <<: [{lr: 1.0e-5}, *opt]\n")
     c = load_config(cfg)
-    assert (c.baseline.lr, c.baseline.epochs) == (2.0e-4, 2.0)
+    assert (c.dpo.lr, c.dpo.epochs) == (2.0e-4, 2.0)
     assert (c.critic.lr, c.critic.epochs) == (1.0e-5, 5.0)
-    cfg.write_text("actor: &opt\n  lr: fast\nbaseline:\n  <<: *opt\n")
-    with pytest.raises(ConfigError, match=r"c.yaml:2: baseline.lr: expected a number"):
+    cfg.write_text("actor: &opt\n  lr: fast\ndpo:\n  <<: *opt\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:2: dpo.lr: expected a number"):
         load_config(cfg)
 
 

@@ -196,7 +196,7 @@ def test_a_broken_model_is_one_line_and_leaves_nothing(broken, command, small_mo
                          ids=lambda f: f.__name__)
 def test_the_dpo_baseline_checks_its_model_first(broken, small_model_dir, tiny_gguf, tmp_path):
     from stepdapo.config import load_config
-    from stepdapo.stages.actor import train_dpo
+    from stepdapo.stages.dpo import train as train_dpo
 
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -20,7 +20,7 @@ from stepdapo.config import load_config
 from stepdapo.errors import ArtifactError, StepdapoError
 from stepdapo.models import char_tokenizer, import_model
 from stepdapo import metrics
-from stepdapo.stages import actor, bootstrap, critic
+from stepdapo.stages import actor, bootstrap, critic, dpo
 from stepdapo.stages.advantages import read_advantages, run_advantages
 from stepdapo.stages.labels import read_labels, run_labels
 from stepdapo.stages.states import read_solutions, run_states
@@ -30,7 +30,7 @@ TESTS = Path(__file__).parent
 TINY = ["bootstrap.max_rounds=1", "bootstrap.check_problems=40", "task.arithmetic.n_demos=640", "bootstrap.batch_size=32", "bootstrap.model.hidden_size=32",
         "bootstrap.model.num_heads=2", "bootstrap.model.num_layers=1", "bootstrap.model.intermediate_size=64"]
 DATA = ["states.n_problems=30", "label.rollouts=16", "advantages.source=mc"]
-CFG = load_config(None, TINY + DATA + ["critic.epochs=1", "actor.epochs=1", "baseline.epochs=1"])
+CFG = load_config(None, TINY + DATA + ["critic.epochs=1", "actor.epochs=1", "dpo.epochs=1"])
 STAGES = ["bootstrap", "critic", "actor", "dpo"]
 
 
@@ -65,7 +65,7 @@ def run(name: str, inputs, out: Path, cfg=CFG) -> dict:
         return critic.run_critic(cfg, d / "policy", d / "labels", out, task, progress=False)
     if name == "actor":
         return actor.run_actor(cfg, d / "policy", d / "advantages", out, progress=False)
-    return actor.train_dpo(cfg, d / "policy", d / "states", out, progress=False)
+    return dpo.train(cfg, d / "policy", d / "states", out, progress=False)
 
 
 def module_of(name: str):
@@ -164,19 +164,19 @@ def test_killed_trainer_resumes_from_its_checkpoint(name, trainer, metric, extra
 
 def test_dpo_baseline_detects_changed_states_with_the_same_pair_count(inputs, tmp_path):
     d, task, scripted = inputs
-    n_pairs = len(actor.dpo_pairs(read_solutions(d / "states"), CFG.baseline.pairs_per_problem))
+    n_pairs = len(dpo.dpo_pairs(read_solutions(d / "states"), CFG.dpo.pairs_per_problem))
 
     def other_states(seed: int) -> Path:  # the same settings and policy, another seed: other solutions
         cfg = load_config(None, TINY + DATA + [f"seed={seed}"])
         run_states(cfg, "scripted", tmp_path / f"states-{seed}", task, progress=False, generator=scripted)
         return tmp_path / f"states-{seed}"
     changed = next(s for s in map(other_states, range(1, 30))
-                   if len(actor.dpo_pairs(read_solutions(s), CFG.baseline.pairs_per_problem)) == n_pairs)
+                   if len(dpo.dpo_pairs(read_solutions(s), CFG.dpo.pairs_per_problem)) == n_pairs)
     assert read_solutions(changed).column("text") != read_solutions(d / "states").column("text")
 
     run("dpo", inputs, tmp_path / "dpo")
     with pytest.raises(ArtifactError, match=r"dpo/stepdapo_dpo.json: .*differs in: states.seed"):
-        actor.train_dpo(CFG, d / "policy", changed, tmp_path / "dpo", progress=False)
+        dpo.train(CFG, d / "policy", changed, tmp_path / "dpo", progress=False)
 
 
 def write_tiny_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
@@ -450,7 +450,7 @@ def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
                                     "states.n_problems=30", "label.rollouts=8", "critic.epochs=1",
                                     "critic.heldout_fraction=0.3", "critic.min_brier_gain=1", "actor.epochs=1",
                                     "critic.continue_epochs=2", "eval.limit=40", "eval.samples=1", "eval.k=1",
-                                    "iterations=2", "baseline.dpo=false"])
+                                    "iterations=2", "baselines=[]"])
     assert cfg.advantages.source == "critic"
     report = run_pipeline(cfg, tmp_path / "run", progress=False)
     assert report["iterations"][0]["model"] == str(tmp_path / "run" / "sft")  # DAPO starts from the fine-tuned model

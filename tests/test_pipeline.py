@@ -14,7 +14,7 @@ import pytest
 # were too few (it overfit: held-out BCE above the constant's), so the states keep their 1000
 # problems and the rollouts are halved instead.
 REDUCED = ["task.arithmetic.n_demos=40000", "eval.limit=400", "eval.samples=2", "eval.k=2",
-           "label.rollouts=8", "iterations=1", "baseline.epochs=1"]
+           "label.rollouts=8", "iterations=1", "dpo.epochs=1"]
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ def test_critic_grad_accum_and_continue_epochs():
 def test_without_shared_prefix_every_row_is_counted_in_full():
     # (a value head alone: the log-ratio critic always scores whole rows)
     plan = plan_of(small_cfg("actor.shared_prefix=false", "advantages.shared_prefix=false",
-                             "baseline.shared_prefix=false", "critic.log_ratio_beta=0"))
+                             "dpo.shared_prefix=false", "critic.log_ratio_beta=0"))
     shared = plan_of(small_cfg("critic.log_ratio_beta=0"))
     assert stage(plan, "iter-1/actor")["forward_tokens"] == 2 * 10 * 3 * ((P + 6) + 2 * ((P + 12) + (P + 18) + (P + 22)))
     assert stage(plan, "iter-1/advantages")["forward_tokens"] == 10 * 3 * ((P + 6) + 2 * ((P + 12) + (P + 18)))
@@ -304,7 +304,8 @@ def test_probe_rates_are_the_tokens_over_the_time_they_took(monkeypatch):
 
     import torch
 
-    from stepdapo import generation, models, plan
+    from stepdapo import models, plan
+    from stepdapo.generation import hf as generation
     from stepdapo.plan import Shape, probe
 
     NO_GRAD, GRAD = 0.01, 0.25

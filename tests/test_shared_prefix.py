@@ -251,7 +251,8 @@ def _trainer_loss_and_grads(trainer, batch):
 
 
 def test_actor_and_dpo_loss_and_gradients_unchanged_by_the_switch(tmp_path):
-    from stepdapo.stages.actor import DAPOTrainer, OutcomeDPOTrainer, _PairCollator, _StateCollator, group_by_state
+    from stepdapo.stages.actor import DAPOTrainer, _StateCollator, group_by_state
+    from stepdapo.stages.dpo import OutcomeDPOTrainer, _PairCollator
 
     prefixes, conts = _data()
     rows = [{"state_index": g, "state_ids": s, "action_ids": a, "advantage": 0.3 * (j - 1), "weight": 1.0 + j,

@@ -16,7 +16,7 @@ from scripted import ScriptedArithmeticPolicy
 from stepdapo import training
 from stepdapo.config import load_config
 from stepdapo.models import char_tokenizer
-from stepdapo.stages import actor, bootstrap, critic
+from stepdapo.stages import actor, bootstrap, critic, dpo
 from stepdapo.stages.advantages import run_advantages
 from stepdapo.stages.labels import run_labels
 from stepdapo.stages.states import run_states
@@ -29,7 +29,7 @@ TINY = ["bootstrap.max_rounds=2", "bootstrap.check_problems=20", "task.arithmeti
         "bootstrap.batch_size=32", "bootstrap.model.hidden_size=32", "bootstrap.model.num_heads=2",
         "bootstrap.model.num_layers=1", "bootstrap.model.intermediate_size=64",
         "states.n_problems=30", "label.rollouts=16", "advantages.source=mc",
-        "critic.epochs=1", "actor.epochs=1", "baseline.epochs=1", "report_to=[tensorboard,wandb]"]
+        "critic.epochs=1", "actor.epochs=1", "dpo.epochs=1", "report_to=[tensorboard,wandb]"]
 # what the Trainer logs besides a trainer's own metrics: `epoch` with every log, these once at the end
 TRAINER_EVERY_LOG = {"epoch"}
 TRAINER_AT_END = {"train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
@@ -45,8 +45,8 @@ def documented(doc: str, start: str, end: str | None = None) -> set[str]:
 DOCUMENTED = {
     "bootstrap": documented(bootstrap.__doc__, "Logged training metrics"),
     "critic": documented(critic.__doc__, "Logged training metrics"),
-    "actor": documented(actor.__doc__, "Logged training metrics", "The outcome-level DPO baseline"),
-    "dpo": documented(actor.__doc__, "The outcome-level DPO baseline"),
+    "actor": documented(actor.__doc__, "Logged training metrics"),
+    "dpo": documented(dpo.__doc__, "Logged training metrics"),
 }
 
 
@@ -82,7 +82,7 @@ def tracked(tmp_path_factory):
         run_advantages(cfg, None, d / "labels", d / "advantages", task, tokenizer=char_tokenizer(), progress=False)
         summaries["critic"] = critic.run_critic(cfg, d / "sft", d / "labels", d / "critic", task, progress=False)
         summaries["actor"] = actor.run_actor(cfg, d / "sft", d / "advantages", d / "actor", progress=False)
-        summaries["dpo"] = actor.train_dpo(cfg, d / "sft", d / "states", d / "dpo", progress=False)
+        summaries["dpo"] = dpo.train(cfg, d / "sft", d / "states", d / "dpo", progress=False)
     finally:
         mp.undo()
     import wandb

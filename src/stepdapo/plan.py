@@ -356,30 +356,11 @@ def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, 
     return out
 
 
-def dpo_work(cfg: RunConfig, train: list[Shape], n_problems: int, a: Assumptions) -> Work:
-    b, S = cfg.baseline, cfg.states
-    # a problem with both correct and incorrect kept solutions gives at most keep - 1 pairs
-    pairs = n_problems * min(b.pairs_per_problem, S.keep_per_problem - 1) * a.dpo_pairs
-    cut = [s.cut(S.max_new_tokens) for s in train]
-    lengths = [(s.prompt + s.ends[-1], 1.0) for s in cut]
-    steps = optimizer_steps(pairs / b.batch_size * b.epochs)
-    rows = 2 * steps * b.batch_size  # chosen and rejected
-    if b.shared_prefix:  # the prompt once per pair (or fewer: pairs of one problem in one batch share it)
-        trained = (steps * b.batch_size * padded_length([(s.prompt, 1.0) for s in cut], b.batch_size)
-                   + rows * padded_length([(s.ends[-1], 1.0) for s in cut], 2 * b.batch_size))
-        forward = pairs * mean(s.prompt + 2 * s.ends[-1] for s in cut)
-    else:
-        trained = rows * padded_length(lengths, 2 * b.batch_size)
-        forward = 2 * pairs * mean(v for v, _ in lengths)
-    return Work("iter-1/dpo", sequences_trained=rows, trained_tokens=trained, forward_tokens=forward,
-                upper_bound=a.dpo_pairs == 1.0, notes=[f"{pairs:,.0f} pairs x {b.epochs:g} epochs"
-                                                       + (", each prompt once per pair (shared_prefix)" if b.shared_prefix else "")],
-                counts={"pairs": pairs, "steps": steps})
-
-
 def bootstrap_work(cfg: RunConfig, task, tokenizer) -> tuple[Work, str]:
     b = cfg.bootstrap
-    n = cfg.task.arithmetic.n_demos
+    n = task.n_demonstrations
+    if n is None:
+        raise ConfigError(f"task {cfg.task.name!r} has no demonstrations to bootstrap from: set model=PATH")
     demos = task.demonstrations(min(n, 2000))
     lengths = [(len(tokenizer(task.prompt(p, tokenizer))["input_ids"])
                 + len(tokenizer(sol, add_special_tokens=False)["input_ids"]) + 1, 1.0) for p, sol in demos]
@@ -407,7 +388,7 @@ def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> t
     from stepdapo.algorithms import value_examples
     from stepdapo.steps import delimiter_token_mask, split_steps
     from stepdapo.models import load_tokenizer, set_threads
-    from stepdapo.stages.actor import dpo_pairs
+    from stepdapo.stages.dpo import dpo_pairs
     from stepdapo.stages.advantages import action_values, advantage_rows
     from stepdapo.stages.labels import read_labels, run_labels
     from stepdapo.stages.states import read_solutions, run_states
@@ -444,8 +425,8 @@ def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> t
                                   step_ends=lambda ids: split_steps(ids, is_delim),
                                   action_states=c.action_states, rollout_prefixes=c.rollout_prefixes))
     _, adv = advantage_rows(labels, action_values(labels, "mc", None, tok, task), cfg.advantages)
-    pairs = len(dpo_pairs(solutions, cfg.baseline.pairs_per_problem))
-    most_pairs = n * min(cfg.baseline.pairs_per_problem, cfg.states.keep_per_problem - 1)
+    pairs = len(dpo_pairs(solutions, cfg.dpo.pairs_per_problem))
+    most_pairs = n * min(cfg.dpo.pairs_per_problem, cfg.states.keep_per_problem - 1)
     clip = lambda x: min(1.0, max(x, 1e-3))  # noqa: E731
     a = Assumptions(distinct_states=clip(distinct_states), distinct_actions=clip(actions / (lab["states"] * m)),
                     kept_actions=clip(adv["actions_kept"] / (max(adv["states_kept"], 1) * m)) if adv["states_kept"] else 1.0,
@@ -562,8 +543,16 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
     for k in range(1, cfg.iterations + 1):
         works += iteration_work(k, cfg, train, n_train, a)
         works.append(eval_work(f"iter-{k}/eval", test, n_eval, cfg))
-        if k == 1 and cfg.baseline.dpo:
-            works += [dpo_work(cfg, train, n_train, a), eval_work("iter-1/dpo-eval", test, n_eval, cfg)]
+        if k == 1:  # the baselines, on iteration 1's samples
+            from stepdapo.stages.baselines import BASELINES
+
+            for name in cfg.baselines:
+                b = BASELINES[name]
+                if b.work is not None:
+                    works += [b.work(cfg, train, n_train, a), eval_work(f"iter-1/{name}-eval", test, n_eval, cfg)]
+                else:
+                    estimates.append(f"baseline {name}: its training is not estimated (no work function)")
+                    works.append(eval_work(f"iter-1/{name}-eval", test, n_eval, cfg))
 
     if throughput is None:
         throughput = probe(cfg, train, tokenizer) if probe_throughput else default_throughput(params)

@@ -17,6 +17,30 @@ def _ci(ev: dict, key: str) -> str:
     return "" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
+def plot_reliability(q: dict, path: Path, title: str) -> None:
+    """The critic's reliability diagram (predicted value against the mean Monte-Carlo value, per
+    bin, and the states per bin): written by the critic stage beside the saved critic."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in q["calibration"] if b["n"]]
+    if not bins:
+        return
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(4.5, 5.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    ax.plot([b["mean_pred"] for b in bins], [b["mean_target"] for b in bins], "o-", label="critic")
+    ax.set_ylabel("mean Monte-Carlo value")
+    ax.set_title(f"{title}\nECE {q['ece']:.3f} (constant {q['ece_constant']:.3f})", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    ax2.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["n"] for b in bins], width=0.09)
+    ax2.set_xlabel("predicted V(s)")
+    ax2.set_ylabel("states")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plots(report: dict, out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -36,11 +60,12 @@ def _plots(report: dict, out: Path) -> list[str]:
         hi = [max(0.0, it["eval"][ci_key][1] - y) for y, it in zip(ys, its)]
         ax.errorbar(xs, [100 * y for y in ys], yerr=[[100 * v for v in lo], [100 * v for v in hi]],
                     marker="o", capsize=3, label=label)
-    dpo = next((it["dpo"] for it in its if "dpo" in it), None)
-    if dpo:
-        ax.errorbar([1.08], [100 * dpo["eval"]["accuracy"]], yerr=[[100 * max(0.0, dpo["eval"]["accuracy"] - dpo["eval"]["ci95"][0])],
-                    [100 * max(0.0, dpo["eval"]["ci95"][1] - dpo["eval"]["accuracy"])]], marker="s", color="gray",
-                    capsize=3, linestyle="none", label="DPO baseline, greedy")
+    trained = [b for it in report["iterations"] for b in it.get("baselines", {}).values() if "eval" in b]
+    for i, b in enumerate(trained):  # beside iteration 1, whose samples they trained on
+        ev = b["eval"]
+        ax.errorbar([1.08 + 0.08 * i], [100 * ev["accuracy"]], yerr=[[100 * max(0.0, ev["accuracy"] - ev["ci95"][0])],
+                    [100 * max(0.0, ev["ci95"][1] - ev["accuracy"])]], marker="sD^v<>"[i % 6],
+                    color="gray" if i == 0 else f"C{i + 2}", capsize=3, linestyle="none", label=f"{b['title']}, greedy")
     ax.set_xticks(xs)
     ax.set_xlabel("DAPO iteration (0 = starting model)")
     ax.set_ylabel("test accuracy (%)")
@@ -142,10 +167,11 @@ def write_report(report: dict, out: Path) -> None:
         else:
             md.append(acc_row("starting model" if it["iteration"] == 0 else f"DAPO iteration {it['iteration']}",
                               it["eval"]))
-        if "dpo" in it:
-            md.append(acc_row("DPO baseline (same samples as iteration 1)", it["dpo"]["eval"]))
-        elif "dpo_skipped" in it:
-            md.append(f"| DPO baseline: not trained ({it['dpo_skipped']}) | | | | | | |")
+        for b in it.get("baselines", {}).values():
+            if "skipped" in b:
+                md.append(f"| {b['title']}: not trained ({b['skipped']}) | | | | | | |")
+            else:
+                md.append(acc_row(f"{b['title']} (same samples as iteration 1)", b["eval"]))
     if report.get("bootstrap"):
         md += ["", "## Starting model", "", _bootstrap_line(report["bootstrap"])]
     if report.get("precision"):

@@ -16,6 +16,10 @@ same as on one process for the critic's and the DPO baseline's per-item means (e
 and for SFT (the Trainer counts the tokens over all processes); the actor's weighted mean over a
 process's actions equals the one-process mean only when the processes' weights sum alike.
 
+Every trainer is a `transformers.Trainer` (the bootstrap's plain; the critic's, the actor's and the
+DPO baseline's a `MetricsTrainer`, which logs the means of what its loss records) and ends with
+`fit` (or, trained in rounds, `publish`): train, end the tracker run, save the model, keep its logs.
+
 `save_trained` writes the trained model: `trainer.save_model` gathers FSDP (FULL_STATE_DICT) and
 ZeRO-3 weights and writes on rank 0; LoRA adapters are merged on rank 0 and the plain model saved.
 LoRA with FSDP or ZeRO-3 is not supported yet (the adapters would have to be gathered before
@@ -39,6 +43,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -101,8 +106,55 @@ def resume_step(checkpoint: str | None) -> int | None:
     return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else None
 
 
-def save_trained(trainer: Trainer, tokenizer, model_dir: Path) -> None:
-    """Save the trained model and its tokenizer as a plain HF directory; every rank calls this."""
+class MetricsTrainer(Trainer):
+    """A Trainer whose `compute_loss` records metrics of its own (`record(name=value)`, per batch):
+    each log gets their means since the previous log, beside the Trainer's loss, grad_norm and
+    learning_rate (as TRL's trainers do). The trainers' module docstrings list what they record."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._metrics: dict[str, list[float]] = {}
+
+    def record(self, **values: float | None) -> None:
+        for k, v in values.items():
+            if v is not None and not math.isnan(v):
+                self._metrics.setdefault(k, []).append(v)
+
+    def log(self, logs: dict, *args, **kwargs):
+        for k, v in self._metrics.items():
+            logs[k] = float(np.mean(v))
+        self._metrics = {}
+        super().log(logs, *args, **kwargs)
+
+
+def fit(trainer: Trainer, tokenizer, model_dir: Path, report_to: list[str], resume: str | None = None,
+        published: Path | None = None):
+    """The end of every stage that trains: `trainer.train()` (from the checkpoint `resume`), its
+    tracker run ended, the model saved to `model_dir` and its TensorBoard logs kept (`publish`).
+    Returns the TrainOutput; every rank calls this."""
+    result = train_then_finish_trackers(trainer, report_to, resume)
+    publish(trainer, tokenizer, model_dir, published)
+    return result
+
+
+def publish(trainer: Trainer, tokenizer, model_dir: Path, published: Path | None = None) -> None:
+    """Save the trained model (`save_trained`) and move the stage's TensorBoard logs into it."""
+    save_trained(trainer, tokenizer, model_dir, published)
+    if is_main():
+        keep_tensorboard_logs(Path(trainer.args.output_dir), model_dir)
+
+
+def save_trained(trainer: Trainer, tokenizer, model_dir: Path, published: Path | None = None) -> None:
+    """Save the trained model and its tokenizer as a plain HF directory; every rank calls this. A
+    log-ratio critic saves its own way (its pi_ref named relative to `published`, the directory the
+    stage will publish to)."""
+    from stepdapo.models import LogRatioCritic
+
+    if isinstance(trainer.model, LogRatioCritic):
+        if is_main():
+            trainer.model.save_pretrained(model_dir, published=published)
+            tokenizer.save_pretrained(model_dir)
+        return
     if hasattr(trainer.model, "merge_and_unload"):  # LoRA: merge, then save a plain model
         if is_main():  # unsharded (check_lora_supported), so rank 0 holds every weight
             trainer.model.merge_and_unload().save_pretrained(model_dir)

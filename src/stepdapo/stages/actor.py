@@ -25,43 +25,26 @@ as `train/<name>`), means since the previous log except grad_norm and learning_r
   learning_rate     the scheduled learning rate of the logged step.
 On several processes loss and grad_norm cover all of them; log_ratio, target and corr only rank 0's
 share of each batch.
-The outcome-level DPO baseline (`train_dpo`, `OutcomeDPOTrainer`) logs, likewise:
-  loss              the DPO loss;
-  log_ratio_margin  mean chosen minus rejected log-ratio to pi_ref;
-  grad_norm         the gradient norm before clipping, of the logged step;
-  learning_rate     the scheduled learning rate of the logged step.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer
 
 from stepdapo.config import ActorConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
-from stepdapo.losses import dapo_loss, dpo_loss
+from stepdapo.losses import dapo_loss
 from stepdapo.models import check_model_dir, load_policy, model_fingerprint
 from stepdapo.precision import training_bf16
-from stepdapo.runner import ModelStage, is_main, on_main, stage_fingerprint
+from stepdapo.runner import ModelStage, on_main, stage_fingerprint
 from stepdapo.stages.advantages import read_advantages
-from stepdapo.stages.states import read_solutions
 from stepdapo.store import read_json, write_json
-from stepdapo.training import (
-    check_lora_supported,
-    keep_tensorboard_logs,
-    release_memory,
-    resume_step,
-    save_trained,
-    train_steps,
-    train_then_finish_trackers,
-    training_args,
-)
+from stepdapo.training import MetricsTrainer, check_lora_supported, fit, release_memory, resume_step, train_steps, training_args
 
 
 def group_by_state(adv_rows: list[dict]) -> list[dict]:
@@ -87,7 +70,7 @@ class _StateCollator:
         }
 
 
-class DAPOTrainer(Trainer):
+class DAPOTrainer(MetricsTrainer):
     """A Trainer whose loss is `dapo_loss` on summed action log-probs; it logs the module
     docstring's metrics (the Trainer itself logs loss, grad_norm and learning_rate)."""
 
@@ -96,7 +79,6 @@ class DAPOTrainer(Trainer):
         self.beta = beta
         self.pad_id = pad_id
         self.shared_prefix = shared_prefix  # each state (prompt) once per batch for all its actions
-        self._metrics: dict[str, list[float]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id, self.shared_prefix)
@@ -104,19 +86,8 @@ class DAPOTrainer(Trainer):
         loss = dapo_loss(logps, ref, adv, self.beta, w)
         with torch.no_grad():
             ratio, target = (logps - ref).float(), adv / self.beta
-            self._record(log_ratio=ratio.mean().item(), target=target.abs().mean().item(), corr=_corr(ratio, target))
+            self.record(log_ratio=ratio.mean().item(), target=target.abs().mean().item(), corr=_corr(ratio, target))
         return loss
-
-    def _record(self, **kw):
-        for k, v in kw.items():
-            if v is not None and not math.isnan(v):
-                self._metrics.setdefault(k, []).append(v)
-
-    def log(self, logs: dict, *args, **kwargs):
-        for k, v in self._metrics.items():  # the means since the last log, like TRL's trainers
-            logs[k] = float(np.mean(v))
-        self._metrics = {}
-        super().log(logs, *args, **kwargs)
 
 
 def _corr(x: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -139,7 +110,7 @@ def fingerprint(cfg: RunConfig, policy: str | Path, adv_dir: str | Path) -> dict
             "actor": to_dict(cfg.actor), "seed": cfg.seed}
 
 
-def _ref_logprobs(stage: ModelStage, model, prompts: list[list[int]], completions: list[list[int]],
+def ref_logprobs(stage: ModelStage, model, prompts: list[list[int]], completions: list[list[int]],
                   pad_id: int, dev, shared_prefix: bool) -> list[float]:
     """log pi_ref of each (prompt, completion), computed once, before any update, on rank 0 and cached
     in the work dir (a killed run keeps it); every rank gets them."""
@@ -188,7 +159,7 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
                              warmup_ratio=c.warmup_ratio, adam_betas=(0.9, 0.95), max_grad_norm=c.max_grad_norm,
                              checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed, report_to=cfg.report_to,
                              progress=progress, run_name=str(stage.dir))
-        ref = _ref_logprobs(stage, model, prompts, actions, tok.pad_token_id, args.device, c.shared_prefix)
+        ref = ref_logprobs(stage, model, prompts, actions, tok.pad_token_id, args.device, c.shared_prefix)
         for r, lp in zip(rows, ref):
             r["ref_logprob"] = lp
         items = group_by_state(rows)
@@ -198,14 +169,12 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
                               shared_prefix=c.shared_prefix)
         check_lora_supported(trainer, c.lora_r > 0)
         resume = stage.last_checkpoint()
-        result = train_then_finish_trackers(trainer, cfg.report_to, resume)
-        save_trained(trainer, tok, stage.model_dir)
+        result = fit(trainer, tok, stage.model_dir, cfg.report_to, resume)
         log, processes = trainer.state.log_history, trainer.args.world_size
         del trainer, model
         release_memory()
 
         def final_summary() -> dict:  # where the log-ratios ended, against their targets A/beta
-            keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
             final = _final_logprobs(stage.model_dir, prompts, actions, args.device, c.shared_prefix)
             adv, weights = [r["advantage"] for r in rows], [r["weight"] for r in rows]
             ratio = np.array(final) - np.array(ref)
@@ -233,88 +202,5 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
             "lora": c.lora_r > 0,
             "seconds": time.perf_counter() - t0,
         }
-
-    return stage.run(work)
-
-
-# -- the outcome-level DPO baseline ----------------------------------------------------------------
-
-def dpo_pairs(solutions, max_per_problem: int) -> list[dict]:
-    """(correct, incorrect) pairs of kept solutions of the same problem, in a fixed order."""
-    by_problem: dict[str, dict[bool, list]] = {}
-    for r in solutions.to_pylist():
-        by_problem.setdefault(r["problem_id"], {True: [], False: []})[r["correct"]].append(r)
-    pairs = []
-    for groups in by_problem.values():
-        good, bad = groups[True], groups[False]
-        n = 0
-        for i in range(max(len(good), len(bad))):
-            if n >= max_per_problem or not good or not bad:
-                break
-            g, b = good[i % len(good)], bad[i % len(bad)]
-            pairs.append({"prompt": g["prompt_ids"], "chosen": g["solution_ids"], "rejected": b["solution_ids"]})
-            n += 1
-    return pairs
-
-
-class _PairCollator:
-    def __call__(self, pairs: list[dict]) -> dict:
-        return {"prompts": [p["prompt"] for p in pairs] * 2,
-                "completions": [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                "ref_logps": torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs])}
-
-
-class OutcomeDPOTrainer(DAPOTrainer):
-    """The same trainer with the outcome-level DPO loss on (chosen, rejected) solutions."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id, self.shared_prefix)
-        ref = inputs["ref_logps"].to(logps.device)
-        n = len(logps) // 2
-        loss = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
-        with torch.no_grad():
-            margin = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).mean().item()
-        self._record(log_ratio_margin=margin)
-        return loss
-
-
-def train_dpo(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_dir: str | Path,
-              progress: bool = True) -> dict:
-    """Train the outcome-level DPO baseline from `policy` on pairs of the states stage's solutions
-    (skipped when done; a killed run resumes from its last checkpoint)."""
-    b = cfg.baseline
-    stage = ModelStage(out_dir, "dpo", {"policy": model_fingerprint(policy), "baseline": to_dict(b),
-                                        "seed": cfg.seed, "states": stage_fingerprint(states_dir, "states")})
-    if (done := stage.done()) is not None:  # before reading the solutions
-        return done
-    check_model_dir(policy)  # a broken model is an error before the stage claims its directory
-    t0 = time.perf_counter()
-    pairs = dpo_pairs(read_solutions(states_dir), b.pairs_per_problem)
-    if not pairs:
-        raise StageInputError(f"{states_dir}: no (correct, incorrect) solution pairs for the DPO baseline")
-    prompts = [p["prompt"] for p in pairs] * 2
-    completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-
-    def work() -> dict:
-        model, tok = load_policy(policy)
-        # the actor's optimizer and schedule, no warmup
-        args = training_args(stage.checkpoints, steps=train_steps(len(pairs), b.batch_size, b.epochs),
-                             batch_size=b.batch_size, batch_key="baseline.batch_size", lr=b.lr,
-                             adam_betas=(0.9, 0.95), checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed,
-                             report_to=cfg.report_to, progress=progress, run_name=str(stage.dir))
-        ref = _ref_logprobs(stage, model, prompts, completions, tok.pad_token_id, args.device, b.shared_prefix)
-        for p, chosen, rejected in zip(pairs, ref[:len(pairs)], ref[len(pairs):]):
-            p["ref_chosen"], p["ref_rejected"] = chosen, rejected
-        model.train()
-        trainer = OutcomeDPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
-                                    beta=b.beta, pad_id=tok.pad_token_id, shared_prefix=b.shared_prefix)
-        resume = stage.last_checkpoint()
-        result = train_then_finish_trackers(trainer, cfg.report_to, resume)
-        save_trained(trainer, tok, stage.model_dir)
-        if is_main():
-            keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
-        return {"pairs": len(pairs), "steps": args.max_steps, "resumed_from_step": resume_step(resume),
-                "processes": trainer.args.world_size, "train_loss": result.training_loss,
-                "log": trainer.state.log_history, "seconds": time.perf_counter() - t0, "config": to_dict(b)}
 
     return stage.run(work)

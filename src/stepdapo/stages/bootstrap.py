@@ -29,11 +29,11 @@ from stepdapo.precision import training_bf16
 from stepdapo.runner import ModelStage, is_main, on_main, world_size
 from stepdapo.stages.evaluate import evaluate_shard, summarize
 from stepdapo.store import read_json, write_json
-from stepdapo.tasks import get_task
+from stepdapo.tasks import get_task, task_settings
 from stepdapo.training import (
     check_lora_supported,
     keep_tensorboard_logs,
-    save_trained,
+    publish,
     train_steps,
     train_then_finish_trackers,
     training_args,
@@ -117,12 +117,13 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: 
     demonstrations with its own warmup and cosine decay; after each the criterion is checked on
     held-out problems, and another round follows while the ordinary steps fall short, up to
     `max_rounds`. A killed bootstrap resumes after its last finished round."""
-    if cfg.task.name != "arithmetic":
-        raise StageInputError(f"bootstrap trains the tiny model on the built-in task only; task "
-                              f"{cfg.task.name!r} needs a starting model (set model=PATH)")
+    task = get_task(cfg.task)
+    if task.n_demonstrations is None:
+        raise StageInputError(f"bootstrap trains on a task's demonstrations, and task {cfg.task.name!r} has none "
+                              f"(Task.demonstrations): it needs a starting model (set model=PATH)")
     b = cfg.bootstrap
-    # the arithmetic task's settings only: another task's settings do not change this model
-    stage = ModelStage(out_dir, "bootstrap", {"bootstrap": to_dict(b), "arithmetic": to_dict(cfg.task.arithmetic),
+    # the task's own settings only: another task's settings do not change this model
+    stage = ModelStage(out_dir, "bootstrap", {"bootstrap": to_dict(b), cfg.task.name: task_settings(cfg.task),
                                               "seed": cfg.seed, "bf16": training_bf16(cfg.bf16),
                                               **({"base": model_fingerprint(base)} if base is not None else {})})
     lora = base is not None and b.lora_r > 0
@@ -151,7 +152,6 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: 
 
     def work() -> dict:
         t0 = time.perf_counter()
-        task = get_task(cfg.task)
         held = task.sft_check_problems(b.check_problems)
         exclude = {p.question for p in held}
         rounds = on_main(lambda: _finished_rounds(stage.checkpoints))
@@ -160,7 +160,7 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: 
         while not rounds or (not rounds[-1]["criterion"]["steps_ok"] and len(rounds) < b.max_rounds):
             r = len(rounds) + 1
             # round 1 on the task's own demonstrations (as before rounds existed); later ones on fresh ones
-            train = sft_examples(task, tokenizer, seed=None if r == 1 else f"{cfg.task.arithmetic.seed}-round{r}",
+            train = sft_examples(task, tokenizer, seed=None if r == 1 else f"round{r}",
                                  exclude=exclude)
             # cosine schedule, AdamW(0.9, 0.98); the tiny model always trains on the CPU
             args = training_args(stage.checkpoints, steps=train_steps(len(train), b.batch_size, b.epochs),
@@ -187,10 +187,9 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: 
             if is_main():
                 (model.merge_and_unload() if lora else model).save_pretrained(stage.model_dir)
                 tokenizer.save_pretrained(stage.model_dir)
+                keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
         else:
-            save_trained(trainer, tokenizer, stage.model_dir)
-        if is_main():
-            keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
+            publish(trainer, tokenizer, stage.model_dir)
         final = rounds[-1]["criterion"]
         return {
             "seconds": time.perf_counter() - t0,

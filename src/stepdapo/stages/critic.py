@@ -56,18 +56,10 @@ from stepdapo.models import (
     model_fingerprint,
 )
 from stepdapo.precision import training_bf16
-from stepdapo.runner import ModelStage, is_main, on_main, stage_fingerprint
+from stepdapo.runner import ModelStage, on_main, stage_fingerprint
+from stepdapo.report import plot_reliability
 from stepdapo.stages.labels import read_labels
-from stepdapo.training import (
-    check_lora_supported,
-    keep_tensorboard_logs,
-    release_memory,
-    resume_step,
-    save_trained,
-    train_steps,
-    train_then_finish_trackers,
-    training_args,
-)
+from stepdapo.training import check_lora_supported, fit, release_memory, resume_step, train_steps, training_args
 
 
 def heldout(problem_id: str, fraction: float) -> bool:
@@ -81,7 +73,10 @@ def critic_examples(labels, c: CriticConfig, is_delim, seed: int
     `c.max_examples`, a seeded sample), the labelled states of the held-out problems and those of
     the training problems."""
     cols = labels.select(["problem_id", "ids", "n_correct", "outcome", "action_ids", "action_terminal",
-                          "rollout_ids"]).to_pydict()
+                          "rollout_ids", "mc"]).to_pydict()
+    for i, outs in enumerate(cols["outcome"]):  # imported labels (stepdapo.prm_data) have no rollouts:
+        if not outs:                            # the state's label `mc` is its target, as one rollout's
+            cols["n_correct"][i], cols["outcome"][i] = cols["mc"][i], [None]
     examples = value_examples(cols["problem_id"], cols["ids"], cols["n_correct"], cols["outcome"],
                               cols["action_ids"], cols["action_terminal"], cols["rollout_ids"],
                               step_ends=lambda ids: split_steps(ids, is_delim),
@@ -233,11 +228,13 @@ def new_critic(init: str | Path, pad_id: int, c: CriticConfig, initial_value: fl
     return model
 
 
-def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueExample], pad_id: int, c: CriticConfig,
-                 args: TrainingArguments, prompt_len: dict[str, int], continuing: bool = False,
-                 resume: str | None = None):
+def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueExample], tok, c: CriticConfig,
+                 args: TrainingArguments, prompt_len: dict[str, int], model_dir: Path, published: Path,
+                 continuing: bool = False, resume: str | None = None):
     """The critic (`new_critic`) trained on `train` (continuing from the Trainer checkpoint
-    `resume`); returns (the Trainer, its TrainOutput)."""
+    `resume`) and saved to `model_dir` (to be published as `published`); returns (the Trainer, its
+    TrainOutput)."""
+    pad_id = tok.pad_token_id
     torch.manual_seed(args.seed)  # the new value head's initialisation, whatever ran before in the process
     targets = [t for e in train for t in ((e.target,) if isinstance(e, ValueExample) else e.targets)]
     model = new_critic(init, pad_id, c, float(np.mean(targets)), continuing)
@@ -248,7 +245,7 @@ def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueEx
     check_lora_supported(trainer, c.lora_r > 0)
     if c.log_ratio_beta > 0:
         check_log_ratio_supported(trainer)
-    result = train_then_finish_trackers(trainer, args.report_to, resume)
+    result = fit(trainer, tok, model_dir, args.report_to, resume, published=published)
     return trainer, result
 
 
@@ -369,28 +366,6 @@ def check_critic(heldout: dict, min_gain: float, min_ranking: float = 0.0) -> st
     return None
 
 
-def plot_reliability(q: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bins = [b for b in q["calibration"] if b["n"]]
-    if not bins:
-        return
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(4.5, 5.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
-    ax.plot([b["mean_pred"] for b in bins], [b["mean_target"] for b in bins], "o-", label="critic")
-    ax.set_ylabel("mean Monte-Carlo value")
-    ax.set_title(f"{title}\nECE {q['ece']:.3f} (constant {q['ece_constant']:.3f})", fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
-    ax2.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["n"] for b in bins], width=0.09)
-    ax2.set_xlabel("predicted V(s)")
-    ax2.set_ylabel("states")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # -- the stage ------------------------------------------------------------------------------------
 
 def fingerprint(cfg: RunConfig, init: str | Path, labels_dir: str | Path) -> dict:
@@ -432,13 +407,8 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
                              logs=10, checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed,
                              report_to=cfg.report_to,
                              progress=progress, run_name=str(stage.dir))
-        trainer, result = train_critic(init, train, tok.pad_token_id, c, args, prompt_lengths(labels), continuing, resume)
-        if isinstance(trainer.model, LogRatioCritic):
-            if is_main():
-                trainer.model.save_pretrained(stage.model_dir, published=stage.dir)
-                tok.save_pretrained(stage.model_dir)
-        else:
-            save_trained(trainer, tok, stage.model_dir)
+        trainer, result = train_critic(init, train, tok, c, args, prompt_lengths(labels), stage.model_dir, stage.dir,
+                                       continuing, resume)
         global_step, processes, dev = trainer.state.global_step, trainer.args.world_size, trainer.args.device
         del trainer
         release_memory()
@@ -448,7 +418,6 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
             model = load_critic(stage.model_dir)[0].to(dev)
             metrics = evaluate_critic(model, tok, train_states, held, labels, task, calibrate=c.calibrate)
             metrics["processbench"] = processbench_quality(model, tok, task)
-            keep_tensorboard_logs(stage.checkpoints, stage.model_dir)
             plot_reliability(metrics["heldout"], stage.model_dir / "reliability.png", "critic on held-out states")
             return metrics
 

@@ -27,7 +27,7 @@ from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts, pol
 from stepdapo.metrics import bootstrap_interval, majority_correct, pass_at_k, wilson_interval
 from stepdapo.models import model_fingerprint
 from stepdapo.runner import ShardedStage, shard_seed
-from stepdapo.tasks import verify_all
+from stepdapo.tasks import task_settings, verify_all
 
 def _diagnostics(task, problems, completions) -> dict:
     tot: Counter = Counter()
@@ -153,7 +153,7 @@ def _rate(infos: list[dict], kind: str) -> float:
 
 def fingerprint(cfg: RunConfig, model_path: str | Path) -> dict:
     return {"model": model_fingerprint(model_path), "task": cfg.task.name,
-            "task_settings": to_dict(getattr(cfg.task, cfg.task.name)), "eval": to_dict(cfg.eval), "seed": cfg.seed,
+            "task_settings": task_settings(cfg.task), "eval": to_dict(cfg.eval), "seed": cfg.seed,
             **sampler_fingerprint(cfg.generation)}
 
 

@@ -18,7 +18,7 @@ from stepdapo.generation import Generator, SamplingParams, encode_prompts, polic
 from stepdapo.steps import check_step_delimiter, split_steps
 from stepdapo.models import model_fingerprint
 from stepdapo.runner import ShardedStage, read_stage, shard_seed
-from stepdapo.tasks import verify_all
+from stepdapo.tasks import task_settings, verify_all
 
 IDS = pa.list_(pa.int32())
 SCHEMA = pa.schema([
@@ -56,7 +56,7 @@ def select_balanced(correct: list[bool], texts: list[str], keep: int) -> list[in
 def fingerprint(cfg: RunConfig, policy: str | Path) -> dict:
     # only the settings of the task in use: adding another task's settings must not void old runs
     return {"policy": model_fingerprint(policy), "task": cfg.task.name,
-            "task_settings": to_dict(getattr(cfg.task, cfg.task.name)), "states": to_dict(cfg.states),
+            "task_settings": task_settings(cfg.task), "states": to_dict(cfg.states),
             "seed": cfg.seed, **sampler_fingerprint(cfg.generation)}
 
 

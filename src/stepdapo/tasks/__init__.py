@@ -11,7 +11,7 @@ critic's step-ranking check (`step_is_correct`, where `supports_step_checks`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,21 @@ class Task(ABC):
         where the task cannot make them."""
         return None
 
+    n_demonstrations: int | None = None  # demonstrations a bootstrap round trains on; None: the task has none
+
+    def demonstrations(self, n: int | None = None, seed: int | str | None = None,
+                       exclude: set[str] = frozenset()) -> list[tuple[Problem, str]]:
+        """`n` (default `n_demonstrations`) (problem, solution) pairs in the policy's format for the
+        bootstrap SFT, none of whose question is in `exclude`; `seed` draws another set (the
+        bootstrap's later rounds). Only for tasks with `n_demonstrations` set: the others need a
+        starting model."""
+        raise NotImplementedError(f"task {self.name!r} has no demonstrations")
+
+    def sft_check_problems(self, n: int) -> list[Problem]:
+        """`n` training-split problems the bootstrap judges its SFT model on (kept out of its
+        demonstrations). Only for tasks with demonstrations."""
+        raise NotImplementedError(f"task {self.name!r} has no demonstrations")
+
     def step_is_correct(self, problem: Problem, prefix: str, step: str) -> bool:
         """Is `step` the right next step after the solution text `prefix`? Only for tasks with
         `supports_step_checks`; the others cannot judge a single step."""
@@ -94,21 +109,44 @@ def verify_all(task: Task, problems: list[Problem], completions: list[str]) -> l
     return task.verify_many(list(zip(problems, completions)))
 
 
-TASKS = ("arithmetic", "gsm8k", "math", "code")
+def _arithmetic(task_cfg) -> Task:
+    from stepdapo.tasks.arithmetic import ArithmeticTask
+
+    return ArithmeticTask(task_cfg.arithmetic)
+
+
+def _math(task_cfg) -> Task:
+    from stepdapo.tasks.math import MathTask
+
+    return MathTask(getattr(task_cfg, task_cfg.name), name=task_cfg.name)
+
+
+def _code(task_cfg) -> Task:
+    from stepdapo.tasks.code import CodeTask
+
+    return CodeTask(task_cfg.code)
+
+
+# The tasks `task.name` can name: a function building the task from the config's `task` section
+# (its settings are the section's field of the same name, where the task has any). A new task is
+# one file and one entry here (docs/extending.md); the modules are imported only when used.
+TASKS: dict[str, Callable[[Any], Task]] = {
+    "arithmetic": _arithmetic,
+    "gsm8k": _math,
+    "math": _math,
+    "code": _code,
+}
 
 
 def get_task(task_cfg) -> Task:
     """Build the task named by a `TaskConfig`."""
-    if task_cfg.name == "arithmetic":
-        from stepdapo.tasks.arithmetic import ArithmeticTask
+    if task_cfg.name not in TASKS:
+        raise ConfigError(f"unknown task {task_cfg.name!r}; known: {', '.join(TASKS)}")
+    return TASKS[task_cfg.name](task_cfg)
 
-        return ArithmeticTask(task_cfg.arithmetic)
-    if task_cfg.name in ("gsm8k", "math"):
-        from stepdapo.tasks.math import MathTask
 
-        return MathTask(getattr(task_cfg, task_cfg.name), name=task_cfg.name)
-    if task_cfg.name == "code":
-        from stepdapo.tasks.code import CodeTask
-
-        return CodeTask(task_cfg.code)
-    raise ConfigError(f"unknown task {task_cfg.name!r}; known: {list(TASKS)}")
+def task_settings(task_cfg) -> dict:
+    """The named task's own settings (its section of `task`, as a dict; {} for a task without
+    any): what the stages' fingerprints hold of the task, so another task's settings change nothing."""
+    section = getattr(task_cfg, task_cfg.name, None)
+    return section.model_dump() if section is not None else {}

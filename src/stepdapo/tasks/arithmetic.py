@@ -87,6 +87,7 @@ class ArithmeticTask(Task):
 
     def __init__(self, cfg: ArithmeticConfig | None = None):
         self.cfg = cfg or ArithmeticConfig()
+        self.n_demonstrations = self.cfg.n_demos
         self._cache: dict[str, list[Problem]] = {}
 
     # -- problems ------------------------------------------------------------------------------
@@ -211,10 +212,10 @@ class ArithmeticTask(Task):
     def demonstrations(self, n: int | None = None, seed: int | str | None = None,
                        exclude: set[str] = frozenset()) -> list[tuple[Problem, str]]:
         """Flawed SFT data on training-split problems (drawn with repetition, each with fresh flaws),
-        none of whose question is in `exclude`."""
+        none of whose question is in `exclude`; another `seed` draws another set from the task's seed."""
         c = self.cfg
         n = c.n_demos if n is None else n
-        rng = random.Random(f"{c.seed if seed is None else seed}-demos")
+        rng = random.Random(f"{c.seed}-demos" if seed is None else f"{c.seed}-{seed}-demos")
         out = []
         while len(out) < n:
             chain = self._random_chain(rng)

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from stepdapo.summaries import Iteration, RunReport, read_report
+
 RESULTS = Path(__file__).parent / "results"
 TUNING_NOTE = ("Tuning set and report set: the defaults of configs/arithmetic.yaml (and this issue's bootstrap "
                "criterion and critic check) were chosen on run seeds 0-4 with task seed 0; the report set, "
@@ -49,35 +51,35 @@ def machine() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def critic_outcome(it: dict) -> str:
-    c = it.get("critic") or {}
-    if not c:
+def critic_outcome(it: Iteration) -> str:
+    c = it.critic
+    if c is None:
         return ""
-    if c.get("warning"):
-        return f"failed -> {it.get('advantages', {}).get('source', '?')}"
-    return "passed after 2nd try" if c.get("recovery") else "passed"
+    if c.warning:
+        return f"failed -> {it.advantages.source if it.advantages else '?'}"
+    return "passed after 2nd try" if c.recovery else "passed"
 
 
-def summarize_run(report: dict) -> dict:
-    its = report["iterations"]
-    boot = report.get("bootstrap") or {}
-    dpo = next((it["baselines"]["dpo"]["eval"] for it in its if "eval" in it.get("baselines", {}).get("dpo", {})), None)
+def summarize_run(report: RunReport) -> dict:
+    its = report.iterations
+    boot = report.bootstrap or {}
+    dpo = next((it.baselines["dpo"].eval for it in its if "dpo" in it.baselines and it.baselines["dpo"].eval), None)
     return {
-        "sft": its[0]["eval"]["accuracy"],
-        "sft_other_steps": its[0]["eval"].get("greedy_other_step_accuracy"),
-        "sft_flaw_steps": its[0]["eval"].get("greedy_flaw_step_accuracy"),
+        "sft": its[0].eval.accuracy,
+        "sft_other_steps": its[0].eval.greedy_other_step_accuracy,
+        "sft_flaw_steps": its[0].eval.greedy_flaw_step_accuracy,
         "bootstrap_rounds": boot.get("rounds"),
         "bootstrap_criterion": boot.get("criterion"),
-        "greedy": [it["eval"]["accuracy"] for it in its[1:]],
-        "sampled": [it["eval"].get("sampled_accuracy") for it in its[1:]],
-        "flaw_steps": [it["eval"].get("greedy_flaw_step_accuracy") for it in its[1:]],
-        "other_steps": [it["eval"].get("greedy_other_step_accuracy") for it in its[1:]],
-        "dpo": None if dpo is None else dpo["accuracy"],
+        "greedy": [it.eval.accuracy for it in its[1:]],
+        "sampled": [it.eval.sampled_accuracy for it in its[1:]],
+        "flaw_steps": [it.eval.greedy_flaw_step_accuracy for it in its[1:]],
+        "other_steps": [it.eval.greedy_other_step_accuracy for it in its[1:]],
+        "dpo": None if dpo is None else dpo.accuracy,
         "critic": [critic_outcome(it) for it in its[1:]],
-        "critic_heldout": [{k: v for k, v in it.get("critic", {}).get("heldout", {}).items() if k != "calibration"}
+        "critic_heldout": [{k: v for k, v in (it.critic.heldout if it.critic else {}).items() if k != "calibration"}
                            for it in its[1:]],
-        "advantages_source": [it.get("advantages", {}).get("source") for it in its[1:]],
-        "precision": report.get("precision"),
+        "advantages_source": [it.advantages.source if it.advantages else None for it in its[1:]],
+        "precision": report.precision,
     }
 
 
@@ -113,10 +115,10 @@ def main():
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "stepdapo.cli", "run", args.config, "--seed", str(seed),
                         "--out", str(out), *extra, *args.overrides], check=True)
-        report = json.loads((out / "report.json").read_text())
+        report = read_report(out / "report.json")
         runs.append({"seed": seed, "task_seed": task_seed, "out": str(out),
                      "wall_seconds": walls_given.get(f"{seed}:{task_seed}", time.perf_counter() - t0),
-                     "timings": report["timings"], **summarize_run(report)})
+                     "timings": report.timings, **summarize_run(report)})
     m = machine()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"machine": m, "config": args.config,

@@ -19,6 +19,7 @@ from stepdapo.config import load_config
 from stepdapo.errors import ConfigError
 from stepdapo.generation import BACKENDS, Backend, hf
 from stepdapo.stages.baselines import BASELINES, Baseline
+from stepdapo.summaries import read_report
 from stepdapo.tasks import TASKS, Task
 from stepdapo.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 
@@ -129,8 +130,8 @@ def test_toy_task_runs_the_whole_method(registered, run):
     assert {"train", "test"} <= registered.problems_asked  # the pipeline asked the task, not the built-in one
     boot = json.loads((out / "sft" / "stepdapo_bootstrap.json").read_text())
     assert boot["demonstrations"] == 3000  # the task's own n_demonstrations
-    assert [it["iteration"] for it in report["iterations"]] == [0, 1]
-    assert report["iterations"][0]["eval"]["n"] == 40  # 40 test problems of the toy task
+    assert [it.iteration for it in report.iterations] == [0, 1]
+    assert report.iterations[0].eval.n == 40  # 40 test problems of the toy task
     assert "short-chains" in (out / "config.yaml").read_text()
 
 
@@ -144,12 +145,13 @@ def test_toy_backend_samples_every_sampling_stage(run):
 
 def test_toy_baseline_is_trained_evaluated_and_reported(run):
     out, report = run
-    base = report["iterations"][1]["baselines"]
+    base = report.iterations[1].baselines
     assert list(base) == ["dpo", "reference"]
     ref = base["reference"]
-    assert ref["summary"]["copied_from"].endswith("sft")
+    assert ref.summary["copied_from"].endswith("sft")
     # pi_ref itself, evaluated with the same seeds: iteration 0's numbers exactly
-    assert ref["eval"]["accuracy"] == report["iterations"][0]["eval"]["accuracy"]
+    assert ref.eval.accuracy == report.iterations[0].eval.accuracy
+    assert read_report(out / "report.json").iterations[1].baselines["reference"].eval == ref.eval
     md = (out / "report.md").read_text()
     assert "| pi_ref itself (same samples as iteration 1) |" in md and "| DPO baseline (same samples" in md
     assert (out / "iter-1" / "reference-eval" / "summary.json").is_file()

@@ -452,7 +452,7 @@ def test_a_critic_that_fails_its_check_is_reported_and_replaced_by_mc(tmp_path):
                                     "critic.continue_epochs=2", "eval.limit=40", "eval.samples=1", "eval.k=1",
                                     "iterations=2", "baselines=[]"])
     assert cfg.advantages.source == "critic"
-    report = run_pipeline(cfg, tmp_path / "run", progress=False)
+    report = run_pipeline(cfg, tmp_path / "run", progress=False).model_dump(exclude_unset=True)
     assert report["iterations"][0]["model"] == str(tmp_path / "run" / "sft")  # DAPO starts from the fine-tuned model
     assert json.loads((tmp_path / "run" / "sft" / "stepdapo_bootstrap.json").read_text())["base"] == str(tmp_path / "given")
     it = report["iterations"][1]

@@ -369,9 +369,9 @@ def cmd_run(args) -> int:
     report = run(cfg, out)
     if _quiet():
         return 0
-    accs = ", ".join(f"iter {it['iteration']}: " + ("not trained" if "skipped" in it else
-                                                     f"{100 * it['eval']['accuracy']:.1f}%")
-                     for it in report["iterations"])
+    accs = ", ".join(f"iter {it.iteration}: " + ("not trained" if it.skipped is not None else
+                                                 f"{100 * it.eval.accuracy:.1f}%")
+                     for it in report.iterations)
     print(f"greedy test accuracy: {accs}\nreport: {out}/report.md")
     return 0
 

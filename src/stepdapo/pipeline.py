@@ -43,6 +43,7 @@ from stepdapo.stages.evaluate import format_table, run_evaluate
 from stepdapo.stages.labels import run_labels
 from stepdapo.stages.states import run_states
 from stepdapo.store import atomic_write_text, read_json, write_json
+from stepdapo.summaries import CriticSummary, Iteration, RunReport
 from stepdapo.tasks import get_task
 
 
@@ -54,7 +55,7 @@ STAGE_KINDS = {"bootstrap": "training", "import": "forward", "eval": "sampling",
                "actor": "training"}
 
 
-def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
+def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> RunReport:
     from rich.console import Console
 
     from stepdapo.report import write_report
@@ -99,8 +100,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         if cfg.bootstrap.finetune_model:  # the user's LM, fine-tuned on the built-in task's demonstrations
             base, policy = policy, out / "sft"
             boot = stage("bootstrap", lambda: bootstrap(cfg, policy, progress=progress, base=base))
-    iterations = [{"iteration": 0, "model": str(policy),
-                   **evaluation("iter-0/eval", policy, "iteration 0 (pi_ref)")}]
+    iterations = [Iteration(iteration=0, model=str(policy), **evaluation("iter-0/eval", policy, "iteration 0 (pi_ref)"))]
 
     critic_init: Path = policy
     for k in range(1, cfg.iterations + 1):
@@ -111,7 +111,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         init = critic_init if cfg.critic.init == "previous" else policy
         critic_dir = d / "critic"
         critic = stage(f"iter-{k}/critic", lambda: run_critic(cfg, init, d / "labels", critic_dir, task, progress))
-        problem = check_critic(judged(critic), cfg.critic.min_brier_gain, cfg.critic.min_step_ranking)
+        problem = check_critic(CriticSummary(**critic).judged(), cfg.critic.min_brier_gain, cfg.critic.min_step_ranking)
         recovery = None
         if problem is not None and cfg.critic.recovery_epochs > 0:
             # a critic that is close often passes with a little more training: a second try, continuing
@@ -120,12 +120,13 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
                           f"epoch(s) (critic.recovery_epochs) and checking again")
             more_cfg = cfg.model_copy(update={"critic": cfg.critic.model_copy(
                 update={"continue_epochs": cfg.critic.recovery_epochs})})
-            recovery = {"first_check": problem, "first_heldout": judged(critic),
+            recovery = {"first_check": problem, "first_heldout": CriticSummary(**critic).judged(),
                         "epochs": cfg.critic.recovery_epochs}
             critic_dir = d / "critic-more"
             critic = stage(f"iter-{k}/critic-more", lambda: run_critic(more_cfg, d / "critic", d / "labels",
                                                                         critic_dir, task, progress))
-            problem = check_critic(judged(critic), cfg.critic.min_brier_gain, cfg.critic.min_step_ranking)
+            problem = check_critic(CriticSummary(**critic).judged(), cfg.critic.min_brier_gain,
+                                   cfg.critic.min_step_ranking)
             recovery["passed"] = problem is None
         it["critic"] = {key: v for key, v in critic.items() if key != "fingerprint"}
         it["critic"]["dir"] = str(critic_dir)
@@ -154,7 +155,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
                              f"mean MC {it['labels']['mean_mc']:.3f}): the actor was not trained and the "
                              f"policy is unchanged")
             console.print(f"[yellow]iteration {k}: {it['skipped']}; stopping the iterations")
-            it["eval"] = iterations[-1]["eval"]
+            it["eval"] = iterations[-1].eval
         else:
             actor = stage(f"iter-{k}/actor", lambda: run_actor(cfg, policy, d / "advantages", d / "actor", progress))
             it["actor"] = {key: v for key, v in actor.items() if key != "fingerprint"}
@@ -162,7 +163,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         if k == 1 and cfg.baselines:  # the baselines, from the same pi_ref and samples
             it["baselines"] = {name: _baseline(name, cfg, policy, d, stage, evaluation, console, progress)
                                for name in cfg.baselines}
-        iterations.append(it)
+        iterations.append(Iteration(**it))
         if "skipped" in it:
             break
         # a critic that failed its check is not continued: the next one starts from the new policy
@@ -170,20 +171,14 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
         policy, critic_init = d / "actor", critic_dir if problem is None else d / "actor"
 
     release_engine()
-    report = {"config": to_dict(cfg), "precision": precision, "iterations": iterations, "timings": timings,
-              "final_model": str(policy)}
+    report = RunReport(config=to_dict(cfg), precision=precision, iterations=iterations, timings=timings,
+                       final_model=str(policy))
     if boot is not None:
-        report["bootstrap"] = {k: v for k, v in boot.items() if k in (
+        report.bootstrap = {k: v for k, v in boot.items() if k in (
             "rounds", "steps", "demonstrations", "criterion", "rounds_log", "seconds")}
     if is_main():
         write_report(report, out)
     return report
-
-
-def judged(critic: dict) -> dict:
-    """The held-out metrics a critic's check judges: of its calibrated values where the critic stage
-    fitted a map (critic.calibrate; the advantages still use the raw values), else of its raw ones."""
-    return critic.get("heldout_calibrated") or critic["heldout"]
 
 
 def _baseline(name: str, cfg: RunConfig, policy: Path, d: Path, stage, evaluation, console, progress: bool) -> dict:

@@ -6,14 +6,14 @@ import shutil
 from pathlib import Path
 
 from stepdapo.store import atomic_write_text, write_json
+from stepdapo.summaries import EvalSummary, Iteration, RunReport
 
 
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def _ci(ev: dict, key: str) -> str:
-    ci = ev.get(key)
+def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
@@ -41,31 +41,31 @@ def plot_reliability(q: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _plots(report: dict, out: Path) -> list[str]:
+def _plots(report: RunReport, out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    its = [it for it in report["iterations"] if "skipped" not in it]  # a skipped iteration has no new model
-    xs = [it["iteration"] for it in its]
+    its = [it for it in report.iterations if it.skipped is None]  # a skipped iteration has no new model
+    xs = [it.iteration for it in its]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for key, ci_key, label in (("accuracy", "ci95", "greedy pass@1"), ("sampled_accuracy", "sampled_ci95",
                                                                         "sampled pass@1 (T=1)")):
-        ys = [it["eval"].get(key) for it in its]
+        ys = [getattr(it.eval, key) for it in its]
         if any(y is None for y in ys):
             continue
         # max(0, .): at 100% the Wilson bound can sit a rounding error below the estimate
-        lo = [max(0.0, y - it["eval"][ci_key][0]) for y, it in zip(ys, its)]
-        hi = [max(0.0, it["eval"][ci_key][1] - y) for y, it in zip(ys, its)]
+        lo = [max(0.0, y - getattr(it.eval, ci_key)[0]) for y, it in zip(ys, its)]
+        hi = [max(0.0, getattr(it.eval, ci_key)[1] - y) for y, it in zip(ys, its)]
         ax.errorbar(xs, [100 * y for y in ys], yerr=[[100 * v for v in lo], [100 * v for v in hi]],
                     marker="o", capsize=3, label=label)
-    trained = [b for it in report["iterations"] for b in it.get("baselines", {}).values() if "eval" in b]
+    trained = [b for it in report.iterations for b in it.baselines.values() if b.eval is not None]
     for i, b in enumerate(trained):  # beside iteration 1, whose samples they trained on
-        ev = b["eval"]
-        ax.errorbar([1.08 + 0.08 * i], [100 * ev["accuracy"]], yerr=[[100 * max(0.0, ev["accuracy"] - ev["ci95"][0])],
-                    [100 * max(0.0, ev["ci95"][1] - ev["accuracy"])]], marker="sD^v<>"[i % 6],
-                    color="gray" if i == 0 else f"C{i + 2}", capsize=3, linestyle="none", label=f"{b['title']}, greedy")
+        ev = b.eval
+        ax.errorbar([1.08 + 0.08 * i], [100 * ev.accuracy], yerr=[[100 * max(0.0, ev.accuracy - ev.ci95[0])],
+                    [100 * max(0.0, ev.ci95[1] - ev.accuracy)]], marker="sD^v<>"[i % 6],
+                    color="gray" if i == 0 else f"C{i + 2}", capsize=3, linestyle="none", label=f"{b.title}, greedy")
     ax.set_xticks(xs)
     ax.set_xlabel("DAPO iteration (0 = starting model)")
     ax.set_ylabel("test accuracy (%)")
@@ -77,12 +77,12 @@ def _plots(report: dict, out: Path) -> list[str]:
     made.append("accuracy.png")
 
     for it in its[1:]:
-        k = it["iteration"]
-        src = Path(it.get("critic", {}).get("dir", out / f"iter-{k}" / "critic")) / "reliability.png"
+        k = it.iteration
+        src = Path(it.critic.dir if it.critic and it.critic.dir else out / f"iter-{k}" / "critic") / "reliability.png"
         if src.is_file():
             shutil.copy(src, out / f"critic-reliability-iter-{k}.png")
             made.append(f"critic-reliability-iter-{k}.png")
-        sc = it.get("actor", {}).get("scatter")
+        sc = it.actor.scatter if it.actor else None
         if sc and sc["target"]:
             fig, ax = plt.subplots(figsize=(4.5, 4))
             ax.scatter(sc["target"], sc["log_ratio"], s=4, alpha=0.3)
@@ -90,7 +90,7 @@ def _plots(report: dict, out: Path) -> list[str]:
             ax.plot([-lim, lim], [-lim, lim], "k--", lw=1, label="log-ratio = A/beta (loss minimum)")
             ax.set_xlabel("A(s,a) / beta")
             ax.set_ylabel("log pi(a|s) - log pi_ref(a|s) after training")
-            corr = it["actor"].get("final_corr_log_ratio_target")
+            corr = it.actor.final_corr_log_ratio_target
             ax.set_title(f"iteration {k}: corr {corr:.2f}" if corr is not None else f"iteration {k}", fontsize=9)
             ax.legend(fontsize=7)
             fig.tight_layout()
@@ -108,19 +108,19 @@ def _interval(x, ci, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}" + ("" if not ci else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]")
 
 
-def _check_row(it: dict) -> str:
+def _check_row(it: Iteration) -> str:
     """One iteration's critic check: the intervals it was judged on and what the run did."""
-    c = it.get("critic", {})
-    q, rec = c.get("heldout_calibrated") or c.get("heldout", {}), c.get("recovery")
+    c = it.critic
+    q, rec = c.judged(), c.recovery
     sr = q.get("step_ranking") or {}
-    if "warning" in c:
-        outcome = f"failed: {c['warning']}"
+    if c.warning is not None:
+        outcome = f"failed: {c.warning}"
     elif rec:
         outcome = f"failed first ({rec['first_check']}); passed after {rec['epochs']:g} more epoch(s)"
     else:
         outcome = "passed"
     ranking = _interval(sr.get("right_above_wrong"), sr.get("right_above_wrong_ci95"), 2)
-    return (f"| {it['iteration']} | {_interval(q.get('brier_gain'), q.get('brier_gain_ci95'), 4)} | "
+    return (f"| {it.iteration} | {_interval(q.get('brier_gain'), q.get('brier_gain_ci95'), 4)} | "
             f"{_interval(q.get('bce_gain'), q.get('bce_gain_ci95'))} | "
             f"{ranking} ({sr.get('pairs', 0)}) | {outcome} |")
 
@@ -138,44 +138,45 @@ def _bootstrap_line(b: dict) -> str:
             f"{_pct(crit['accuracy'])}% on {crit['n']} held-out problems.")
 
 
-def write_report(report: dict, out: Path) -> None:
-    """report.json (the contract: iterations[k].eval.accuracy / .n), report.md and plots."""
-    slim = {**report, "iterations": [
-        {k: ({kk: vv for kk, vv in v.items() if kk not in ("log", "scatter")} if k == "actor" else v)
-         for k, v in it.items()} for it in report["iterations"]]}
-    write_json(out / "report.json", slim)
+def write_report(report: RunReport, out: Path) -> None:
+    """report.json (the contract: iterations[k].eval.accuracy / .n; `summaries.RunReport`), report.md
+    and plots."""
+    data = report.model_dump(mode="json", exclude_unset=True)
+    for it in data["iterations"]:  # the actor's training log and scatter are in its own summary
+        if "actor" in it:
+            it["actor"] = {k: v for k, v in it["actor"].items() if k not in ("log", "scatter")}
+    write_json(out / "report.json", data)
     plots = _plots(report, out)
-    its = report["iterations"]
+    its, config = report.iterations, report.config
     md = ["# stepdapo run report", "",
-          f"Task `{report['config']['task']['name']}`, {len(its) - 1} DAPO iteration(s), seed {report['config']['seed']}, "
-          f"sampling backend `{report['config'].get('generation', {}).get('backend', 'hf')}`. "
-          f"Final model: `{report['final_model']}`.", "", "## Test accuracy", "",
+          f"Task `{config['task']['name']}`, {len(its) - 1} DAPO iteration(s), seed {config['seed']}, "
+          f"sampling backend `{config.get('generation', {}).get('backend', 'hf')}`. "
+          f"Final model: `{report.final_model}`.", "", "## Test accuracy", "",
           "| model | greedy pass@1 % | 95% CI | sampled pass@1 % (T=1) | 95% CI | flaw-case steps right (greedy) % | n |",
           "|---|---|---|---|---|---|---|"]
-    warnings = [f"- **iteration {it['iteration']}**: {it['critic']['warning']}" for it in its
-                if it.get("critic", {}).get("warning")]
+    warnings = [f"- **iteration {it.iteration}**: {it.critic.warning}" for it in its
+                if it.critic is not None and it.critic.warning]
     if warnings:  # before the tables: a result built on a failed critic must not read as a normal one
         md[4:4] = ["## WARNING: critic check failed", "", *warnings, ""]
 
-    def acc_row(name, ev):
-        return (f"| {name} | {_pct(ev['accuracy'])} | {_ci(ev, 'ci95')} | {_pct(ev.get('sampled_accuracy'))} | "
-                f"{_ci(ev, 'sampled_ci95')} | {_pct(ev.get('greedy_flaw_step_accuracy'))} | {ev['n']} |")
+    def acc_row(name, ev: EvalSummary):
+        return (f"| {name} | {_pct(ev.accuracy)} | {_ci(ev.ci95)} | {_pct(ev.sampled_accuracy)} | "
+                f"{_ci(ev.sampled_ci95)} | {_pct(ev.greedy_flaw_step_accuracy)} | {ev.n} |")
 
     for it in its:
-        if "skipped" in it:
-            md.append(f"| DAPO iteration {it['iteration']}: not trained ({it['skipped']}) | | | | | | |")
+        if it.skipped is not None:
+            md.append(f"| DAPO iteration {it.iteration}: not trained ({it.skipped}) | | | | | | |")
         else:
-            md.append(acc_row("starting model" if it["iteration"] == 0 else f"DAPO iteration {it['iteration']}",
-                              it["eval"]))
-        for b in it.get("baselines", {}).values():
-            if "skipped" in b:
-                md.append(f"| {b['title']}: not trained ({b['skipped']}) | | | | | | |")
+            md.append(acc_row("starting model" if it.iteration == 0 else f"DAPO iteration {it.iteration}", it.eval))
+        for b in it.baselines.values():
+            if b.skipped is not None:
+                md.append(f"| {b.title}: not trained ({b.skipped}) | | | | | | |")
             else:
-                md.append(acc_row(f"{b['title']} (same samples as iteration 1)", b["eval"]))
-    if report.get("bootstrap"):
-        md += ["", "## Starting model", "", _bootstrap_line(report["bootstrap"])]
-    if report.get("precision"):
-        pr = report["precision"]
+                md.append(acc_row(f"{b.title} (same samples as iteration 1)", b.eval))
+    if report.bootstrap:
+        md += ["", "## Starting model", "", _bootstrap_line(report.bootstrap)]
+    if report.precision:
+        pr = report.precision
         md += ["", "## Precision", "",
                f"Training bf16: {pr['bf16']['used']} (setting {pr['bf16']['setting']}: {pr['bf16']['why']}); "
                f"sampling dtype: {pr['generation_dtype']['used']} (setting {pr['generation_dtype']['setting']}: "
@@ -195,25 +196,25 @@ def write_report(report: dict, out: Path) -> None:
                "| iteration | states | MC=0 / 0<MC<1 / MC=1 | critic BCE (const) | Brier (const) | ECE (const) | AUC | right>wrong step | PRM F1 (ProcessBench) | states kept (gap) | mean abs A | actor corr(log-ratio, A/beta) |",
                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for it in its[1:]:
-            lab, q, adv, act = it["labels"], it["critic"]["heldout"], it["advantages"], it.get("actor", {})
+            lab, q, adv = it.labels, it.critic.heldout, it.advantages
             sr = (q.get("step_ranking") or {}).get("right_above_wrong")
             auc = q.get("auc_mc0_vs_positive")
-            corr = act.get("final_corr_log_ratio_target")
-            pb = it["critic"].get("processbench") or {}
+            corr = it.actor.final_corr_log_ratio_target if it.actor else None
+            pb = it.critic.processbench or {}
             md.append(
-                f"| {it['iteration']} | {lab['states']} | {lab['fraction_mc_0']:.2f} / {lab['fraction_mc_between']:.2f} / "
-                f"{lab['fraction_mc_1']:.2f} | {_num(q['bce'])} ({_num(q['bce_constant'])}) | {_num(q['brier'])} "
+                f"| {it.iteration} | {lab.states} | {lab.fraction_mc_0:.2f} / {lab.fraction_mc_between:.2f} / "
+                f"{lab.fraction_mc_1:.2f} | {_num(q['bce'])} ({_num(q['bce_constant'])}) | {_num(q['brier'])} "
                 f"({_num(q['brier_constant'])}) | {_num(q['ece'])} ({_num(q['ece_constant'])}) | "
                 f"{_num(auc)} | {_num(sr, 2)} | {_num(pb.get('f1'), 2)} | "
-                f"{adv['states_kept']} ({adv['fraction_kept']:.2f}) | {adv['advantage_abs_mean']:.3f} | "
+                f"{adv.states_kept} ({adv.fraction_kept:.2f}) | {adv.advantage_abs_mean:.3f} | "
                 f"{_num(corr, 2)} |")
     md += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
-    md += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
-    md += [f"| **total** | {sum(report['timings'].values()):.1f} |", "", "## Plots", ""]
+    md += [f"| {k} | {v:.1f} |" for k, v in report.timings.items()]
+    md += [f"| **total** | {sum(report.timings.values()):.1f} |", "", "## Plots", ""]
     md += [f"![{p}]({p})" for p in plots]
     md += ["", "Metrics: greedy pass@1 is the paper's metric (Wilson interval); sampled pass@1 averages "
-           f"{report['config']['eval']['samples']} samples per problem at temperature "
-           f"{report['config']['eval']['temperature']} (bootstrap interval over problems). The critic is measured "
+           f"{config['eval']['samples']} samples per problem at temperature "
+           f"{config['eval']['temperature']} (bootstrap interval over problems). The critic is measured "
            "on states of held-out problems against the constant prediction (the training mean); AUC separates "
            "MC=0 states from MC>0 ones; 'right>wrong step' is how often it scores a right next step above a wrong "
            "one at the same state; 'PRM F1' is ProcessBench's F1 of the critic finding the earliest wrong step of "

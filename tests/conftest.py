@@ -23,7 +23,7 @@ def small_model_dir(tmp_path_factory):
     return out
 
 
-# CI cannot go green by skipping: .ci/run sets STEPDAPO_REQUIRE (e.g. "smollm2,data,sandbox") and a
+# CI cannot go green by skipping: .ci/run sets STEPDAPO_REQUIRE (e.g. "smollm2,data,sandbox,chromium") and a
 # skip is then a failure, unless its reason is a prerequisite this environment is not asked for
 # (vLLM's tests run in their own environment). A skip whose reason is not recognised fails too.
 SKIP_REASONS = {
@@ -31,6 +31,7 @@ SKIP_REASONS = {
     "data": ("GSM8K data not found", "MATH-500 not found"),
     "sandbox": ("namespaces sandbox", "RLIMIT_NPROC is not enforced"),
     "vllm": ("vLLM is not installed",),
+    "chromium": ("chromium not found",),  # the `stepdapo show` page tests (tests/test_show.py)
 }
 
 

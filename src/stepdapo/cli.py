@@ -376,6 +376,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from stepdapo.show import write_show
+
+    if args.overrides:
+        raise ConfigError(f"show takes no key=value overrides (got {' '.join(args.overrides)}): it reads the run's config")
+    if args.limit < 1:
+        raise ConfigError(f"show: --limit must be at least 1, got {args.limit}")
+    s = write_show(args.run, args.out, args.limit, critic_values=not args.no_critic)
+    for w in s["warnings"]:
+        print(f"stepdapo show: warning: {w}", file=sys.stderr)
+    print(f"wrote {s['path']} ({s['bytes'] / 2**20:.1f} MB: {s['solutions']:,} solutions, {s['states']:,} states of "
+          f"iteration(s) {', '.join(map(str, s['iterations']))}) in {s['seconds']:.1f} s; open it in a browser")
+    return 0
+
+
 # The commands that run one stage: (name, help, [(option, required, help)], handler).
 STAGE_COMMANDS = [
     ("bootstrap", "SFT a tiny model (or, with bootstrap.finetune_model, the config's model) on the built-in task's flawed demonstrations",
@@ -509,6 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. label.rollouts=8")
     p.epilog = CONFIG_HELP
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("show", help="write one self-contained HTML page to browse a run's states and solutions",
+                       description="Each step coloured by the critic's value, its Monte-Carlo label, the critic's "
+                       "step change or its DAPO advantage; sort and filter (wrong steps the critic missed, states "
+                       "with the largest advantage gap); the report's tables and plots. No server, no network: "
+                       "open the file in a browser.")
+    p.add_argument("run", help="a run directory (the --out of `stepdapo run`)")
+    p.add_argument("--out", help="the page (default RUN/show.html; replaces only a page this command wrote)")
+    p.add_argument("--limit", type=int, default=1000, help="at most N solutions per iteration, whole problems "
+                   "chosen by a hash of their id (default 1000)")
+    p.add_argument("--no-critic", action="store_true", help="do not run the critics (no critic values; faster)")
+    p.set_defaults(func=cmd_show, overrides=[])
     return parser
 
 

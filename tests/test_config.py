@@ -168,3 +168,14 @@ def test_assignment_is_validated():
     cfg = load_config(None)
     with pytest.raises(Exception):
         cfg.actor.beta = -1.0
+
+
+def test_a_renamed_key_says_where_it_went(tmp_path):
+    """The DPO baseline's section was `baseline` (with `dpo: true`): a config of that version gets
+    the new names in its error, not only a list of known keys."""
+    old = tmp_path / "old.yaml"
+    old.write_text("baseline:\n  dpo: true\n  lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"old.yaml:1: baseline: unknown key 'baseline': renamed: .*section `dpo`"):
+        load_config(old)
+    with pytest.raises(ConfigError, match=r"`baselines: \[\]` for `baseline.dpo: false`"):
+        load_config(None, ["baseline.dpo=false"])

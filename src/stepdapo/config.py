@@ -8,7 +8,7 @@ each task's section lives with its task (tasks/arithmetic.py, tasks/math.py, tas
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -493,6 +493,10 @@ class RunConfig(Section):
     """the outcome-level DPO baseline's settings."""
     iterations: int = Field(2, ge=0, le=1000)
     """DAPO iterations (pi_ref <- the last actor each time; the paper runs 2)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "baseline": "renamed: the DPO baseline's settings are the section `dpo`, and `baselines: [dpo]` "
+                    "(the default) turns it on (`baselines: []` for `baseline.dpo: false`)"}
 
     @field_validator("baselines")
     @classmethod

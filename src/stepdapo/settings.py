@@ -274,6 +274,9 @@ def _message(model: type[BaseModel], loc: tuple, err: dict) -> str:
     info = parent.model_fields.get(loc[-1]) if parent is not None and loc else None
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
+        renamed = getattr(parent, "RENAMED", {}).get(loc[-1]) if parent is not None and loc else None
+        if renamed:  # a key an earlier version had: say where it went
+            return f"unknown key {excerpt('.'.join(map(str, loc)))}: {renamed}"
         known = f" (known here: {', '.join(sorted(parent.model_fields))})" if parent is not None else ""
         return f"unknown key {excerpt('.'.join(map(str, loc)))}{known}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):

@@ -26,25 +26,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from stepdapo.config import from_dict, load_config  # noqa: E402
-from stepdapo.generation import SamplingParams, encode_prompts, policy_generator  # noqa: E402
-from stepdapo.metrics import (best_of_n_correct, bootstrap_interval, majority_correct,  # noqa: E402
-                              weighted_vote_correct)
+from stepdapo.generation import SamplingParams, policy_generator  # noqa: E402
 from stepdapo.models import load_critic  # noqa: E402
 from stepdapo.precision import cpu_model  # noqa: E402
-from stepdapo.prm import RULES, eval_file, score_ids, write_scores  # noqa: E402
-from stepdapo.steps import delimiter_token_mask, split_steps  # noqa: E402
-from stepdapo.tasks import get_task, verify_all  # noqa: E402
+from stepdapo.prm import RULES, TEST_TIME_METHODS as METHODS, best_of_n_table, eval_file, sample_scores, write_scores  # noqa: E402,E501
+from stepdapo.tasks import get_task  # noqa: E402
 
 NS = (1, 4, 16, 64)
-AGGREGATIONS = {"min": min, "last": lambda v: v[-1], "product": lambda v: float(np.prod(v))}
-METHODS = ["pass", "random", "majority", "weighted vote (last)"] + [f"best-of-N ({g})" for g in AGGREGATIONS]
 
 
 def pct(x, ci) -> str:
@@ -69,28 +63,10 @@ def best_of_n(run: Path, critic_dir: Path, task, n_problems: int, seed: int) -> 
     policy = run / "sft" if k == 1 else run / f"iter-{k - 1}" / "actor"
     problems = task.problems("test")[:n_problems]
     gen = policy_generator(policy, task.step_delimiter, 512, progress=False)()
-    prompts = encode_prompts(gen.tokenizer, [task.prompt(p, gen.tokenizer) for p in problems])
-    samples = gen.generate(prompts, max(NS), SamplingParams(temperature=1.0, max_new_tokens=64, seed=seed))
-    verdicts = verify_all(task, [p for p in problems for _ in range(max(NS))], [s.text for ss in samples for s in ss])
     critic, tok = load_critic(critic_dir)
-    is_delim = delimiter_token_mask(tok, task.step_delimiter)
-    # V(prompt), then every step but the last (the answer line and EOS: terminal)
-    encoded = [(prompt, s.token_ids, [0] + split_steps(s.token_ids, is_delim)[:-1]) for prompt, ss in zip(prompts, samples)
-               for s in ss]
-    values = score_ids(critic, tok.pad_token_id, encoded, batch_size=256)
-    rows = {f"{m}@{n}": [] for n in NS for m in METHODS}
-    for i in range(len(problems)):
-        vs, vd = values[i * max(NS):(i + 1) * max(NS)], verdicts[i * max(NS):(i + 1) * max(NS)]
-        for n in NS:
-            ok, ans = [v.correct for v in vd[:n]], [v.answer for v in vd[:n]]
-            steps = [v[1:] or v[:1] for v in vs[:n]]  # a one-step solution: the prompt's value
-            rows[f"pass@{n}"].append(float(any(ok)))
-            rows[f"random@{n}"].append(float(np.mean(ok)))
-            rows[f"majority@{n}"].append(float(majority_correct(ans, ok)))
-            rows[f"weighted vote (last)@{n}"].append(float(weighted_vote_correct(ans, [s[-1] for s in steps], ok)))
-            for g, f in AGGREGATIONS.items():
-                rows[f"best-of-N ({g})@{n}"].append(float(best_of_n_correct([f(s) for s in steps], ok)))
-    table = {key: {"mean": float(np.mean(v)), "ci95": list(bootstrap_interval(v))} for key, v in rows.items()}
+    rows = sample_scores(gen, critic, tok, task, problems, max(NS),
+                         SamplingParams(temperature=1.0, max_new_tokens=64, seed=seed))
+    table = best_of_n_table(rows, list(NS))
     print(f"iteration {k}: " + ", ".join(f"{key} {100 * t['mean']:.1f}" for key, t in table.items() if key.endswith("@16")),
           flush=True)
     return {"iteration": k, "policy": str(policy), "critic": str(critic_dir), "table": table}

@@ -51,6 +51,19 @@ def test_critic_beats_the_constant_predictor(run_dir):
     assert "PRM F1 (ProcessBench)" in (run_dir / "report.md").read_text()
 
 
+def test_the_critic_at_test_time(run_dir):
+    """The critic as a PRM on N = 16 samples of the SFT model: its weighted vote beats the plain
+    majority (the SFT model's most frequent answer carries the planted flaw; the critic sees the
+    flawed step), and best-of-16 by its min step value beats one sample at random."""
+    it = json.loads((run_dir / "report.json").read_text())["iterations"][1]
+    t = {k: v["mean"] for k, v in it["prm_eval"]["table"].items()}
+    assert it["prm_eval"]["problems"] == 300
+    assert t["weighted vote (last)@16"] > t["majority@16"] + 0.1, t
+    assert t["best-of-N (min)@16"] > t["random@16"] + 0.1, t
+    assert t["pass@16"] >= max(t["best-of-N (min)@16"], t["weighted vote (last)@16"])
+    assert "## The critic at test time" in (run_dir / "report.md").read_text()
+
+
 def test_dapo_improves_greedy_accuracy(run_dir):
     its = json.loads((run_dir / "report.json").read_text())["iterations"]
     base, dapo = its[0]["eval"], its[1]["eval"]

@@ -49,8 +49,12 @@ def stage(plan, name):
 def test_counts_match_hand_computed_values():
     plan = plan_of(small_cfg())
     assert [s["stage"] for s in plan["stages"]] == [
-        "bootstrap", "iter-0/eval", "iter-1/states", "iter-1/label", "iter-1/critic", "iter-1/advantages",
-        "iter-1/actor", "iter-1/eval", "iter-1/dpo", "iter-1/dpo-eval"]
+        "bootstrap", "iter-0/eval", "iter-1/states", "iter-1/label", "iter-1/critic", "iter-1/prm-eval",
+        "iter-1/advantages", "iter-1/actor", "iter-1/eval", "iter-1/dpo", "iter-1/dpo-eval"]
+
+    pe = stage(plan, "iter-1/prm-eval")  # the 20 test problems x 16 samples, each scored by the critic
+    assert pe["sequences_generated"] == 20 * 16 and pe["prefill_tokens"] == 20 * P
+    assert pe["new_tokens"] == 20 * 16 * L and pe["forward_tokens"] == 20 * 16 * (P + L)
 
     ev = stage(plan, "iter-0/eval")  # 5 problems x (greedy + 2 samples); each pass prefills every prompt once
     assert ev["sequences_generated"] == 15 and ev["prefill_tokens"] == 5 * 2 * P and ev["new_tokens"] == 15 * L

@@ -270,3 +270,29 @@ def test_best_of_n_and_weighted_vote_by_hand():
     assert weighted_vote_correct(answers, [0.1, 0.5, 0.5, 0.9, 0.1], correct) is False
     assert weighted_vote_correct([None, None], [1.0, 1.0], [False, False]) is False
     assert weighted_vote_correct(answers, [1.0] * 5, correct) == majority_correct(answers, correct)
+
+
+def test_best_of_n_table_by_hand():
+    """Two problems, 4 samples each, every method worked out by hand: a table that mixed up the
+    aggregations, voted with the wrong weights or took other than the first N would differ."""
+    from stepdapo.prm import best_of_n_table
+
+    rows = [
+        # problem 1: answers 3 3 5 7, only 5 is right; the critic likes sample 3 (index 2)
+        {"correct": [False, False, True, False], "answer": ["3", "3", "5", "7"],
+         "score_min": [0.2, 0.3, 0.9, 0.1], "score_last": [0.4, 0.3, 0.8, 0.9], "score_product": [0.1, 0.1, 0.7, 0.05]},
+        # problem 2: all right but the first; the critic's min prefers the wrong first sample
+        {"correct": [False, True, True, True], "answer": ["1", "2", "2", None],
+         "score_min": [0.9, 0.5, 0.5, 0.5], "score_last": [0.1, 0.6, 0.6, 0.9], "score_product": [0.2, 0.3, 0.3, 0.3]},
+    ]
+    t = best_of_n_table(rows, [1, 4])
+    mean = {k: v["mean"] for k, v in t.items()}
+    assert mean["pass@1"] == 0.0 and mean["pass@4"] == 1.0
+    assert mean["random@1"] == 0.0 and mean["random@4"] == pytest.approx((1 / 4 + 3 / 4) / 2)
+    assert mean["majority@4"] == 0.5  # problem 1: "3" wins (wrong); problem 2: "2" wins (right)
+    # weighted by last: problem 1: 3 -> 0.7, 5 -> 0.8, 7 -> 0.9: "7" (wrong); problem 2: 1 -> 0.1, 2 -> 1.2 (right)
+    assert mean["weighted vote (last)@4"] == 0.5
+    assert mean["best-of-N (min)@4"] == 0.5  # problem 1 right (0.9), problem 2 wrong (0.9 on the first)
+    assert mean["best-of-N (last)@4"] == 0.5  # problem 1: 0.9 is sample 4 (wrong); problem 2: sample 4 (right)
+    assert mean["best-of-N (product)@4"] == 1.0  # 0.7 -> right; 0.3 ties go to the first of them, sample 2 (right)
+    assert all(v["ci95"][0] <= v["mean"] <= v["ci95"][1] for v in t.values())

@@ -361,6 +361,31 @@ class CriticConfig(Section):
         return self.continue_epochs if continuing and self.continue_epochs is not None else self.epochs
 
 
+class PRMEvalConfig(Section):
+    """The critic as a process reward model at test time (stages/prm_eval.py), after each iteration's
+    critic: `max(best_of_n)` samples of each of `problems` test problems from pi_ref (the policy the
+    critic values), then best-of-N by the critic, critic-weighted and plain majority vote, pass@N
+    and random@1, with intervals, in the report."""
+
+    best_of_n: list[int] = Field(default_factory=lambda: [1, 4, 16], max_length=16)
+    """the N's of the table (each the first N samples of a problem); [] skips the stage."""
+    problems: int = Field(300, ge=1, le=2**31 - 1)
+    """the first test problems it samples (at most the split's)."""
+    temperature: float = Field(1.0, ge=0.01, le=100)
+    """sampling temperature of the N samples."""
+    max_new_tokens: int = Field(64, ge=1, le=2**24)
+    """longest sample."""
+    batch_size: int = Field(256, ge=1, le=2**24)
+    """prompts per generation batch and solutions per critic batch."""
+
+    @field_validator("best_of_n")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(n < 1 or n > 2**16 for n in v):
+            raise ValueError("each N must be in [1, 65,536]")
+        return sorted(set(v))
+
+
 class AdvantagesConfig(Section):
     """Stage 4: advantages of the candidate actions (see stages/advantages.py)."""
 
@@ -486,6 +511,8 @@ class RunConfig(Section):
     """stage 4, advantages of candidate actions."""
     actor: ActorConfig = Field(default_factory=ActorConfig)
     """stage 5, the DAPO actor."""
+    prm: PRMEvalConfig = Field(default_factory=PRMEvalConfig)
+    """the critic judged as a process reward model at test time (best-of-N, weighted vote)."""
     baselines: list[str] = Field(default_factory=lambda: ["dpo"], max_length=64)
     """the baselines trained and evaluated beside DAPO, from iteration 1's pi_ref and samples (names
     in the table `stepdapo.stages.baselines.BASELINES`: "dpo"); [] for none."""

@@ -5,7 +5,7 @@
       sft/                         the bootstrapped tiny model (when no model is given)
       base-model/                  the starting model converted to an HF directory (when a GGUF file is given)
       iter-0/eval/                 the starting model's evaluation (summary.json is the `eval` object)
-      iter-1/states/ labels/ critic/ advantages/ actor/ eval/
+      iter-1/states/ labels/ critic/ prm-eval/ advantages/ actor/ eval/
       iter-1/dpo/ dpo-eval/        each baseline in `baselines` (here DPO) on the same samples
       iter-2/...                   pi_ref <- iter-1's actor; the critic continues from iter-1's
                                    (from iter-1's actor if iter-1's critic failed its check)
@@ -41,6 +41,7 @@ from stepdapo.stages.bootstrap import bootstrap
 from stepdapo.stages.critic import check_critic, run_critic
 from stepdapo.stages.evaluate import format_table, run_evaluate
 from stepdapo.stages.labels import run_labels
+from stepdapo.stages.prm_eval import run_prm_eval
 from stepdapo.stages.states import run_states
 from stepdapo.store import atomic_write_text, read_json, write_json
 from stepdapo.summaries import CriticSummary, Iteration, RunReport
@@ -51,8 +52,8 @@ from stepdapo.tasks import get_task
 # sampling engine (vLLM) is shut down before it; "sampling" stages share one engine per policy;
 # "forward" stages only score. A baseline's kind is in its table entry (stages/baselines.py).
 STAGE_KINDS = {"bootstrap": "training", "import": "forward", "eval": "sampling", "states": "sampling",
-               "label": "sampling", "critic": "training", "critic-more": "training", "advantages": "forward",
-               "actor": "training"}
+               "label": "sampling", "critic": "training", "critic-more": "training", "prm-eval": "sampling",
+               "advantages": "forward", "actor": "training"}
 
 
 def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> RunReport:
@@ -145,6 +146,9 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> RunReport
         elif recovery is not None:
             console.print(f"[green]iteration {k}: the critic passes its check after {cfg.critic.recovery_epochs:g} "
                           f"more epoch(s)")
+        if cfg.prm.best_of_n:  # the critic as a process reward model at test time, on pi_ref's samples
+            it["prm_eval"] = stage(f"iter-{k}/prm-eval", lambda: run_prm_eval(
+                cfg, policy, critic_dir, d / "prm-eval", task, progress))
         tok = AutoTokenizer.from_pretrained(policy) if adv_cfg.advantages.source == "mc" else None
         it["advantages"] = stage(f"iter-{k}/advantages", lambda: run_advantages(
             adv_cfg, critic_dir, d / "labels", d / "advantages", task, tokenizer=tok, progress=progress))

@@ -244,6 +244,18 @@ def eval_work(name: str, test: list[Shape], n: int, cfg: RunConfig) -> Work:
                 notes=[f"{n} problems x (greedy + {c.samples} samples)"], counts={"problems": n})
 
 
+def prm_eval_work(k: int, test: list[Shape], n_test: int, cfg: RunConfig) -> Work:
+    """The critic at test time: max(best_of_n) samples of each problem, each scored by the critic
+    in one forward pass (prompt + sample)."""
+    c = cfg.prm
+    n, per = min(c.problems, n_test), max(c.best_of_n)
+    cut = [s.cut(c.max_new_tokens) for s in test]
+    sol, prompt = mean(s.ends[-1] for s in cut), mean(s.prompt for s in cut)
+    return Work(f"iter-{k}/prm-eval", sequences_generated=n * per, prefill_tokens=n * prompt,
+                new_tokens=n * per * sol, forward_tokens=n * per * (prompt + sol),
+                notes=[f"{n} problems x {per} samples, each scored by the critic"], counts={"problems": n})
+
+
 def iteration_work(k: int, cfg: RunConfig, train: list[Shape], n_problems: int, a: Assumptions) -> list[Work]:
     """The stages of iteration k (states, label, critic, advantages, actor) for `n_problems`
     training problems whose shapes are like `train` (per-problem means over the shapes)."""
@@ -541,7 +553,11 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
         estimates.append(how)
     works.append(eval_work("iter-0/eval", test, n_eval, cfg))
     for k in range(1, cfg.iterations + 1):
-        works += iteration_work(k, cfg, train, n_train, a)
+        iteration = iteration_work(k, cfg, train, n_train, a)
+        if cfg.prm.best_of_n:  # after the critic, as the pipeline runs it
+            at = next(i for i, w in enumerate(iteration) if w.stage.endswith("/critic")) + 1
+            iteration.insert(at, prm_eval_work(k, test, len(task.problems("test")), cfg))
+        works += iteration
         works.append(eval_work(f"iter-{k}/eval", test, n_eval, cfg))
         if k == 1:  # the baselines, on iteration 1's samples
             from stepdapo.stages.baselines import BASELINES

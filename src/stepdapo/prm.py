@@ -25,6 +25,7 @@ import time
 from bisect import bisect_left
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from stepdapo.errors import DataError, excerpt
@@ -372,3 +373,55 @@ def eval_file(critic_dir: str | Path, in_path: str | Path, task, threshold: floa
     r = evaluate_critic_processbench(critic, tokenizer, items, task, threshold, calibration_fraction, batch_size,
                                      progress, rule)
     return {"critic": str(critic_dir), "data": str(in_path), **r, "seconds": time.perf_counter() - t0}
+
+
+# -- at test time: best-of-N and weighted voting --------------------------------------------------
+
+AGGREGATIONS = {"min": min, "last": lambda v: v[-1], "product": lambda v: float(np.prod(v))}
+"""How best-of-N turns a sample's step values into one score."""
+TEST_TIME_METHODS = ["pass", "random", "majority", "weighted vote (last)"] + [f"best-of-N ({g})" for g in AGGREGATIONS]
+
+
+def sample_scores(gen, critic, tokenizer, task, problems: list, n: int, params, batch_size: int = 256) -> list[dict]:
+    """`n` samples of each problem from `gen` (the policy the critic values), verified and scored: per
+    problem the samples' correctness, answers and their step values aggregated (`AGGREGATIONS`).
+    The values are of V(prompt) and every step's prefix but the last (the answer line, which the
+    critic never sees in training); a one-step solution has only V(prompt)."""
+    from stepdapo.tasks import verify_all
+
+    prompts = encode_prompts(gen.tokenizer, [task.prompt(p, gen.tokenizer) for p in problems])
+    samples = gen.generate(prompts, n, params, desc="prm samples")
+    verdicts = verify_all(task, [p for p in problems for _ in range(n)], [s.text for ss in samples for s in ss])
+    is_delim = gen.is_delim
+    encoded = [(prompt, s.token_ids, [0] + split_steps(s.token_ids, is_delim)[:-1])
+               for prompt, ss in zip(prompts, samples) for s in ss]
+    with torch.no_grad():
+        values = score_ids(critic, tokenizer.pad_token_id, encoded, batch_size=batch_size)
+    rows = []
+    for i, p in enumerate(problems):
+        vd, vs = verdicts[i * n:(i + 1) * n], values[i * n:(i + 1) * n]
+        steps = [v[1:] or v[:1] for v in vs]
+        rows.append({"problem_id": p.id, "correct": [v.correct for v in vd], "answer": [v.answer for v in vd],
+                     **{f"score_{g}": [float(f(s)) for s in steps] for g, f in AGGREGATIONS.items()}})
+    return rows
+
+
+def best_of_n_table(rows: list[dict], ns: list[int], seed: int = 0) -> dict[str, dict]:
+    """Per method and N (the first N samples of each problem): the share of problems whose chosen
+    answer is correct, with a 95% bootstrap interval over problems. pass: any of N correct; random:
+    their mean; majority: the most frequent answer; weighted vote: answers weighted by the critic's
+    last value; best-of-N: the sample whose aggregated values score highest."""
+    from stepdapo.metrics import best_of_n_correct, bootstrap_interval, majority_correct, weighted_vote_correct
+
+    by: dict[str, list[float]] = {f"{m}@{n}": [] for n in ns for m in TEST_TIME_METHODS}
+    for r in rows:
+        for n in ns:
+            ok, ans = r["correct"][:n], r["answer"][:n]
+            by[f"pass@{n}"].append(float(any(ok)))
+            by[f"random@{n}"].append(float(np.mean(ok)))
+            by[f"majority@{n}"].append(float(majority_correct(ans, ok)))
+            by[f"weighted vote (last)@{n}"].append(float(weighted_vote_correct(ans, r["score_last"][:n], ok)))
+            for g in AGGREGATIONS:
+                by[f"best-of-N ({g})@{n}"].append(float(best_of_n_correct(r[f"score_{g}"][:n], ok)))
+    return {key: {"mean": float(np.mean(v)), "ci95": list(bootstrap_interval(v, seed=seed))}
+            for key, v in by.items() if v}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from stepdapo.prm import TEST_TIME_METHODS
 from stepdapo.store import atomic_write_text, write_json
 from stepdapo.summaries import EvalSummary, Iteration, RunReport
 
@@ -208,6 +209,21 @@ def write_report(report: RunReport, out: Path) -> None:
                 f"{_num(auc)} | {_num(sr, 2)} | {_num(pb.get('f1'), 2)} | "
                 f"{adv.states_kept} ({adv.fraction_kept:.2f}) | {adv.advantage_abs_mean:.3f} | "
                 f"{_num(corr, 2)} |")
+    tested = [it for it in its if it.prm_eval is not None]
+    if tested:
+        md += ["", "## The critic at test time", "",
+               "N samples of each test problem from the iteration's pi_ref, and the answer chosen by: any of N correct "
+               "(pass), one at random (the mean), the most frequent answer (majority), answers weighted by the critic's "
+               "last value (weighted vote), or the sample whose step values aggregate highest (best-of-N by min, last "
+               "or product). % of problems right, with 95% bootstrap intervals."]
+        for it in tested:
+            pe = it.prm_eval
+            md += ["", f"Iteration {it.iteration} ({pe.problems} problems):", "",
+                   "| method | " + " | ".join(f"N={n}" for n in pe.best_of_n) + " |", "|---|" + "---:|" * len(pe.best_of_n)]
+            for m in TEST_TIME_METHODS:
+                cells = [pe.table.get(f"{m}@{n}") for n in pe.best_of_n]
+                md.append(f"| {m} | " + " | ".join("–" if c is None else f"{_pct(c['mean'])} {_ci(c['ci95'])}"
+                                                      for c in cells) + " |")
     md += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k} | {v:.1f} |" for k, v in report.timings.items()]
     md += [f"| **total** | {sum(report.timings.values()):.1f} |", "", "## Plots", ""]

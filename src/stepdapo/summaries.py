@@ -78,6 +78,14 @@ class ActorSummary(Summary):
     scatter: dict | None = None
 
 
+class PRMEvalSummary(Summary):
+    """stages/prm_eval.py: the critic at test time; `table["<method>@<N>"]` = {mean, ci95}."""
+
+    problems: int
+    best_of_n: list[int]
+    table: dict[str, dict]
+
+
 class BaselineResult(Summary):
     """One baseline of `baselines` (stages/baselines.py): its training summary and evaluation, or why
     it was not trained."""
@@ -99,6 +107,7 @@ class Iteration(Summary):
     critic: CriticSummary | None = None
     advantages: AdvantagesSummary | None = None
     actor: ActorSummary | None = None
+    prm_eval: PRMEvalSummary | None = None
     baselines: dict[str, BaselineResult] = {}
     skipped: str | None = None
     """why the actor was not trained (no state passed the gap filter): `eval` is the previous policy's."""

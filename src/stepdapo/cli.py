@@ -277,6 +277,36 @@ def cmd_prm_processbench(args) -> int:
     return 0
 
 
+def cmd_prm_import(args) -> int:
+    from stepdapo.models import set_threads
+    from stepdapo.prm_data import import_file
+    from stepdapo.runner import world_size
+    from stepdapo.tasks import get_task
+
+    cfg = _load(args)
+    if world_size() > 1:
+        raise ConfigError("prm import runs in one process: start it without torchrun / accelerate launch")
+    for name, v in (("--hard-above", args.hard_above), ("--neutral", args.neutral)):
+        if not math.isfinite(v):
+            raise ConfigError(f"prm import: {name} must be a finite number, got {v}")
+    set_threads(cfg.threads)
+    s = import_file(args.input, args.format, args.model, args.out, get_task(cfg.task), prompt=args.prompt,
+                    targets=args.targets, hard_above=args.hard_above, final_step=args.final_step, neutral=args.neutral)
+    print(f"imported {s['states']:,} labelled states ({s['targets']} targets, mean {s['mean_mc']:.3f}) of "
+          f"{s['solutions']:,} solutions, {s['problems']:,} problems -> {args.out}")
+    return 0
+
+
+def cmd_prm_export(args) -> int:
+    from stepdapo.prm_data import export_labels
+    from stepdapo.tasks import get_task
+
+    cfg = _load(args)
+    s = export_labels(args.labels, args.format, args.out, get_task(cfg.task), license=args.license)
+    print(f"exported {s['rows']:,} solutions ({args.format} format) -> {s['out']}; dataset card -> {s['card']}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from stepdapo.config import dump_yaml
     from stepdapo.settings import describe
@@ -491,6 +521,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="the first N problems (default 1000)")
     _common(p)
     p.set_defaults(func=cmd_prm_processbench)
+    p = psub.add_parser("import", help="step-labelled data from another format as a labels directory the critic "
+                        "stage trains on", description="Rows of TRL's stepwise supervision (prompt, completions, "
+                        "labels: bools or numbers in [0, 1], kept as they are), Math-Shepherd's (input with a ки "
+                        "after each step, label with + or - there) or PRM800K's (question.problem, label.steps with "
+                        "rated completions) become labelled states (prompt + steps so far, tokenized as the pipeline "
+                        "does with --model's tokenizer), written as a labels stage directory: `stepdapo critic "
+                        "--labels OUT` trains on it. The formats carry no rollouts: the critic trains on the "
+                        "labelled states alone. A solution's last step is dropped by default (its label is the "
+                        "verdict on the finished solution, which the pipeline takes from the verifier).")
+    p.add_argument("input", help="the rows: .jsonl, .jsonl.gz, .json or .parquet")
+    p.add_argument("--format", required=True, choices=["trl", "math-shepherd", "prm800k"], help="the rows' format")
+    p.add_argument("--model", required=True, help="the model whose tokenizer makes the states' token ids (the "
+                   "critic's initialisation: the policy)")
+    p.add_argument("--out", required=True, help="the labels directory to write (new or empty)")
+    p.add_argument("--prompt", choices=["task", "raw"], help="the prompt: the config's task formats the question "
+                   "(`task.prompt`, chat template included; default for math-shepherd and prm800k) or the text is "
+                   "used as given (`raw`; default for trl, whose prompt is the text the policy saw)")
+    p.add_argument("--targets", choices=["soft", "hard"], default="soft", help="train toward the labels as given "
+                   "(soft, the default: a row's `values` where it has them) or hard ones (0 or 1)")
+    p.add_argument("--hard-above", type=float, default=0.0, help="with --targets hard, a number label above this is "
+                   "1 (default 0: Math-Shepherd's hard estimate, some rollout ends correct)")
+    p.add_argument("--final-step", choices=["drop", "keep"], default="drop", help="a solution's last step: drop "
+                   "its label (the default, as the pipeline) or keep it as a state (for use as a PRM)")
+    p.add_argument("--neutral", type=float, default=1.0, help="prm800k: the label of a step rated 0 (neutral; "
+                   "default 1.0)")
+    _common(p)
+    p.set_defaults(func=cmd_prm_import)
+    p = psub.add_parser("export", help="a labels directory's step labels as TRL or Math-Shepherd rows, with a "
+                        "Hugging Face dataset card", description="The labels stage's stepwise.parquet (one row per "
+                        "kept solution: its steps, each step's hard label MC > 0 and soft value; the last step's "
+                        "the verifier's verdict) written as TRL's stepwise supervision (prompt, completions, labels, "
+                        "values) or Math-Shepherd's format (input, label; with question, problem_id and the soft "
+                        "values beside them), and README.md (a dataset card: YAML front matter with the features, "
+                        "license and data file; how the data was made) beside it.")
+    p.add_argument("--labels", required=True, help="a labels directory (the labels stage's, or `prm import`'s)")
+    p.add_argument("--format", required=True, choices=["trl", "math-shepherd"], help="the rows' format")
+    p.add_argument("--out", required=True, help="a .jsonl or .parquet file (replaces only an export); README.md "
+                   "is written beside it (replacing only a card this command wrote)")
+    p.add_argument("--license", default="unknown", help="the card's license field (default: unknown)")
+    _common(p)
+    p.set_defaults(func=cmd_prm_export)
 
     p = sub.add_parser("run", help="the whole pipeline: [bootstrap] -> evaluate -> [states -> label -> critic "
                                    "-> advantages -> actor -> evaluate] x iterations -> report")

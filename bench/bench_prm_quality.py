@@ -123,9 +123,12 @@ def main() -> None:
         md += [f"| {m} | " + " | ".join(pct(r["table"][f"{m}@{n}"]["mean"], r["table"][f"{m}@{n}"]["ci95"]) for n in NS)
                + " |" for m in METHODS] + [""]
     (out / "prm-bestofn.md").write_text("\n".join(md))
-    (out / "prm-bestofn.json").write_text(json.dumps({"run": str(run), "problems": a.problems, "results": bn},
-                                                     indent=2) + "\n")
-    print(f"-> {out}/prm-processbench.md, {out}/prm-bestofn.md")
+    # both parts on one page: the PRM table of the run's critics
+    pb_body = (out / "prm-processbench.md").read_text().split("\n", 1)[1]
+    bn_body = "\n".join(md).split("\n", 1)[1].replace("\n## ", "\n### ")
+    (out / "prm.md").write_text(f"# The critics of {run} as process reward models\n\n## ProcessBench's protocol\n"
+                                f"{pb_body}\n## At test time: best-of-N and weighted voting\n{bn_body}")
+    print(f"-> {out}/prm.md (= prm-processbench.md + prm-bestofn.md)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,15 @@
+"""Shared fixtures and rules of the test suite. The tests are laid out like the code: stages/ (a
+file per stage), tasks/, execution/ (the sandbox and verifiers), distributed/; helpers/ holds
+what several tests import (a scripted policy, the SmolLM2 paths, a Chromium driver, ...)."""
+
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))  # `from scripted import ...` from any test directory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

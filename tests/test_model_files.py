@@ -14,7 +14,7 @@ import pytest
 
 from stepdapo.cli import main
 from stepdapo.errors import ModelPathError
-from test_model_stages import write_tiny_gguf
+from tiny_gguf import write_tiny_gguf
 
 
 def _tree(root: Path) -> dict:

@@ -166,6 +166,10 @@ def test_the_critic_stage_trains_on_an_imported_directory(run, tmp_path):
     assert s["train_examples"] == s["train_states"] and s["train_states"] + s["heldout_states"] == n
     assert s["heldout"]["step_ranking"]["pairs"] == 0  # no sampled actions: nothing to rank
     assert s["fingerprint"]["labels"]["import"]["format"] == "math-shepherd"
+    # the advantages need sampled actions, which imported labels do not have: a clear error, nothing written
+    assert cli("advantages", "--labels", tmp_path / "imported", "--critic", tmp_path / "critic",
+               "--out", tmp_path / "adv") == 2
+    assert not (tmp_path / "adv").exists()
 
 
 def test_dataset_card_beside_the_export_and_files_it_did_not_write_are_kept(run, tmp_path):

@@ -236,10 +236,10 @@ def test_foreign_work_dir_is_refused(tmp_path):
 # -- several processes -----------------------------------------------------------------------------
 
 def torchrun(out: Path, *fail: str, timeout: float = 90) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "PYTHONPATH": f"{TESTS.parent / 'src'}{os.pathsep}{TESTS}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{TESTS.parent / 'src'}{os.pathsep}{TESTS / 'helpers'}", "OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(TESTS / "runner_toy.py"), str(out), *fail],
+                        str(TESTS / "helpers" / "runner_toy.py"), str(out), *fail],
                        env=env, capture_output=True, text=True, timeout=timeout)
     return p, time.monotonic() - t0
 
@@ -290,9 +290,9 @@ def test_a_dead_peer_fails_the_others_without_a_launcher(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{TESTS.parent / 'src'}{os.pathsep}{TESTS}", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": f"{TESTS.parent / 'src'}{os.pathsep}{TESTS / 'helpers'}", "OMP_NUM_THREADS": "1",
            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [subprocess.Popen([sys.executable, str(TESTS / "runner_toy.py"), str(tmp_path), "1:1:kill"],
+    procs = [subprocess.Popen([sys.executable, str(TESTS / "helpers" / "runner_toy.py"), str(tmp_path), "1:1:kill"],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     t0 = time.monotonic()

@@ -2,7 +2,7 @@
 its output-path rules, and the page itself in a real headless Chromium (no console error, the
 expected rows, the filters).
 
-The run is tiny and made in seconds: a scripted policy (tests/scripted.py: every step goes wrong
+The run is tiny and made in seconds: a scripted policy (tests/helpers/scripted.py: every step goes wrong
 with probability 0.3, no model) writes the states and labels, a critic is trained for one epoch
 from an untrained tiny Llama, and the advantages come from that critic."""
 

@@ -1,8 +1,8 @@
 """Statistics as pure functions of plain numbers: intervals (Wilson, bootstrap, grouped
 bootstrap over problems), pass@k and majority votes for evaluation, and the value-model quality
 metrics (BCE, Brier, ECE, AUC, calibration by Platt scaling, cross-fitted). No models, no files:
-each has a CPU test against a plain reference (tests/test_evaluate.py, tests/test_losses.py,
-tests/test_model_stages.py). The stages that report them: stages/evaluate.py, stages/critic.py."""
+each has a CPU test against a plain reference (tests/stages/test_evaluate.py, tests/test_losses.py,
+tests/stages/test_critic.py). The stages that report them: stages/evaluate.py, stages/critic.py."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 
 from stepdapo.stages.labels import read_labels
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # One torch thread per process: two 2-thread processes on 2 cores slow each other 10x or more.
 SMALL = ["threads=1", "states.n_problems=24", "states.samples_per_problem=4", "states.keep_per_problem=2",
          "label.rollouts=4", "label.shard_size=7", "eval.limit=40", "eval.samples=2", "eval.k=2"]

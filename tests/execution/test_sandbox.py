@@ -17,7 +17,7 @@ from stepdapo.execution.sandbox import run_python
 
 LIMITS = {"timeout": 3.0, "cpu_seconds": 2, "memory_mb": 256, "max_processes": 8}
 SLACK = 3.0  # seconds: two interpreter start-ups, namespace setup and the cleanup
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 NAMESPACES = sandbox.isolation() == "namespaces"
 needs_namespaces = pytest.mark.skipif(

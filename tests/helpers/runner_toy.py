@@ -1,7 +1,7 @@
 """A toy sharded stage and a toy model stage on stepdapo.runner, for tests/test_runner.py: run in
 the test's process (one rank) or under `python -m torch.distributed.run --nproc-per-node N`.
 
-    python tests/runner_toy.py OUT [RANK:AFTER:raise|kill]
+    python tests/helpers/runner_toy.py OUT [RANK:AFTER:raise|kill]
 
 With the second argument, rank RANK raises (or SIGKILLs itself) when it has written AFTER shards.
 Each rank writes OUT/result-rank<R>.json with the summaries it got.

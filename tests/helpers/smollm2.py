@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 GGUF = Path(os.environ.get("STEPDAPO_SMOLLM2", Path.home() / ".cache/stepdapo-test-models/smollm2-135m-instruct/"
                            "SmolLM2-135M-Instruct.Q4_1.gguf"))

@@ -22,7 +22,7 @@ from stepdapo.tasks.data import DataError
 from stepdapo.tasks.math import MathTask
 from stepdapo.execution.verifier import verifier
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 GSM8K = DATA / "gsm8k"
 MATH500 = DATA / "math500" / "test.jsonl"
 needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(),
@@ -410,7 +410,7 @@ def test_answer_extraction_is_linear_in_time_and_memory(name):
     """A completion of nested boxes, or one built to make the fallback patterns backtrack, is
     extracted in bounded memory and time, with the documented answer (the last complete box)."""
     expr, gsm8k, expected = _HOSTILE[name]
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         proc = subprocess.run([sys.executable, "-c", _BOUNDED_EXTRACT, expr,
@@ -494,7 +494,7 @@ def _gone(pid: int, within: float) -> bool:
 
 @pytest.mark.parametrize("how", ["exit", "kill"])
 def test_no_worker_outlives_the_interpreter(how):
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", _CHILD, how], capture_output=True, text=True,
                           check=False, env=env, timeout=60)

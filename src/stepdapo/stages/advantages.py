@@ -148,6 +148,10 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
     if (done := stage.done()) is not None:
         return done
     labels = read_labels(labels_dir)
+    if not any(labels.column("action_ids").to_pylist()):  # e.g. `stepdapo prm import`'s labels: values only
+        raise StageInputError(f"{labels_dir}: these labels have no sampled actions (a labels directory from "
+                              f"`stepdapo prm import` has values only): the advantages need the label stage's "
+                              f"candidate actions")
     if c.source == "critic" and critic is None:  # checked before the stage is marked started
         raise StageInputError("advantages.source=critic needs a critic directory")
     if c.source == "critic":

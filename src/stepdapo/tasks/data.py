@@ -4,7 +4,7 @@ each with a `where` (file and line, or row) that error messages name.
 Whatever a file holds (binary junk, another encoding, a truncated or corrupt gzip or parquet file,
 JSON nested too deep or with a 5000-digit number), reading it gives rows or a `DataError` naming the
 file, and the line where there is one; a directory is read as a saved Hugging Face dataset or is a
-`DataError` naming it. tests/test_data_fuzz.py holds this to account."""
+`DataError` naming it. tests/tasks/test_data_fuzz.py holds this to account."""
 
 from __future__ import annotations
 

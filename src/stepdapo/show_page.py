@@ -324,6 +324,15 @@ JS = r"""
     thead.appendChild(tr);
     return thead;
   }
+  function rowStart(r, kind) {  // a table row's data attributes (the filters read them), iteration and problem
+    var tr = el('tr');
+    tr.dataset.kind = kind;
+    tr.dataset.iter = String(r.i);
+    tr.dataset.problem = r.p;
+    tr.appendChild(el('td', 'num', r.i));
+    tr.appendChild(problemCell(r));
+    return tr;
+  }
   function problemCell(r) {
     var td = el('td', 'q');
     td.appendChild(el('div', 'pid', r.p));
@@ -366,12 +375,7 @@ JS = r"""
       ['min \u0394V', 'mindv', false, 'the largest drop of the critic\'s value at a step']], 'i', false));
     var tbody = el('tbody');
     rows.forEach(function (r) {
-      var tr = el('tr');
-      tr.dataset.kind = 'solution';
-      tr.dataset.iter = String(r.i);
-      tr.dataset.problem = r.p;
-      tr.appendChild(el('td', 'num', r.i));
-      tr.appendChild(problemCell(r));
+      var tr = rowStart(r, 'solution');
       var td = el('td');
       r.s.forEach(function (st, t) {
         var line = el('div', 'step');
@@ -422,12 +426,7 @@ JS = r"""
       ['gap', 'gap', true, 'max A \u2212 min A over the sampled next steps (kept states only)']], 'gap', true));
     var tbody = el('tbody');
     rows.forEach(function (r) {
-      var tr = el('tr');
-      tr.dataset.kind = 'state';
-      tr.dataset.iter = String(r.i);
-      tr.dataset.problem = r.p;
-      tr.appendChild(el('td', 'num', r.i));
-      tr.appendChild(problemCell(r));
+      var tr = rowStart(r, 'state');
       var sol = D.solutions[r.sol];
       var pre = [];
       for (var t = 0; t < r.d; t++) pre.push(sol.s[t][0].replace(/\n+$/, ''));

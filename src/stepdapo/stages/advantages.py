@@ -148,16 +148,16 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
     if (done := stage.done()) is not None:
         return done
     labels = read_labels(labels_dir)
-    if not any(labels.column("action_ids").to_pylist()):  # e.g. `stepdapo prm import`'s labels: values only
-        raise StageInputError(f"{labels_dir}: these labels have no sampled actions (a labels directory from "
-                              f"`stepdapo prm import` has values only): the advantages need the label stage's "
-                              f"candidate actions")
     if c.source == "critic" and critic is None:  # checked before the stage is marked started
         raise StageInputError("advantages.source=critic needs a critic directory")
     if c.source == "critic":
         check_critic(critic)  # a broken critic is an error before the stage is marked started
     if c.source == "mc" and tokenizer is None:
         raise StageInputError("advantages.source=mc needs the policy's tokenizer")
+    if not any(labels.column("action_ids").to_pylist()):  # e.g. `stepdapo prm import`'s labels: values only
+        raise StageInputError(f"{labels_dir}: these labels have no sampled actions (a labels directory from "
+                              f"`stepdapo prm import` has values only): the advantages need the label stage's "
+                              f"candidate actions")
 
     def make_shard(_: int) -> tuple[dict, dict]:
         return advantage_rows(labels, action_values(labels, c.source, critic, tokenizer, task, c.shared_prefix), c)

@@ -8,7 +8,7 @@ each task's section lives with its task (tasks/arithmetic.py, tasks/math.py, tas
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -367,8 +367,8 @@ class PRMEvalConfig(Section):
     critic values), then best-of-N by the critic, critic-weighted and plain majority vote, pass@N
     and random@1, with intervals, in the report."""
 
-    best_of_n: list[int] = Field(default_factory=lambda: [1, 4, 16], max_length=16)
-    """the N's of the table (each the first N samples of a problem); [] skips the stage."""
+    best_of_n: list[Annotated[int, Field(ge=1, le=2**16)]] = Field(default_factory=lambda: [1, 4, 16], max_length=16)
+    """the N's of the table (each the first N samples of a problem, each in [1, 65,536]); [] skips the stage."""
     problems: int = Field(300, ge=1, le=2**31 - 1)
     """the first test problems it samples (at most the split's)."""
     temperature: float = Field(1.0, ge=0.01, le=100)
@@ -380,9 +380,7 @@ class PRMEvalConfig(Section):
 
     @field_validator("best_of_n")
     @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(n < 1 or n > 2**16 for n in v):
-            raise ValueError("each N must be in [1, 65,536]")
+    def _sorted(cls, v: list[int]) -> list[int]:
         return sorted(set(v))
 
 

@@ -162,11 +162,11 @@ def test_critic_checks_are_not_part_of_its_fingerprint(monkeypatch):
 
 def test_the_critic_is_judged_calibrated_and_the_map_is_reported(inputs, tmp_path, monkeypatch):
     """critic.calibrate: evaluate_critic fits sigmoid(a logit V + b) on the held-out states and reports
-    it with the cross-fitted quality the check judges (`pipeline.judged`); the published critic is
+    it with the cross-fitted quality the check judges (`CriticSummary.judged`); the published critic is
     the raw one. Here an underconfident stand-in critic (values sigmoid(0.3 logit target)) makes the
     map's effect known: a slope well above 1, and a better Brier score after it."""
     from stepdapo.steps import delimiter_token_mask
-    from stepdapo.pipeline import judged
+    from stepdapo.summaries import CriticSummary
 
     d, task, _ = inputs
     cfg = load_config(None, TINY + DATA + ["critic.epochs=1", "critic.heldout_fraction=0.5"])
@@ -186,7 +186,8 @@ def test_the_critic_is_judged_calibrated_and_the_map_is_reported(inputs, tmp_pat
     hc = m["heldout_calibrated"]
     assert hc["brier"] < m["heldout"]["brier"] and hc["brier_gain_ci95"][0] <= hc["brier_gain"] <= hc["brier_gain_ci95"][1]
     assert hc["step_ranking"] == m["heldout"]["step_ranking"]  # an increasing map keeps the ranking
-    assert judged(m) is hc and judged({**m, "heldout_calibrated": None}) is m["heldout"]
+    assert CriticSummary(**m).judged() == hc
+    assert CriticSummary(**{**m, "heldout_calibrated": None}).judged() == m["heldout"]
     assert "calibration" not in critic.evaluate_critic(None, tok, train_states, held, labels, task, calibrate=False)
     # the stage reports both (None where no increasing map fits, as for this tiny critic) and
     # publishes the raw critic

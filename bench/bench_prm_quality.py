@@ -123,6 +123,8 @@ def main() -> None:
         md += [f"| {m} | " + " | ".join(pct(r["table"][f"{m}@{n}"]["mean"], r["table"][f"{m}@{n}"]["ci95"]) for n in NS)
                + " |" for m in METHODS] + [""]
     (out / "prm-bestofn.md").write_text("\n".join(md))
+    (out / "prm-bestofn.json").write_text(json.dumps({"run": str(run), "problems": a.problems, "results": bn},
+                                                     indent=2) + "\n")
     # both parts on one page: the PRM table of the run's critics
     pb_body = (out / "prm-processbench.md").read_text().split("\n", 1)[1]
     bn_body = "\n".join(md).split("\n", 1)[1].replace("\n## ", "\n### ")

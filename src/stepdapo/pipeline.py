@@ -83,6 +83,12 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> RunReport
             write_json(out / "timings.json", timings)
         return result
 
+    def judged(critic: dict) -> dict:  # the held-out metrics the check judges (CriticSummary.judged)
+        return CriticSummary(**critic).judged()
+
+    def check(critic: dict) -> str | None:
+        return check_critic(judged(critic), cfg.critic.min_brier_gain, cfg.critic.min_step_ranking)
+
     def evaluation(name: str, model: Path, title: str) -> dict:
         ev = stage(name, lambda: run_evaluate(cfg, model, out / name, task, progress), kind="sampling")
         console.print(format_table(ev, title=title))
@@ -112,7 +118,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> RunReport
         init = critic_init if cfg.critic.init == "previous" else policy
         critic_dir = d / "critic"
         critic = stage(f"iter-{k}/critic", lambda: run_critic(cfg, init, d / "labels", critic_dir, task, progress))
-        problem = check_critic(CriticSummary(**critic).judged(), cfg.critic.min_brier_gain, cfg.critic.min_step_ranking)
+        problem = check(critic)
         recovery = None
         if problem is not None and cfg.critic.recovery_epochs > 0:
             # a critic that is close often passes with a little more training: a second try, continuing
@@ -121,13 +127,12 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> RunReport
                           f"epoch(s) (critic.recovery_epochs) and checking again")
             more_cfg = cfg.model_copy(update={"critic": cfg.critic.model_copy(
                 update={"continue_epochs": cfg.critic.recovery_epochs})})
-            recovery = {"first_check": problem, "first_heldout": CriticSummary(**critic).judged(),
+            recovery = {"first_check": problem, "first_heldout": judged(critic),
                         "epochs": cfg.critic.recovery_epochs}
             critic_dir = d / "critic-more"
             critic = stage(f"iter-{k}/critic-more", lambda: run_critic(more_cfg, d / "critic", d / "labels",
                                                                         critic_dir, task, progress))
-            problem = check_critic(CriticSummary(**critic).judged(), cfg.critic.min_brier_gain,
-                                   cfg.critic.min_step_ranking)
+            problem = check(critic)
             recovery["passed"] = problem is None
         it["critic"] = {key: v for key, v in critic.items() if key != "fingerprint"}
         it["critic"]["dir"] = str(critic_dir)

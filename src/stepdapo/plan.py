@@ -552,11 +552,12 @@ def make_plan(cfg: RunConfig, throughput: Throughput | None = None, assumptions:
         works.append(w)
         estimates.append(how)
     works.append(eval_work("iter-0/eval", test, n_eval, cfg))
+    n_test = len(task.problems("test"))
     for k in range(1, cfg.iterations + 1):
         iteration = iteration_work(k, cfg, train, n_train, a)
         if cfg.prm.best_of_n:  # after the critic, as the pipeline runs it
             at = next(i for i, w in enumerate(iteration) if w.stage.endswith("/critic")) + 1
-            iteration.insert(at, prm_eval_work(k, test, len(task.problems("test")), cfg))
+            iteration.insert(at, prm_eval_work(k, test, n_test, cfg))
         works += iteration
         works.append(eval_work(f"iter-{k}/eval", test, n_eval, cfg))
         if k == 1:  # the baselines, on iteration 1's samples

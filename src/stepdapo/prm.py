@@ -392,8 +392,7 @@ def sample_scores(gen, critic, tokenizer, task, problems: list, n: int, params, 
     prompts = encode_prompts(gen.tokenizer, [task.prompt(p, gen.tokenizer) for p in problems])
     samples = gen.generate(prompts, n, params, desc="prm samples")
     verdicts = verify_all(task, [p for p in problems for _ in range(n)], [s.text for ss in samples for s in ss])
-    is_delim = gen.is_delim
-    encoded = [(prompt, s.token_ids, [0] + split_steps(s.token_ids, is_delim)[:-1])
+    encoded = [(prompt, s.token_ids, [0] + split_steps(s.token_ids, gen.is_delim)[:-1])
                for prompt, ss in zip(prompts, samples) for s in ss]
     with torch.no_grad():
         values = score_ids(critic, tokenizer.pad_token_id, encoded, batch_size=batch_size)

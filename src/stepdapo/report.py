@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from stepdapo.prm import TEST_TIME_METHODS
 from stepdapo.store import atomic_write_text, write_json
 from stepdapo.summaries import EvalSummary, Iteration, RunReport
 
@@ -220,7 +219,7 @@ def write_report(report: RunReport, out: Path) -> None:
             pe = it.prm_eval
             md += ["", f"Iteration {it.iteration} ({pe.problems} problems):", "",
                    "| method | " + " | ".join(f"N={n}" for n in pe.best_of_n) + " |", "|---|" + "---:|" * len(pe.best_of_n)]
-            for m in TEST_TIME_METHODS:
+            for m in dict.fromkeys(key.rsplit("@", 1)[0] for key in pe.table):  # the methods, in the table's order
                 cells = [pe.table.get(f"{m}@{n}") for n in pe.best_of_n]
                 md.append(f"| {m} | " + " | ".join("–" if c is None else f"{_pct(c['mean'])} {_ci(c['ci95'])}"
                                                       for c in cells) + " |")

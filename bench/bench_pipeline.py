@@ -75,6 +75,7 @@ def summarize_run(report: RunReport) -> dict:
         "flaw_steps": [it.eval.greedy_flaw_step_accuracy for it in its[1:]],
         "other_steps": [it.eval.greedy_other_step_accuracy for it in its[1:]],
         "dpo": None if dpo is None else dpo.accuracy,
+        "baselines": {name: b.eval.accuracy for it in its for name, b in it.baselines.items() if b.eval is not None},
         "critic": [critic_outcome(it) for it in its[1:]],
         "critic_heldout": [{k: v for k, v in (it.critic.heldout if it.critic else {}).items() if k != "calibration"}
                            for it in its[1:]],

@@ -57,11 +57,11 @@ class ShortChainsTask(Task):
 
 # -- a toy baseline: one file, one entry in stepdapo.stages.baselines.BASELINES -------------------
 
-def copy_reference(cfg, policy, states_dir, out_dir, progress=True) -> dict:
+def copy_reference(cfg, policy, iteration, out_dir, progress=True) -> dict:
     """The "do nothing" baseline: pi_ref itself, so its evaluation must equal iteration 0's."""
     if not out_dir.is_dir():
         shutil.copytree(policy, out_dir)
-    return {"copied_from": str(policy), "solutions_seen": sum(1 for _ in states_dir.glob("*.parquet"))}
+    return {"copied_from": str(policy), "solutions_seen": sum(1 for _ in (iteration / "states").glob("*.parquet"))}
 
 
 # -- a toy backend: one file, one entry in stepdapo.generation.BACKENDS ----------------------------

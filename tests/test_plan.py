@@ -390,3 +390,25 @@ def test_recipe_plans_offline(tmp_path, capsys, path):
     assert lab["sequences_generated"] == st["counts"]["states"] * 16
     assert [s["stage"] for s in plan["stages"]][-1] == "iter-2/eval"
     assert all(s["seconds"] > 0 for s in plan["stages"])
+
+
+def test_every_baseline_is_counted():
+    """Each baseline of `baselines` gets its training and its evaluation in the plan: MC-DAPO the
+    actor's work, Step-DPO a pair per kept state (the state once, both steps), RFT every kept
+    solution (all correct: an upper bound)."""
+    plan = plan_of(small_cfg("baselines=[dpo,step_dpo,rft,mc_dapo]"))
+    names = [s["stage"] for s in plan["stages"]]
+    assert names[-8:] == ["iter-1/dpo", "iter-1/dpo-eval", "iter-1/step_dpo", "iter-1/step_dpo-eval",
+                          "iter-1/rft", "iter-1/rft-eval", "iter-1/mc_dapo", "iter-1/mc_dapo-eval"]
+    actor, mc = stage(plan, "iter-1/actor"), stage(plan, "iter-1/mc_dapo")
+    assert {k: v for k, v in mc.items() if k not in ("stage", "notes", "flops", "seconds")} == \
+        {k: v for k, v in actor.items() if k not in ("stage", "notes", "flops", "seconds")}
+    sd = stage(plan, "iter-1/step_dpo")  # 70 states (upper bound); the prompt once per problem, 2 x 3 later states
+    state = (P + 2 * ((P + 6) + (P + 12) + (P + 18))) / 7
+    step = (6 + 2 * (6 + 6 + 4)) / 7
+    assert sd["counts"]["pairs"] == 70 and sd["counts"]["steps"] == math.ceil(70 / 16 * 3)
+    assert sd["forward_tokens"] == pytest.approx(70 * (state + 2 * step))
+    assert sd["sequences_trained"] == 2 * sd["counts"]["steps"] * 16 and sd["upper_bound"]
+    rft = stage(plan, "iter-1/rft")  # 10 problems x 2 kept solutions, 3 epochs of batch 16
+    assert rft["counts"]["solutions"] == 20 and rft["counts"]["steps"] == math.ceil(20 / 16 * 3)
+    assert rft["trained_tokens"] == rft["counts"]["steps"] * 16 * (P + L) and rft["upper_bound"]

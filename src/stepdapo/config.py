@@ -461,6 +461,52 @@ class DPOConfig(Section):
     architecture whose cache cannot be reused this way."""
 
 
+class StepDPOConfig(Section):
+    """The Step-DPO baseline (stages/step_dpo.py; Lai et al. 2024): DPO on pairs of a right and a wrong
+    next step at the same state, from iteration 1's labels: at every state whose Monte-Carlo action
+    values (the pooled rollouts through s + a, as `advantages.source: mc` uses) differ by at least
+    `advantages.min_gap`, the highest-valued sampled step is chosen and the lowest rejected. Runs when
+    `baselines` lists "step_dpo"."""
+
+    beta: float = Field(0.1, ge=1e-6, le=10**6)
+    """DPO's beta."""
+    lr: float = Field(1e-4, gt=0, le=10)
+    """learning rate (AdamW, betas (0.9, 0.95), linear schedule, as the actor)."""
+    epochs: float = Field(3.0, gt=0, le=10**4)
+    """passes over the step pairs."""
+    batch_size: int = Field(16, ge=1, le=2**24)
+    """step pairs per optimizer step, over all processes (a multiple of the number of processes)."""
+    shared_prefix: bool = True
+    """compute each state once per batch for its chosen and rejected step (as `dpo.shared_prefix`)."""
+
+
+class RFTConfig(Section):
+    """The rejection-sampling fine-tuning baseline (stages/rft.py; Yuan et al. 2023): supervised
+    fine-tuning of pi_ref on its own correct solutions from iteration 1's states stage (loss on the
+    solution tokens). Runs when `baselines` lists "rft"."""
+
+    lr: float = Field(1e-4, gt=0, le=10)
+    """learning rate (AdamW, betas (0.9, 0.95), linear schedule, as the actor)."""
+    epochs: float = Field(3.0, gt=0, le=10**4)
+    """passes over the correct solutions."""
+    batch_size: int = Field(16, ge=1, le=2**24)
+    """solutions per optimizer step, over all processes (a multiple of the number of processes)."""
+    distinct: bool = True
+    """each distinct correct solution of a problem once (RFT's deduplication); false keeps repeats,
+    which weights a problem's common solutions by how often pi_ref samples them."""
+
+
+class MCDAPOConfig(Section):
+    """DAPO with Monte-Carlo advantages as a baseline (stages/mc_dapo.py): the same actor on the same
+    labels, each action valued by the pooled rollouts through s + a instead of the critic (the paper's
+    ablation), so a run measures what the critic adds. Runs when `baselines` lists "mc_dapo"."""
+
+    beta: float | None = Field(None, ge=1e-6, le=10**6)
+    """the actor's beta for this baseline; null: `actor.beta`."""
+    lr: float | None = Field(None, gt=0, le=10)
+    """the actor's learning rate for this baseline; null: `actor.lr`."""
+
+
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "dvclive", "swanlab"]
 
 
@@ -513,9 +559,16 @@ class RunConfig(Section):
     """the critic judged as a process reward model at test time (best-of-N, weighted vote)."""
     baselines: list[str] = Field(default_factory=lambda: ["dpo"], max_length=64)
     """the baselines trained and evaluated beside DAPO, from iteration 1's pi_ref and samples (names
-    in the table `stepdapo.stages.baselines.BASELINES`: "dpo"); [] for none."""
+    in the table `stepdapo.stages.baselines.BASELINES`: "dpo", "step_dpo", "rft", "mc_dapo"); [] for
+    none."""
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     """the outcome-level DPO baseline's settings."""
+    step_dpo: StepDPOConfig = Field(default_factory=StepDPOConfig)
+    """the Step-DPO baseline's settings."""
+    rft: RFTConfig = Field(default_factory=RFTConfig)
+    """the rejection-sampling fine-tuning baseline's settings."""
+    mc_dapo: MCDAPOConfig = Field(default_factory=MCDAPOConfig)
+    """the DAPO-with-Monte-Carlo-advantages baseline's settings."""
     iterations: int = Field(2, ge=0, le=1000)
     """DAPO iterations (pi_ref <- the last actor each time; the paper runs 2)."""
 

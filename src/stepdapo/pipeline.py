@@ -6,7 +6,8 @@
       base-model/                  the starting model converted to an HF directory (when a GGUF file is given)
       iter-0/eval/                 the starting model's evaluation (summary.json is the `eval` object)
       iter-1/states/ labels/ critic/ prm-eval/ advantages/ actor/ eval/
-      iter-1/dpo/ dpo-eval/        each baseline in `baselines` (here DPO) on the same samples
+      iter-1/dpo/ dpo-eval/        each baseline in `baselines` (dpo, step_dpo, rft, mc_dapo) on the
+                                   same samples (mc-advantages/: Monte-Carlo advantages, for the last two)
       iter-2/...                   pi_ref <- iter-1's actor; the critic continues from iter-1's
                                    (from iter-1's actor if iter-1's critic failed its check)
       timings.json                 wall seconds of each stage (of the run that did its work)
@@ -194,12 +195,13 @@ def _baseline(name: str, cfg: RunConfig, policy: Path, d: Path, stage, evaluatio
     """Train the baseline `name` from pi_ref on iteration `d`'s samples and evaluate it: its summary
     and evaluation, or why it was not trained."""
     b = BASELINES[name]
-    if (why := b.cannot_train(d / "states")) is not None:
+    if (why := b.cannot_train(cfg, d)) is not None:
         console.print(f"[yellow]{b.title}: {why}")
-        return {"title": b.title, "skipped": why}
-    summary = stage(f"{d.name}/{name}", lambda: b.train(cfg, policy, d / "states", d / name, progress), kind=b.kind)
+        return {"title": b.title, "trains_on": b.trains_on, "skipped": why}
+    summary = stage(f"{d.name}/{name}", lambda: b.train(cfg, policy, d, d / name, progress), kind=b.kind)
     ev = evaluation(f"{d.name}/{name}-eval", d / name, f"{b.title} (same samples)")
-    return {"title": b.title, "summary": {k: v for k, v in summary.items() if k not in ("fingerprint", "log")}, **ev}
+    return {"title": b.title, "trains_on": b.trains_on,
+            "summary": {k: v for k, v in summary.items() if k not in ("fingerprint", "log", "scatter")}, **ev}
 
 
 def _claim(out: Path, cfg: RunConfig) -> None:

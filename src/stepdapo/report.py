@@ -138,6 +138,45 @@ def _bootstrap_line(b: dict) -> str:
             f"{_pct(crit['accuracy'])}% on {crit['n']} held-out problems.")
 
 
+_DAPO_STAGES = ("critic", "critic-more", "advantages", "actor")  # DAPO's own stages, after the shared sampling
+
+
+def _methods_table(report: RunReport) -> list[str]:
+    """Every method trained on iteration 1's pi_ref and samples, side by side (when there are baselines)."""
+    first = next((it for it in report.iterations if it.iteration == 1), None)
+    if first is None or not first.baselines or first.eval is None or first.skipped is not None:
+        return []
+    t = report.timings
+
+    def row(name, ev: EvalSummary, tokens, seconds, data):
+        return (f"| {name} | {_pct(ev.accuracy)} {_ci(ev.ci95)} | {_pct(ev.sampled_accuracy)} {_ci(ev.sampled_ci95)} | "
+                f"{_pct(ev.greedy_flaw_step_accuracy)} | {_pct(ev.greedy_other_step_accuracy)} | "
+                f"{_pct(ev.greedy_well_formed)} | {'–' if tokens is None else f'{tokens:,.0f}'} | "
+                f"{'–' if seconds is None else f'{seconds:.0f}'} | {data} |")
+
+    start = report.iterations[0].eval
+    dapo_s = sum(t.get(f"iter-1/{s}", 0.0) for s in _DAPO_STAGES) or None
+    md = ["", "## Methods on the same samples", "",
+          "Every method trains from iteration 1's pi_ref on what it sampled: its solutions (`iter-1/states`) and, "
+          "where marked, the Monte-Carlo rollouts from their steps (`iter-1/labels`). Greedy and sampled pass@1 "
+          "with 95% intervals; step accuracies and the well-formed rate of the greedy solutions; tokens trained "
+          "(unpadded, a shared prefix once, times the epochs; the critic's not counted for DAPO); seconds of the "
+          "method's own stages (DAPO: critic, advantages and actor), not of the shared sampling.", "",
+          "| method | greedy % [95% CI] | sampled % [95% CI] | flaw-case steps % | ordinary steps % | well formed % "
+          "| tokens trained | seconds | trains on |",
+          "|---|---|---|---|---|---|---|---|---|",
+          row("starting model (pi_ref)", start, None, None, "–"),
+          row("DAPO, critic advantages", first.eval, first.actor.tokens if first.actor else None, dapo_s,
+              "samples + rollouts")]
+    for name, b in first.baselines.items():
+        data = b.trains_on or "?"
+        if b.skipped is not None:
+            md.append(f"| {b.title}: not trained ({b.skipped}) | | | | | | | | {data} |")
+        else:
+            md.append(row(b.title, b.eval, (b.summary or {}).get("tokens"), t.get(f"iter-1/{name}"), data))
+    return md
+
+
 def write_report(report: RunReport, out: Path) -> None:
     """report.json (the contract: iterations[k].eval.accuracy / .n; `summaries.RunReport`), report.md
     and plots."""
@@ -173,6 +212,7 @@ def write_report(report: RunReport, out: Path) -> None:
                 md.append(f"| {b.title}: not trained ({b.skipped}) | | | | | | |")
             else:
                 md.append(acc_row(f"{b.title} (same samples as iteration 1)", b.eval))
+    md += _methods_table(report)
     if report.bootstrap:
         md += ["", "## Starting model", "", _bootstrap_line(report.bootstrap)]
     if report.precision:

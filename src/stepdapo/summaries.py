@@ -30,6 +30,7 @@ class EvalSummary(Summary):
     sampled_ci95: list[float] | None = None
     greedy_flaw_step_accuracy: float | None = None
     greedy_other_step_accuracy: float | None = None
+    greedy_well_formed: float | None = None
 
 
 class LabelsSummary(Summary):
@@ -76,6 +77,7 @@ class ActorSummary(Summary):
 
     final_corr_log_ratio_target: float | None = None
     scatter: dict | None = None
+    tokens: float | None = None
 
 
 class PRMEvalSummary(Summary):
@@ -91,6 +93,7 @@ class BaselineResult(Summary):
     it was not trained."""
 
     title: str
+    trains_on: str | None = None
     summary: dict | None = None
     eval: EvalSummary | None = None
     skipped: str | None = None

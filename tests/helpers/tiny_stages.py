@@ -10,7 +10,7 @@ from scripted import ScriptedArithmeticPolicy
 
 from stepdapo.config import load_config
 from stepdapo.models import char_tokenizer
-from stepdapo.stages import actor, bootstrap, critic, dpo
+from stepdapo.stages import actor, bootstrap, critic, dpo, rft, step_dpo
 from stepdapo.stages.advantages import run_advantages
 from stepdapo.stages.labels import run_labels
 from stepdapo.stages.states import run_states
@@ -20,8 +20,10 @@ TINY = ["bootstrap.max_rounds=1", "bootstrap.check_problems=40", "task.arithmeti
         "bootstrap.model.hidden_size=32", "bootstrap.model.num_heads=2", "bootstrap.model.num_layers=1",
         "bootstrap.model.intermediate_size=64"]
 DATA = ["states.n_problems=30", "label.rollouts=16", "advantages.source=mc"]
-CFG = load_config(None, TINY + DATA + ["critic.epochs=1", "actor.epochs=1", "dpo.epochs=1"])
-MODULES = {"bootstrap": bootstrap, "critic": critic, "actor": actor, "dpo": dpo}
+CFG = load_config(None, TINY + DATA + ["critic.epochs=1", "actor.epochs=1", "dpo.epochs=1", "step_dpo.epochs=1",
+                                       "rft.epochs=1"])
+# the module whose names a test patches (Step-DPO trains through the DPO baseline's trainer)
+MODULES = {"bootstrap": bootstrap, "critic": critic, "actor": actor, "dpo": dpo, "rft": rft, "step_dpo": dpo}
 
 
 def make_inputs(d: Path):
@@ -43,4 +45,5 @@ def run(name: str, inputs, out: Path, cfg=CFG) -> dict:
         return critic.run_critic(cfg, d / "policy", d / "labels", out, task, progress=False)
     if name == "actor":
         return actor.run_actor(cfg, d / "policy", d / "advantages", out, progress=False)
-    return dpo.train(cfg, d / "policy", d / "states", out, progress=False)
+    baseline = {"dpo": dpo, "rft": rft, "step_dpo": step_dpo}[name]
+    return baseline.train(cfg, d / "policy", d, out, progress=False)  # d holds states/ and labels/

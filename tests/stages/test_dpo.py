@@ -18,11 +18,11 @@ def test_dpo_baseline_detects_changed_states_with_the_same_pair_count(inputs, tm
 
     def other_states(seed: int) -> Path:  # the same settings and policy, another seed: other solutions
         cfg = load_config(None, TINY + DATA + [f"seed={seed}"])
-        run_states(cfg, "scripted", tmp_path / f"states-{seed}", task, progress=False, generator=scripted)
-        return tmp_path / f"states-{seed}"
+        run_states(cfg, "scripted", tmp_path / f"iter-{seed}" / "states", task, progress=False, generator=scripted)
+        return tmp_path / f"iter-{seed}"
     changed = next(s for s in map(other_states, range(1, 30))
-                   if len(dpo.dpo_pairs(read_solutions(s), CFG.dpo.pairs_per_problem)) == n_pairs)
-    assert read_solutions(changed).column("text") != read_solutions(d / "states").column("text")
+                   if len(dpo.dpo_pairs(read_solutions(s / "states"), CFG.dpo.pairs_per_problem)) == n_pairs)
+    assert read_solutions(changed / "states").column("text") != read_solutions(d / "states").column("text")
 
     run("dpo", inputs, tmp_path / "dpo")
     with pytest.raises(ArtifactError, match=r"dpo/stepdapo_dpo.json: .*differs in: states.seed"):

@@ -22,7 +22,7 @@ from stepdapo.models import import_model
 from stepdapo.stages.advantages import read_advantages
 
 TESTS = Path(__file__).parents[1]
-STAGES = ["bootstrap", "critic", "actor", "dpo"]
+STAGES = ["bootstrap", "critic", "actor", "dpo", "step_dpo", "rft"]
 
 
 def module_of(name: str):
@@ -90,7 +90,9 @@ class KillAtFirstCheckpoint(TrainerCallback):
      ["critic.log_ratio_beta=0", "critic.shared_prefix=true"]),  # state-wise batches
     ("critic", "CriticTrainer", lambda s: s["heldout"]["bce"], ["critic.token_targets=true"]),  # every token
     ("actor", "DAPOTrainer", lambda s: s["final_loss"], []),
-    ("dpo", "OutcomeDPOTrainer", None, [])])  # no final metric: its weights are compared
+    ("dpo", "OutcomeDPOTrainer", None, []),  # no final metric: its weights are compared
+    ("step_dpo", "OutcomeDPOTrainer", None, []),
+    ("rft", "Trainer", None, [])])
 def test_killed_trainer_resumes_from_its_checkpoint(name, trainer, metric, extra, inputs, tmp_path, monkeypatch):
     cfg = load_config(None, TINY + DATA + [f"{name}.epochs=2"] + extra)
     whole = run(name, inputs, tmp_path / "whole", cfg)
@@ -108,7 +110,7 @@ def test_killed_trainer_resumes_from_its_checkpoint(name, trainer, metric, extra
         run(name, inputs, out, cfg)
     step = killed.value.args[0]
     assert not out.exists() and os.listdir(work / "checkpoints") == [f"checkpoint-{step}"]
-    if name in ("actor", "dpo"):
+    if name in ("actor", "dpo", "step_dpo"):
         assert (work / "ref_logprobs.json").is_file()  # kept for the resumed run
     monkeypatch.undo()
 

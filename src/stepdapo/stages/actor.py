@@ -193,6 +193,9 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
             "policy": str(policy),
             "states": n_states,
             "actions": len(rows),
+            # tokens trained: each state once per pass with its actions (unpadded), times the passes
+            "tokens": c.epochs * sum(len(it["state_ids"]) + sum(len(a["action_ids"]) for a in it["actions"])
+                                     for it in items),
             "steps": args.max_steps,
             "resumed_from_step": resume_step(resume),
             "processes": processes,

@@ -40,7 +40,7 @@ from stepdapo.training import (
 )
 
 
-class _SFTCollator:
+class SFTCollator:
     """Right-pads (prompt + solution + EOS) and masks the prompt and padding out of the loss."""
 
     def __init__(self, pad_id: int):
@@ -171,7 +171,7 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: 
                                  bf16=training_bf16(cfg.bf16) and base is not None, seed=cfg.seed + r - 1,
                                  report_to=cfg.report_to, progress=progress, run_name=f"{stage.dir}/round-{r}")
             trainer = Trainer(model=model, args=args, train_dataset=train,
-                              data_collator=_SFTCollator(tokenizer.pad_token_id))
+                              data_collator=SFTCollator(tokenizer.pad_token_id))
             check_lora_supported(trainer, lora)
             result = train_then_finish_trackers(trainer, cfg.report_to)
             criterion = on_main(lambda: check_sft(trainer.model, tokenizer, task, held, b))

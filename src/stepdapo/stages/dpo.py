@@ -80,28 +80,36 @@ class OutcomeDPOTrainer(MetricsTrainer):
         return loss
 
 
-def train(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_dir: str | Path,
-              progress: bool = True) -> dict:
-    """Train the outcome-level DPO baseline from `policy` on pairs of the states stage's solutions
-    (skipped when done; a killed run resumes from its last checkpoint)."""
-    b = cfg.dpo
+def train(cfg: RunConfig, policy: str | Path, iteration: str | Path, out_dir: str | Path,
+          progress: bool = True) -> dict:
+    """Train the outcome-level DPO baseline from `policy` on pairs of the solutions that iteration
+    directory `iteration`'s states stage sampled (skipped when done; a killed run resumes from its
+    last checkpoint)."""
+    b, states_dir = cfg.dpo, Path(iteration) / "states"
     stage = ModelStage(out_dir, "dpo", {"policy": model_fingerprint(policy), "dpo": to_dict(b),
                                         "seed": cfg.seed, "states": stage_fingerprint(states_dir, "states")})
     if (done := stage.done()) is not None:  # before reading the solutions
         return done
-    check_model_dir(policy)  # a broken model is an error before the stage claims its directory
-    t0 = time.perf_counter()
     pairs = dpo_pairs(read_solutions(states_dir), b.pairs_per_problem)
     if not pairs:
         raise StageInputError(f"{states_dir}: no (correct, incorrect) solution pairs for the DPO baseline")
+    return train_pairs(cfg, b, policy, pairs, stage, progress)
+
+
+def train_pairs(cfg: RunConfig, b, policy: str | Path, pairs: list[dict], stage: ModelStage,
+                progress: bool = True) -> dict:
+    """DPO from `policy` on `pairs` ({"prompt", "chosen", "rejected"} token ids) with the settings `b`
+    (beta, lr, epochs, batch_size, shared_prefix: the `dpo` or `step_dpo` section), through `stage`:
+    log pi_ref once before training on rank 0, the actor's optimizer and schedule without warmup."""
+    check_model_dir(policy)  # a broken model is an error before the stage claims its directory
+    t0 = time.perf_counter()
     prompts = [p["prompt"] for p in pairs] * 2
     completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
 
     def work() -> dict:
         model, tok = load_policy(policy)
-        # the actor's optimizer and schedule, no warmup
         args = training_args(stage.checkpoints, steps=train_steps(len(pairs), b.batch_size, b.epochs),
-                             batch_size=b.batch_size, batch_key="dpo.batch_size", lr=b.lr,
+                             batch_size=b.batch_size, batch_key=f"{stage.name}.batch_size", lr=b.lr,
                              adam_betas=(0.9, 0.95), checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed,
                              report_to=cfg.report_to, progress=progress, run_name=str(stage.dir))
         ref = ref_logprobs(stage, model, prompts, completions, tok.pad_token_id, args.device, b.shared_prefix)
@@ -112,16 +120,18 @@ def train(cfg: RunConfig, policy: str | Path, states_dir: str | Path, out_dir: s
                                     beta=b.beta, pad_id=tok.pad_token_id, shared_prefix=b.shared_prefix)
         resume = stage.last_checkpoint()
         result = fit(trainer, tok, stage.model_dir, cfg.report_to, resume)
-        return {"pairs": len(pairs), "steps": args.max_steps, "resumed_from_step": resume_step(resume),
+        return {"pairs": len(pairs), "steps": args.max_steps,
+                # tokens trained: each pair's prompt once and both completions (unpadded), times the passes
+                "tokens": b.epochs * sum(len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs), "resumed_from_step": resume_step(resume),
                 "processes": trainer.args.world_size, "train_loss": result.training_loss,
                 "log": trainer.state.log_history, "seconds": time.perf_counter() - t0, "config": to_dict(b)}
 
     return stage.run(work)
 
 
-def cannot_train(states_dir: Path) -> str | None:
-    """Why there is no pair in `states_dir` (no correct solution among the sampled ones), or None."""
-    if not any(read_solutions(states_dir).column("correct").to_pylist()):
+def cannot_train(cfg: RunConfig, iteration: Path) -> str | None:
+    """Why there is no pair in the iteration's states (no correct solution among the sampled ones), or None."""
+    if not any(read_solutions(iteration / "states").column("correct").to_pylist()):
         return "no correct solution among the sampled ones: no (correct, incorrect) pair"
     return None
 

@@ -703,7 +703,7 @@ def format_plan(plan: dict, title: str = "plan"):
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=title)
+    table = Table(title=Text(title))  # plain text: an override like baselines=[dpo] is not markup
     for col in ("stage", "seqs gen", "prefill tok", "new tok", "seqs trained", "trained tok", "fwd-only tok",
                 "FLOPs", "time"):
         table.add_column(col, justify="left" if col == "stage" else "right")

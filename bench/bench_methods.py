@@ -12,7 +12,7 @@ critic advantages; the baselines of `stepdapo.stages.baselines.BASELINES`), into
 greedy pass@1 on the test problems, sampled pass@1). Resumable: a finished training or evaluation
 is read back.
 
-The sweep gives every method the same budget: a grid of 6 settings (learning rate x beta, or x epochs
+The sweep gives every method the same budget: a grid of 4 settings (learning rate x beta, or x epochs
 for RFT, which has no beta), judged by the mean greedy accuracy over the tuning runs; the report then
 runs each method's chosen setting on the report runs, seeds the sweep never saw (another task data
 seed too). Writes bench/results/methods-sweep.{json,md} and methods.{json,md}.
@@ -33,8 +33,8 @@ from stepdapo.stages.evaluate import run_evaluate
 from stepdapo.tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"
-LRS = ("3e-5", "1e-4", "3e-4")
-GRIDS = {  # method -> its settings (config overrides); the same count (6) for every method
+LRS = ("1e-4", "3e-4")
+GRIDS = {  # method -> its settings (config overrides); the same count (4) for every method
     "dapo": [[f"actor.lr={lr}", f"actor.beta={b}"] for lr in LRS for b in ("0.3", "1.0")],
     "mc_dapo": [[f"mc_dapo.lr={lr}", f"mc_dapo.beta={b}"] for lr in LRS for b in ("0.3", "1.0")],
     "step_dpo": [[f"step_dpo.lr={lr}", f"step_dpo.beta={b}"] for lr in LRS for b in ("0.1", "0.3")],
@@ -92,7 +92,7 @@ def sweep(runs: list[Path]) -> None:
     md = ["# The methods' tuning sweep (issue 24)", "",
           f"`python bench/bench_methods.py sweep --runs {' '.join(map(str, runs))}`", "", machine_line(), "",
           "Each method trained from the same iteration-1 pi_ref on the same samples of each tuning run, with each "
-          "of its 6 settings; greedy pass@1 % on the run's test problems (1000), mean over the runs. The chosen "
+          "of its 4 settings; greedy pass@1 % on the run's test problems (1000), mean over the runs. The chosen "
           "setting (bold) is the best mean; ties go to the first in the grid.", ""]
     for method, grid in GRIDS.items():
         md += [f"## {TITLES[method]}", "", "| setting | " + " | ".join(r.name for r in runs) + " | mean |",

@@ -22,7 +22,6 @@ from stepdapo.stages.actor import run_actor
 from stepdapo.stages.dpo import train as train_dpo
 from stepdapo.stages.advantages import run_advantages
 from stepdapo.stages.evaluate import evaluate
-from stepdapo.stages.states import read_solutions
 from stepdapo.tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -81,11 +80,10 @@ def main():
                      "actor": {k: v for k, v in act.items() if k not in ("log", "scatter", "fingerprint")}})
         print(name, ev["accuracy"], ev.get("sampled_accuracy"))
     dpo_rows = []
-    solutions = read_solutions(it1 / "states")
     for name, overrides in DPO_VARIANTS.items():
         cfg = load_config(run / "config.yaml", overrides)
         out = run / "ablations" / _slug(name)
-        summ = train_dpo(cfg, policy, solutions, out / "dpo")
+        summ = train_dpo(cfg, policy, it1, out / "dpo")  # iteration 1's states
         ev = _eval(out, out / "dpo", get_task(cfg.task), cfg)
         dpo_rows.append({"variant": name, "overrides": overrides, "eval": ev, "pairs": summ["pairs"]})
         print(name, ev["accuracy"], ev.get("sampled_accuracy"))

@@ -201,10 +201,10 @@ def test_the_dpo_baseline_checks_its_model_first(broken, small_model_dir, tiny_g
     inputs = tmp_path / "in"
     inputs.mkdir()
     model, culprit = broken(inputs, small_model_dir, tiny_gguf)
-    up = _upstream(inputs)
+    _upstream(inputs)  # states/, labels/, advantages/ in inputs/
     before = _tree(tmp_path)
     with pytest.raises(ModelPathError, match=str(culprit)):
-        train_dpo(load_config(None, []), model, up["states"], tmp_path / "dpo", progress=False)
+        train_dpo(load_config(None, []), model, inputs, tmp_path / "dpo", progress=False)  # inputs/ holds states/
     assert _tree(tmp_path) == before
 
 

@@ -82,7 +82,7 @@ def tracked(tmp_path_factory):
         run_advantages(cfg, None, d / "labels", d / "advantages", task, tokenizer=char_tokenizer(), progress=False)
         summaries["critic"] = critic.run_critic(cfg, d / "sft", d / "labels", d / "critic", task, progress=False)
         summaries["actor"] = actor.run_actor(cfg, d / "sft", d / "advantages", d / "actor", progress=False)
-        summaries["dpo"] = dpo.train(cfg, d / "sft", d / "states", d / "dpo", progress=False)
+        summaries["dpo"] = dpo.train(cfg, d / "sft", d, d / "dpo", progress=False)  # d holds states/
     finally:
         mp.undo()
     import wandb

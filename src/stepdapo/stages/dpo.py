@@ -90,6 +90,7 @@ def train(cfg: RunConfig, policy: str | Path, iteration: str | Path, out_dir: st
                                         "seed": cfg.seed, "states": stage_fingerprint(states_dir, "states")})
     if (done := stage.done()) is not None:  # before reading the solutions
         return done
+    check_model_dir(policy)  # a broken model is an error before the stage claims its directory
     pairs = dpo_pairs(read_solutions(states_dir), b.pairs_per_problem)
     if not pairs:
         raise StageInputError(f"{states_dir}: no (correct, incorrect) solution pairs for the DPO baseline")
@@ -100,8 +101,8 @@ def train_pairs(cfg: RunConfig, b, policy: str | Path, pairs: list[dict], stage:
                 progress: bool = True) -> dict:
     """DPO from `policy` on `pairs` ({"prompt", "chosen", "rejected"} token ids) with the settings `b`
     (beta, lr, epochs, batch_size, shared_prefix: the `dpo` or `step_dpo` section), through `stage`:
-    log pi_ref once before training on rank 0, the actor's optimizer and schedule without warmup."""
-    check_model_dir(policy)  # a broken model is an error before the stage claims its directory
+    log pi_ref once before training on rank 0, the actor's optimizer and schedule without warmup.
+    The caller has checked `policy` (models.check_model_dir) before reading its data."""
     t0 = time.perf_counter()
     prompts = [p["prompt"] for p in pairs] * 2
     completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from stepdapo.config import RunConfig
+from stepdapo.models import check_model_dir
 from stepdapo.stages.actor import run_actor
 from stepdapo.stages.advantages import run_advantages
 from stepdapo.tasks import get_task
@@ -41,6 +42,7 @@ def actor_config(cfg: RunConfig) -> RunConfig:
 def train(cfg: RunConfig, policy: str | Path, iteration: str | Path, out_dir: str | Path,
           progress: bool = True) -> dict:
     """DAPO's actor from `policy` on Monte-Carlo advantages of the iteration's labels."""
+    check_model_dir(policy)  # a broken model is an error before anything is read or written
     adv = mc_advantages(cfg, policy, Path(iteration), progress)
     return run_actor(actor_config(cfg), policy, adv, out_dir, progress)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.errors import StageInputError
-from stepdapo.models import model_fingerprint
+from stepdapo.models import check_model_dir, model_fingerprint
 from stepdapo.runner import ModelStage, stage_fingerprint
 from stepdapo.stages import dpo
 from stepdapo.stages.advantages import read_advantages
@@ -52,6 +52,7 @@ def step_pairs(adv_rows: list[dict]) -> list[dict]:
 def train(cfg: RunConfig, policy: str | Path, iteration: str | Path, out_dir: str | Path,
           progress: bool = True) -> dict:
     """Step-DPO from `policy` on step pairs of the iteration's labels (skipped when done, resumable)."""
+    check_model_dir(policy)  # a broken model is an error before anything is read or written
     adv = mc_advantages(cfg, policy, Path(iteration), progress)
     stage = ModelStage(out_dir, "step_dpo", {"policy": model_fingerprint(policy), "step_dpo": to_dict(cfg.step_dpo),
                                              "seed": cfg.seed, "advantages": stage_fingerprint(adv, "advantages")})

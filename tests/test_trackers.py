@@ -181,11 +181,13 @@ def wandb_run(run_dir: Path) -> dict:
 
 def test_wandb_offline_runs_hold_the_documented_metrics(tracked):
     d, summaries, run_dirs = tracked
-    runs = [wandb_run(r) for r in run_dirs]
-    # one run per trainer, in the order they trained, named after the stage's output directory
-    # (the bootstrap: one per round), each finished (its exit record written)
-    assert [r["name"] for r in runs] == [f"{d / 'sft'}/round-1", f"{d / 'sft'}/round-2", str(d / "critic"),
-                                         str(d / "actor"), str(d / "dpo")]
+    # one run per trainer, named after the stage's output directory (the bootstrap: one per round), each
+    # finished (its exit record written); taken in training order by name (wandb's directory names hold
+    # the start time to the second only: two stages started within one second sort at random)
+    names = [f"{d / 'sft'}/round-1", f"{d / 'sft'}/round-2", str(d / "critic"), str(d / "actor"), str(d / "dpo")]
+    by_name = {r["name"]: r for r in map(wandb_run, run_dirs)}
+    assert len(by_name) == len(run_dirs) and sorted(by_name) == sorted(names)
+    runs = [by_name[n] for n in names]
     assert all(r["exit"] == 0 and r["project"] == "stepdapo-test" for r in runs)
     for stage, run in zip(["bootstrap", "bootstrap", "critic", "actor", "dpo"], runs):
         keys = {k for h in run["history"] for k in h if not k.startswith("_")} - {"train/global_step"}

@@ -533,6 +533,22 @@ class RunConfig(Section):
         if v is True or v is False or v == "auto":
             return v
         raise ValueError("expected true/false/auto")
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass instead of keeping them (every trainer:
+    bootstrap fine-tuning, critic, actor, baselines): activation memory from one layer's per
+    micro-batch instead of every layer's, for ~1.3x the compute. Under it the trainers that share
+    prefixes (`actor`, `dpo`, `step_dpo`, `critic.shared_prefix`) run each (prefix, continuation) as
+    its own row (the KV cache they would share is what checkpointing drops): the same loss and
+    gradients, more tokens. Forward-only passes are not affected."""
+    max_batch_tokens: int = Field(32768, ge=64, le=2**31)
+    """tokens (rows x padded length) per batch of every forward-only pass: critic scoring, reference
+    and final log-probs, critic evaluation. Bounds their activation and logit memory whatever the
+    sequence lengths (a row longer than this runs alone)."""
+    logits_chunk_tokens: int = Field(4096, ge=1, le=2**31)
+    """positions per chunk of the vocabulary projection when log-probs are computed (training and
+    scoring): log p(token) = logit - logsumexp(logits) is computed chunk by chunk from the last hidden
+    states, and recomputed in the backward pass, so at most this many positions' float32 logits exist
+    at a time (at a 128k vocabulary, 4096 positions are 2 GB) instead of every position's."""
     report_to: list[Tracker] = Field(default_factory=list)
     """experiment trackers that receive the training metrics of the bootstrap SFT, the critic, the
     actor and the DPO baseline (through transformers' integrations), e.g. [tensorboard] or [wandb];

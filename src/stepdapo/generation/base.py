@@ -54,7 +54,13 @@ class Generator(Protocol):
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
                  desc: str = "sampling") -> list[list[Sample]]:
-        """n samples for each prompt (token ids); result[i][j] is sample j of prompt i."""
+        """n samples for each prompt (token ids); result[i][j] is sample j of prompt i.
+
+        A backend whose prompt i is sampled with seed `params.seed + i*n` and nothing else of the
+        call (vLLM; not the HF sampler, one random stream per call) says so with
+        `make.seeds_each_prompt = True` on its `make` function: a call on prompts[a:b] with seed
+        `seed + a*n` then draws what the whole call draws for them, so evaluation may split its
+        shards finer across processes without changing the numbers (stages/evaluate.py)."""
 
 
 def _eos_ids(tokenizer, model_dir: Path) -> list[int]:

@@ -267,3 +267,5 @@ def make(policy, step_delimiter: str, engine, batch_size: int, progress: bool = 
     engine's own business (generation.max_num_seqs)."""
     return vllm_generator(policy, step_delimiter, engine, progress)
 
+
+make.seeds_each_prompt = True  # prompt i of a call is seeded with seed + i*n alone (generation/base.py)

@@ -8,8 +8,10 @@
 Task-specific step diagnostics (e.g. the arithmetic task's flaw-case step accuracy) are added when
 the task offers `analyze(problem, completion)`.
 
-Problems are evaluated in shards of 256 with a seed per shard, so the numbers do not depend on how
-many processes share the work, and a killed evaluation resumes at its first missing shard.
+Problems are seeded in blocks of 256 (`PROBLEMS_PER_SHARD`), a seed per block, so the numbers do not
+depend on how many processes share the work, and a killed evaluation resumes at its missing shards.
+With several processes the stage's shards are smaller where that cannot change the numbers, so that
+every process gets one (500 problems on 8 GPUs: 8 shards of 63, not 2 of 256; `shard_size`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from stepdapo.errors import StageInputError
 from stepdapo.generation import HFGenerator, SamplingParams, encode_prompts, policy_generator, sampler_fingerprint
 from stepdapo.metrics import bootstrap_interval, majority_correct, pass_at_k, wilson_interval
 from stepdapo.models import model_fingerprint
-from stepdapo.runner import ShardedStage, shard_seed
+from stepdapo.runner import MANIFEST, STARTED, ShardedStage, on_main, shard_seed, world_size
+from stepdapo.store import read_json
 from stepdapo.tasks import task_settings, verify_all
 
 def _diagnostics(task, problems, completions) -> dict:
@@ -65,6 +68,39 @@ SCHEMA = pa.schema([
     ("sampled_answer", pa.list_(pa.string())),
 ])
 PROBLEMS_PER_SHARD = 256
+"""problems per seed block, and per shard of one process."""
+
+
+def shard_size(n_problems: int, processes: int, splittable: bool) -> int:
+    """Problems per shard of `run_evaluate`: `PROBLEMS_PER_SHARD`, or ceil(n / processes) where that
+    is smaller and a finer split cannot change the numbers (`splittable`), so that no process waits
+    while others work (500 problems, 8 processes: 63, 8 shards). One process, or a size that leaves
+    one shard anyway, keeps `PROBLEMS_PER_SHARD`: the layout of a one-process run does not change."""
+    if not splittable or processes <= 1:
+        return PROBLEMS_PER_SHARD
+    size = -(-n_problems // processes)
+    return size if size < min(PROBLEMS_PER_SHARD, n_problems) else PROBLEMS_PER_SHARD
+
+
+def splittable(cfg: RunConfig) -> bool:
+    """Whether shards smaller than a seed block give the same samples: greedy only (no seed is
+    used), or a backend that seeds each prompt on its own (`make.seeds_each_prompt`, vLLM: a
+    block's part is sampled with the seed offset of its first prompt). The HF sampler draws one
+    random stream per call: a smaller call would draw other samples, so it keeps blocks of 256."""
+    from stepdapo.generation import BACKENDS
+
+    return cfg.eval.samples == 0 or getattr(BACKENDS[cfg.generation.backend].make, "seeds_each_prompt", False)
+
+
+def shard_blocks(lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """Problems [lo, hi) cut at the seed blocks' bounds: (block, start, end) for each part."""
+    parts = []
+    while lo < hi:
+        block = lo // PROBLEMS_PER_SHARD
+        end = min(hi, (block + 1) * PROBLEMS_PER_SHARD)
+        parts.append((block, lo, end))
+        lo = end
+    return parts
 
 
 def eval_problems(task, cfg: EvalConfig) -> list:
@@ -151,26 +187,62 @@ def _rate(infos: list[dict], kind: str) -> float:
     return sum(i.get(f"{kind}_tokens", 0) for i in infos) / max(seconds, 1e-9)
 
 
-def fingerprint(cfg: RunConfig, model_path: str | Path) -> dict:
+def fingerprint(cfg: RunConfig, model_path: str | Path, problems_per_shard: int = PROBLEMS_PER_SHARD) -> dict:
+    """The stage's fingerprint; the shard size only where it is not the one-process one (so the
+    directories of earlier runs resume): it fixes which problems each shard file holds."""
+    layout = {} if problems_per_shard == PROBLEMS_PER_SHARD else {"problems_per_shard": problems_per_shard}
     return {"model": model_fingerprint(model_path), "task": cfg.task.name,
             "task_settings": task_settings(cfg.task), "eval": to_dict(cfg.eval), "seed": cfg.seed,
-            **sampler_fingerprint(cfg.generation)}
+            **sampler_fingerprint(cfg.generation), **layout}
+
+
+def _recorded_shard_size(out_dir: Path) -> int | None:
+    """The shard size of the evaluation already in `out_dir` (complete or interrupted), None if none."""
+    for name in (MANIFEST, STARTED):
+        if (out_dir / name).is_file():
+            recorded = read_json(out_dir / name).get("fingerprint")
+            if isinstance(recorded, dict):
+                size = recorded.get("problems_per_shard", PROBLEMS_PER_SHARD)
+                return size if isinstance(size, int) and size >= 1 else None
+            return None
+    return None
 
 
 def run_evaluate(cfg: RunConfig, model_path: str | Path, out_dir: str | Path, task, progress: bool = True) -> dict:
     """Evaluate the model at `model_path` into the stage directory `out_dir` (summary.json is the
-    `eval` object); resumable, and split by shards of problems across processes."""
+    `eval` object); resumable, and split by shards of problems across processes.
+
+    The shard size (`shard_size`) is chosen when the stage starts and recorded in its fingerprint;
+    a resumed or rerun stage keeps the size it was started with, whatever the number of processes
+    now, so its finished shards are used and shards of two layouts are never mixed (the numbers are
+    the same with either)."""
     c = cfg.eval
-    stage = ShardedStage(out_dir, "eval", SCHEMA, fingerprint(cfg, model_path))
+    out_dir = Path(out_dir)
+    problems = None
+    size = on_main(lambda: _recorded_shard_size(out_dir))
+    if size is None:  # a new stage
+        problems = eval_problems(task, c)
+        size = shard_size(len(problems), world_size(), splittable(cfg))
+    stage = ShardedStage(out_dir, "eval", SCHEMA, fingerprint(cfg, model_path, size))
     if (done := stage.done()) is not None:
         return done
-    problems = eval_problems(task, c)
-    n_shards = (len(problems) + PROBLEMS_PER_SHARD - 1) // PROBLEMS_PER_SHARD
+    problems = problems if problems is not None else eval_problems(task, c)
+    n_shards = (len(problems) + size - 1) // size
     sampler = policy_generator(model_path, task.step_delimiter, c.batch_size, progress, engine=cfg.generation)
 
     def make_shard(si: int) -> tuple[dict, dict]:
-        chunk = problems[si * PROBLEMS_PER_SHARD:(si + 1) * PROBLEMS_PER_SHARD]
-        return evaluate_shard(sampler(), task, chunk, c, shard_seed(cfg.seed, "eval", si))
+        # a part of a seed block is sampled with the seed of its block, shifted to its first prompt
+        # (`seeds_each_prompt`): the samples of a whole block's call (one process, shards of 256)
+        cols: dict[str, list] = {}
+        info: dict = {}
+        for block, start, end in shard_blocks(si * size, min((si + 1) * size, len(problems))):
+            seed = shard_seed(cfg.seed, "eval", block) + (start - block * PROBLEMS_PER_SHARD) * c.samples
+            part, part_info = evaluate_shard(sampler(), task, problems[start:end], c, seed)
+            for k, v in part.items():
+                cols.setdefault(k, []).extend(v)
+            for k, v in part_info.items():
+                info[k] = info.get(k, 0) + v
+        return cols, info
 
     return stage.run(n_shards, make_shard, lambda table, infos: summarize(
         table.to_pydict(), problems, task, c, cfg.seed, infos))

@@ -25,6 +25,7 @@ from transformers import (
 
 from stepdapo.config import TinyModelConfig
 from stepdapo.errors import ModelPathError
+from stepdapo.logprobs import LOGITS_CHUNK, MAX_BATCH_TOKENS
 from stepdapo.runner import ModelStage
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -379,7 +380,7 @@ def load_critic(path: str | os.PathLike):
     sequence-classification model with one logit (`critic.log_ratio_beta: 0`)."""
     p = check_critic(path)
     model = LogRatioCritic.from_pretrained(p) if LogRatioCritic.saved_in(p) else \
-        AutoModelForSequenceClassification.from_pretrained(p)
+        AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(p)
 
 
@@ -413,13 +414,28 @@ class LogRatioCritic(torch.nn.Module):
         self.policy, self.reference, self.head, self.beta = policy, reference, head, beta
         self.reference_path = Path(reference_path)
         self.reference.requires_grad_(False).eval()
+        self.logits_chunk = LOGITS_CHUNK  # positions per vocabulary-projection chunk (config: logits_chunk_tokens)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """What the Trainer calls under `gradient_checkpointing`: pi_theta's layers checkpointed (pi_ref
+        keeps no activations: it runs without gradients)."""
+        inner = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                  **kwargs)
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The name older transformers' Trainer calls."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     @classmethod
     def start(cls, policy_path: str | os.PathLike, beta: float, initial_value: float) -> "LogRatioCritic":
         """A new critic from a policy: pi_theta and pi_ref both that policy, a small head whose bias
         gives V = initial_value (e.g. the mean training target) everywhere."""
-        policy = AutoModelForCausalLM.from_pretrained(policy_path)
-        reference = AutoModelForCausalLM.from_pretrained(policy_path)
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
         hidden = policy.config.get_text_config().hidden_size
         head = torch.nn.Linear(hidden, 1)
         v = min(max(initial_value, 1e-4), 1 - 1e-4)
@@ -462,11 +478,11 @@ class LogRatioCritic(torch.nn.Module):
         p = Path(path)
         meta = json.loads((p / cls.META).read_text())
         ref = cls.reference_of(p)
-        policy = AutoModelForCausalLM.from_pretrained(p)
+        policy = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
         head_weights = load_file(p / cls.HEAD)
         head = torch.nn.Linear(head_weights["weight"].shape[1], 1)
         head.load_state_dict(head_weights)
-        return cls(policy, AutoModelForCausalLM.from_pretrained(ref), head, meta["beta"], ref)
+        return cls(policy, AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32), head, meta["beta"], ref)
 
     def save_pretrained(self, path: str | os.PathLike, published: str | os.PathLike | None = None) -> None:
         """Save pi_theta (LoRA merged), the head and the metadata; pi_ref stays where it is, named
@@ -497,22 +513,23 @@ class LogRatioCritic(torch.nn.Module):
         B, T = input_ids.shape
         starts = torch.as_tensor(prompt_lens, device=input_ids.device).clamp(min=1)
         first = int(starts.min())  # the first token any row counts
-        out, logp = _solution_logps(self.policy, input_ids, attention_mask, first, output_hidden_states=True)
-        ref_logp = self.reference_logps(input_ids, attention_mask, first)
         counted = (torch.arange(first, T, device=input_ids.device)[None, :] >= starts[:, None]) \
             & attention_mask[:, first:].bool()
+        h, logp = _solution_logps(self.policy, input_ids, attention_mask, first, counted, self.logits_chunk)
+        ref_logp = self.reference_logps(input_ids, attention_mask, first, counted)
         ratio = torch.where(counted, logp - ref_logp, 0.0)  # column j: token first + j
         running = torch.cat([ratio.new_zeros(B, first), ratio.cumsum(1)], 1)  # [:, p]: the tokens up to p
-        h = out.hidden_states[-1]
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float() + self.beta * running
 
     @torch.no_grad()
-    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int) -> torch.Tensor:
-        """log pi_ref(x_t | x_<t) for t = first..T-1 of each right-padded sequence, [B, T - first].
+    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int,
+                        counted: torch.Tensor) -> torch.Tensor:
+        """log pi_ref(x_t | x_<t) for t = first..T-1 of each right-padded sequence where `counted`,
+        else 0, [B, T - first].
         Computed with the batch every time, not kept per sequence: a value kept from another batch
         differs by float noise, which training amplifies, so a resumed critic would not be the
         uninterrupted one (measured: held-out BCE 0.570 against 0.566)."""
-        return _solution_logps(self.reference, input_ids, attention_mask, first)[1]
+        return _solution_logps(self.reference, input_ids, attention_mask, first, counted, self.logits_chunk)[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens,
                 every_position: bool = False) -> torch.Tensor:
@@ -535,15 +552,15 @@ class LogRatioCritic(torch.nn.Module):
         for scoring, not for data-parallel training."""
         from stepdapo.logprobs import grouped_logprobs
 
-        state_logp, action_logp, out = grouped_logprobs(self.policy, states, rows, actions, pad_id, prompt_lens,
-                                                        output_hidden_states=True)
+        state_logp, action_logp, hidden = grouped_logprobs(self.policy, states, rows, actions, pad_id, prompt_lens,
+                                                           self.logits_chunk)
         with torch.no_grad():
             ref_state_logp, ref_action_logp, _ = grouped_logprobs(self.reference, states, rows, actions, pad_id,
-                                                                  prompt_lens)
+                                                                  prompt_lens, self.logits_chunk)
         rows = torch.as_tensor(rows, device=action_logp.device)  # token by token, as `token_logits` sums
         ratio = (state_logp - ref_state_logp).sum(-1)[rows] + (action_logp - ref_action_logp).sum(-1)
         last = torch.tensor([len(a) - 1 for a in actions], device=action_logp.device)
-        h = out.hidden_states[-1][torch.arange(len(actions), device=action_logp.device), last]
+        h = hidden[torch.arange(len(actions), device=action_logp.device), last]
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float() + self.beta * ratio
 
 
@@ -552,13 +569,18 @@ def is_log_ratio_critic(model) -> bool:
     return isinstance(getattr(model, "module", model), LogRatioCritic)
 
 
-def _solution_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int, **kwargs):
-    """(the model's output, log p(x_t | x_<t) for t = first..T-1, [B, T - first]); the vocabulary
-    projection only for the positions that predict those tokens."""
+def _solution_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int, counted: torch.Tensor,
+                    logits_chunk: int):
+    """(the last hidden states [B, T, H], log p(x_t | x_<t) for t = first..T-1 where `counted`
+    [B, T - first], else 0); the vocabulary projection only for the counted positions, a chunk at a
+    time (stepdapo.logprobs.token_logprobs)."""
+    from stepdapo.logprobs import _masked_logprobs, forward_hidden
+
     T = input_ids.shape[1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T - first + 1, **kwargs)
-    logits = out.logits[:, :-1]  # positions first-1..T-2 predict tokens first..T-1
-    return out, torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, first:, None]).squeeze(-1)
+    _, hidden, features, head = forward_hidden(model, logits_chunk, T - first + 1, input_ids=input_ids,
+                                               attention_mask=attention_mask)
+    # positions first-1..T-2 predict tokens first..T-1
+    return hidden, _masked_logprobs(features[:, :-1], input_ids[:, first:], counted, head, logits_chunk)
 
 
 def _weights_id(model_dir: Path) -> dict[str, str]:
@@ -616,10 +638,12 @@ def critic_logits(model, sequences: list[list[int]], pad_id: int, prefix_lens: l
     a sequence whose prefix would end inside its prompt runs whole); wrapped for data-parallel
     training it runs whole sequences only (the critic stage refuses `critic.shared_prefix` for it).
     """
-    from stepdapo.logprobs import _run_continuations, _run_prefixes
+    from stepdapo.logprobs import _run_continuations, _run_prefixes, keeps_cache
 
     device = next(model.parameters()).device
     log_ratio = is_log_ratio_critic(model)
+    if not log_ratio and not keeps_cache(model):  # training under gradient checkpointing: no cache to share
+        prefix_lens = None
     if log_ratio:
         prompt_lens = _prompt_lens(prompt_lens, len(sequences))
         if prefix_lens is not None and not isinstance(model, LogRatioCritic):
@@ -691,25 +715,37 @@ def critic_token_logits(model, sequences: list[list[int]], pad_id: int, prompt_l
 
 
 @torch.no_grad()
-def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: int = 512,
-                  prefix_lens: list[int] | None = None, prompt_lens: list[int] | None = None) -> list[float]:
-    """V(x) = sigmoid(the critic's logit) for each token sequence x, in batches of similar lengths.
-    With `prefix_lens` (e.g. each s + a's state length), batches keep the sequences of a prefix
+def critic_values(model, sequences: list[list[int]], pad_id: int, batch_size: int | None = None,
+                  prefix_lens: list[int] | None = None, prompt_lens: list[int] | None = None,
+                  max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[float]:
+    """V(x) = sigmoid(the critic's logit) for each token sequence x, in batches of similar lengths of
+    at most `max_batch_tokens` padded tokens (a longer sequence alone; and `batch_size` rows if
+    given). With `prefix_lens` (e.g. each s + a's state length), batches keep the sequences of a prefix
     together and compute it once (`critic_logits`): a value-head critic runs it once, a
     `LogRatioCritic` once through each of its two language models (its log-ratio sum split into the
     state's part, once, and each action's). A `LogRatioCritic` needs `prompt_lens`."""
+    from stepdapo.logprobs import token_batches
+
     model.eval()
-    if is_log_ratio_critic(model):  # two models' logits over the solution tokens
+    if is_log_ratio_critic(model):
         prompt_lens = _prompt_lens(prompt_lens, len(sequences))
-        batch_size = min(batch_size, 64)
     if prefix_lens is None:  # batches of similar lengths
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    else:  # batches of whole groups, in order of length
+        batches = token_batches([len(x) for x in sequences], max_batch_tokens, batch_size)
+    else:  # batches of whole groups, in order of length, cut where the padded size would pass the budget
         order = sorted(range(len(sequences)), key=lambda i: (prefix_lens[i], sequences[i][:prefix_lens[i]],
                                                              len(sequences[i])))
+        batches, longest = [[]], 0
+        for i in order:
+            longest = max(longest, len(sequences[i]))
+            if batches[-1] and ((len(batches[-1]) + 1) * longest > max_batch_tokens
+                                or (batch_size and len(batches[-1]) >= batch_size)):
+                batches.append([])
+                longest = len(sequences[i])
+            batches[-1].append(i)
     out = [0.0] * len(sequences)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    for idx in batches:
+        if not idx:
+            continue
         logits = critic_logits(model, [sequences[i] for i in idx], pad_id,
                                None if prefix_lens is None else [prefix_lens[i] for i in idx],
                                None if prompt_lens is None else [prompt_lens[i] for i in idx])

@@ -79,3 +79,12 @@ def describe(bf16: bool | str, generation_dtype: str) -> dict:
     return {"bf16": {"setting": bf16, "used": training_bf16(bf16), "why": why if bf16 == "auto" else "set in the config"},
             "generation_dtype": {"setting": generation_dtype, "used": sampling_dtype(generation_dtype),
                                  "why": why if generation_dtype == "auto" else "set in the config"}}
+
+
+def autocast(bf16: bool, device):
+    """A forward-only pass at the trainers' precision: bf16 autocast when they train under it (so a
+    reference log-prob computed here is the one training computes, and the log-ratio starts at 0),
+    a no-op otherwise."""
+    import torch
+
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bool(bf16))

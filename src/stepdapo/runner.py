@@ -153,11 +153,18 @@ def init_distributed() -> None:
 
     if world_size() == 1 or dist.is_initialized():
         return
+    timeout = timedelta(seconds=sync_timeout())  # the Trainer's collectives wait as long as ours
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-        dist.init_process_group("cuda:nccl,cpu:gloo")
+        dist.init_process_group("cuda:nccl,cpu:gloo", timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def sync_timeout() -> float:
+    """Seconds a rank waits for the others at a synchronisation point or collective
+    (STEPDAPO_SYNC_TIMEOUT_S, default 2 h): longer than the longest legitimate wait."""
+    return float(os.environ.get("STEPDAPO_SYNC_TIMEOUT_S", 2 * 3600))
 
 
 _sync_group = None
@@ -170,8 +177,7 @@ def _group():
         import torch.distributed as dist
 
         init_distributed()
-        timeout = float(os.environ.get("STEPDAPO_SYNC_TIMEOUT_S", 2 * 3600))
-        _sync_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        _sync_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=sync_timeout()))
         # Left to interpreter shutdown, gloo's threads can abort the process ("terminate called
         # without an active exception", SIGABRT) after a successful run; even Trainer DDP alone does.
         atexit.register(_destroy_process_groups)
@@ -427,10 +433,12 @@ class ModelStage:
         self.checkpoints = self.work_dir / "checkpoints"
 
     def last_checkpoint(self) -> str | None:
-        """The Trainer checkpoint to resume from (`resume_from_checkpoint=`), if a run left one."""
+        """The Trainer checkpoint to resume from (`resume_from_checkpoint=`), if a run left one; rank 0
+        decides (a shared filesystem may show ranks different directory listings) and every rank
+        gets its answer: every rank calls this."""
         from transformers.trainer_utils import get_last_checkpoint
 
-        return get_last_checkpoint(str(self.checkpoints)) if self.checkpoints.is_dir() else None
+        return on_main(lambda: get_last_checkpoint(str(self.checkpoints)) if self.checkpoints.is_dir() else None)
 
     # -- every rank calls these --------------------------------------------------------------------
     def done(self) -> dict | None:

@@ -70,7 +70,7 @@ def training_args(output_dir: Path, *, steps: int, batch_size: int, lr: float, s
                   bf16: bool = False, use_cpu: bool | None = None, grad_accum: int = 1,
                   lr_scheduler: str = "linear", warmup_ratio: float = 0.0, weight_decay: float = 0.0,
                   adam_betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float = 1.0,
-                  logs: int = 20, checkpoints: int = 0) -> TrainingArguments:
+                  logs: int = 20, checkpoints: int = 0, gradient_checkpointing: bool = False) -> TrainingArguments:
     """TrainingArguments for `steps` optimizer steps of `batch_size` x `grad_accum` items, `batch_size`
     being the global micro-batch (the config's `batch_key`, named in the error if the number of
     processes does not divide it).
@@ -78,8 +78,15 @@ def training_args(output_dir: Path, *, steps: int, batch_size: int, lr: float, s
     warmup: int(warmup_ratio * steps) steps; a log every max(1, steps // logs) steps; with
     `checkpoints` > 0 a checkpoint every max(1, steps // checkpoints) steps (only the last one kept,
     to resume a killed stage), else none. `use_cpu` None: the CPU when there is no CUDA device.
+    `gradient_checkpointing`: every layer's activations recomputed in the backward pass
+    (non-reentrant torch.utils.checkpoint). The DDP timeout is the synchronisation timeout
+    (STEPDAPO_SYNC_TIMEOUT_S, `runner.sync_timeout`), so a rank waiting on rank 0's work inside a
+    Trainer collective waits as long as at our own synchronisation points.
     """
+    from stepdapo.runner import sync_timeout
+
     return TrainingArguments(
+        **_checkpointing_args(gradient_checkpointing), ddp_timeout=int(sync_timeout()),
         output_dir=str(output_dir), run_name=run_name,
         report_to=list(report_to) or "none", disable_tqdm=not progress,
         per_device_train_batch_size=per_device_batch(batch_size, batch_key),
@@ -90,6 +97,16 @@ def training_args(output_dir: Path, *, steps: int, batch_size: int, lr: float, s
         save_strategy="steps" if checkpoints else "no", save_steps=max(1, steps // max(checkpoints, 1)),
         save_total_limit=1, bf16=bf16, use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
         seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0)
+
+
+def _checkpointing_args(on: bool) -> dict:
+    """TrainingArguments' activation checkpointing under its name in the installed transformers
+    (`activation_checkpointing` since 5.2x; `gradient_checkpointing` before, now a deprecated alias)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
 def check_lora_supported(trainer: Trainer, lora: bool) -> None:

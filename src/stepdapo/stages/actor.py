@@ -3,16 +3,18 @@
     L(theta) = 1/2 * E_{s,a} [ (A(s,a)/beta - (log pi_theta(a|s) - log pi_ref(a|s)))^2 ]
 
 - log pi(a|s) is summed over the action's tokens, computed on exactly the sampled token ids;
-- log pi_ref(a|s) is computed ONCE, before training, with the same batched forward pass as the
-  policy's (so the log-ratio is exactly 0 at the start), on rank 0, cached in the stage's work dir
-  (`ref_logprobs.json`, kept by a killed run) and handed to every process;
+- log pi_ref(a|s) is computed ONCE, before training, with the same forward pass as the policy's and
+  at the trainers' precision (bf16 autocast when `bf16`), so the log-ratio starts at 0 up to float
+  noise; split over the processes by state, each process's share cached in the stage's work dir
+  (`ref_logprobs.<rank>-of-<n>.json`, kept by a killed run) and handed to every process;
 - a training item is a whole state: every action of a state lands in the same batch, where the
   state is computed once for all of them (`shared_prefix`: its keys/values reused by each action,
   its gradient the sum over them; stepdapo.logprobs.grouped_sequence_logprobs);
 - AdamW with betas (0.9, 0.95) and no weight decay, linear schedule, gradient accumulation, all by
   `transformers.Trainer` (and so by accelerate: `accelerate launch` runs it multi-process);
 - full fine-tuning or LoRA (peft); LoRA is merged into the saved model;
-- the summary's final log-ratios and loss are measured on rank 0 on the saved model.
+- the summary's final log-ratios and loss are measured on the saved model (split over the
+  processes like the reference's).
 
 Logged training metrics (in the summary's `log`, and to the trackers in `report_to`, which show them
 as `train/<name>`), means since the previous log except grad_norm and learning_rate:
@@ -37,11 +39,11 @@ import torch
 
 from stepdapo.config import ActorConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
-from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
+from stepdapo.logprobs import batched_sequence_logprobs, group_pairs, sequence_logprobs
 from stepdapo.losses import dapo_loss
 from stepdapo.models import check_model_dir, load_policy, model_fingerprint
-from stepdapo.precision import training_bf16
-from stepdapo.runner import ModelStage, on_main, stage_fingerprint
+from stepdapo.precision import autocast, training_bf16
+from stepdapo.runner import ModelStage, gather, is_main, on_main, rank, stage_fingerprint, world_size
 from stepdapo.stages.advantages import read_advantages
 from stepdapo.store import read_json, write_json
 from stepdapo.training import MetricsTrainer, check_lora_supported, fit, release_memory, resume_step, train_steps, training_args
@@ -74,14 +76,17 @@ class DAPOTrainer(MetricsTrainer):
     """A Trainer whose loss is `dapo_loss` on summed action log-probs; it logs the module
     docstring's metrics (the Trainer itself logs loss, grad_norm and learning_rate)."""
 
-    def __init__(self, *args, beta: float, pad_id: int, shared_prefix: bool = True, **kwargs):
+    def __init__(self, *args, beta: float, pad_id: int, shared_prefix: bool = True, logits_chunk: int = 4096,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.beta = beta
         self.pad_id = pad_id
         self.shared_prefix = shared_prefix  # each state (prompt) once per batch for all its actions
+        self.logits_chunk = logits_chunk
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id, self.shared_prefix)
+        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id, self.shared_prefix,
+                                  self.logits_chunk)
         ref, adv, w = (inputs[k].to(logps.device) for k in ("ref_logps", "advantages", "weights"))
         loss = dapo_loss(logps, ref, adv, self.beta, w)
         with torch.no_grad():
@@ -111,32 +116,36 @@ def fingerprint(cfg: RunConfig, policy: str | Path, adv_dir: str | Path) -> dict
 
 
 def ref_logprobs(stage: ModelStage, model, prompts: list[list[int]], completions: list[list[int]],
-                  pad_id: int, dev, shared_prefix: bool) -> list[float]:
-    """log pi_ref of each (prompt, completion), computed once, before any update, on rank 0 and cached
-    in the work dir (a killed run keeps it); every rank gets them."""
-    def compute() -> list[float]:
-        cache = stage.work_dir / "ref_logprobs.json"  # the work dir is this fingerprint's
-        if not cache.is_file():
-            write_json(cache, batched_sequence_logprobs(model.to(dev), prompts, completions, pad_id,
-                                                        shared_prefix=shared_prefix))
-        return read_json(cache)
-
-    return on_main(compute)
-
-
-def _final_logprobs(model_dir: Path, prompts: list[list[int]], completions: list[list[int]], dev,
-                    shared_prefix: bool) -> list[float]:
-    """log pi_theta of each pair under the saved model (what is published, however training was sharded)."""
-    model, tok = load_policy(model_dir)
-    return batched_sequence_logprobs(model.to(dev), prompts, completions, tok.pad_token_id,
-                                     shared_prefix=shared_prefix)
+                  pad_id: int, dev, shared_prefix: bool, cfg: RunConfig, name: str = "ref_logprobs") -> list[float]:
+    """log pi of each (prompt, completion) under the frozen `model` (pi_ref before any update, or the
+    saved model), split over the processes by prompt: each scores its share in batches of
+    `cfg.max_batch_tokens` tokens at the trainers' precision and caches it in the work dir
+    (`<name>.<rank>-of-<n>.json`: a killed run keeps what finished); every rank gets them all."""
+    n, r = world_size(), rank()
+    _, members = group_pairs(prompts)  # whole prompts to a process: a shared prefix stays shared
+    mine = [i for g, m in enumerate(members) if g % n == r for i in m]
+    cache = stage.work_dir / f"{name}.{r}-of-{n}.json"  # the work dir is this fingerprint's
+    if cache.is_file():
+        part = read_json(cache)
+    else:
+        with autocast(training_bf16(cfg.bf16), dev):
+            part = batched_sequence_logprobs(model.to(dev), [prompts[i] for i in mine],
+                                             [completions[i] for i in mine], pad_id, shared_prefix=shared_prefix,
+                                             max_batch_tokens=cfg.max_batch_tokens,
+                                             logits_chunk=cfg.logits_chunk_tokens)
+        write_json(cache, part)
+    out = [0.0] * len(prompts)
+    for idx, values in gather((mine, part)):
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out
 
 
 def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: str | Path,
               progress: bool = True) -> dict:
     """Train pi_theta from pi_ref = `policy` on the advantages; save the new policy to `out_dir`
     (skipped when done; a killed run resumes from its last checkpoint). Every process of a
-    data-parallel run calls this; rank 0 alone computes the reference and final log-probs."""
+    data-parallel run calls this; the reference and final log-probs are split over them."""
     stage = ModelStage(out_dir, "actor", fingerprint(cfg, policy, adv_dir))
     if (done := stage.done()) is not None:  # before reading the advantages
         return done
@@ -158,24 +167,33 @@ def run_actor(cfg: RunConfig, policy: str | Path, adv_dir: str | Path, out_dir: 
                              batch_key="actor.states_per_batch", grad_accum=c.grad_accum, lr=c.lr,
                              warmup_ratio=c.warmup_ratio, adam_betas=(0.9, 0.95), max_grad_norm=c.max_grad_norm,
                              checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed, report_to=cfg.report_to,
+                             gradient_checkpointing=cfg.gradient_checkpointing,
                              progress=progress, run_name=str(stage.dir))
-        ref = ref_logprobs(stage, model, prompts, actions, tok.pad_token_id, args.device, c.shared_prefix)
+        ref = ref_logprobs(stage, model, prompts, actions, tok.pad_token_id, args.device, c.shared_prefix, cfg)
         for r, lp in zip(rows, ref):
             r["ref_logprob"] = lp
         items = group_by_state(rows)
         model.train()
         trainer = DAPOTrainer(model=_with_lora(model, c), args=args, train_dataset=items,
                               data_collator=_StateCollator(), beta=c.beta, pad_id=tok.pad_token_id,
-                              shared_prefix=c.shared_prefix)
+                              shared_prefix=c.shared_prefix, logits_chunk=cfg.logits_chunk_tokens)
         check_lora_supported(trainer, c.lora_r > 0)
         resume = stage.last_checkpoint()
+        if is_main():  # measured on a model an earlier, killed attempt saved: not this one's
+            for f in stage.work_dir.glob("final_logprobs.*"):
+                f.unlink()
         result = fit(trainer, tok, stage.model_dir, cfg.report_to, resume)
         log, processes = trainer.state.log_history, trainer.args.world_size
         del trainer, model
         release_memory()
 
-        def final_summary() -> dict:  # where the log-ratios ended, against their targets A/beta
-            final = _final_logprobs(stage.model_dir, prompts, actions, args.device, c.shared_prefix)
+        # where the log-ratios ended, against their targets A/beta: on the saved model (what is published,
+        # however training was sharded), every process its share
+        final = ref_logprobs(stage, load_policy(stage.model_dir)[0], prompts, actions, tok.pad_token_id, args.device,
+                             c.shared_prefix, cfg, name="final_logprobs")
+        release_memory()
+
+        def final_summary() -> dict:
             adv, weights = [r["advantage"] for r in rows], [r["weight"] for r in rows]
             ratio = np.array(final) - np.array(ref)
             target = np.array(adv) / c.beta

@@ -33,9 +33,13 @@ from stepdapo.config import RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.steps import delimiter_token_mask, split_steps
 from stepdapo.models import check_critic, critic_values, is_log_ratio_critic, load_critic, model_fingerprint
+from stepdapo.logprobs import LOGITS_CHUNK, MAX_BATCH_TOKENS
+from stepdapo.precision import autocast, training_bf16
 from stepdapo.runner import ShardedStage, device, read_stage, stage_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.stages.states import IDS
+
+SHARD_STATES = 512  # labelled states per shard: the unit of resuming and of splitting over processes
 
 SCHEMA = pa.schema([
     ("state_index", pa.int32()),
@@ -59,17 +63,21 @@ def fingerprint(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Pat
             "advantages": to_dict(cfg.advantages)}
 
 
-def action_values(labels: pa.Table, source: str, critic: str | Path | None, tokenizer, task,
-                  shared_prefix: bool = True) -> dict:
+def action_values(labels: pa.Table, source: str, critic, tokenizer, task, shared_prefix: bool = True,
+                  bf16: bool = False, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                  logits_chunk: int = LOGITS_CHUNK) -> dict:
     """v(s + a) for every non-terminal sampled action s + a: the critic's value (with `shared_prefix`,
     each state s computed once for all its actions, by both language models of a log-ratio critic:
-    `models.critic_values`), or (source="mc") the pooled Monte-Carlo value of every rollout through
-    s + a."""
+    `models.critic_values`; in batches of `max_batch_tokens`, under bf16 autocast with `bf16`), or
+    (source="mc") the pooled Monte-Carlo value of every rollout through s + a. `critic`: its
+    directory, or (model, tokenizer) already loaded."""
     if source == "critic":
         if critic is None:
             raise StageInputError("advantages.source=critic needs a critic directory")
-        model, tok = load_critic(critic)
+        model, tok = load_critic(critic) if isinstance(critic, (str, Path)) else critic
         model.to(device())
+        if is_log_ratio_critic(model):
+            model.logits_chunk = logits_chunk
         cols = labels.select(["ids", "action_ids", "action_terminal"]).to_pydict()
         # the log-ratio critic sums over the solution's tokens: it needs where each prompt ends (the
         # state's part of that sum, from there to the state's end, is then computed once per state)
@@ -83,9 +91,11 @@ def action_values(labels: pa.Table, source: str, critic: str | Path | None, toke
                     state_len.setdefault(tuple(s + a), len(s))
                     prompt_len.setdefault(tuple(s + a), plen)
         keys = sorted(state_len)
-        values = critic_values(model, [list(k) for k in keys], tok.pad_token_id,
-                               prefix_lens=[state_len[k] for k in keys] if shared_prefix else None,
-                               prompt_lens=[prompt_len[k] for k in keys] if log_ratio else None)
+        with autocast(bf16, device()):
+            values = critic_values(model, [list(k) for k in keys], tok.pad_token_id,
+                                   prefix_lens=[state_len[k] for k in keys] if shared_prefix else None,
+                                   prompt_lens=[prompt_len[k] for k in keys] if log_ratio else None,
+                                   max_batch_tokens=max_batch_tokens)
         return dict(zip(keys, values))
     if tokenizer is None:
         raise StageInputError("advantages.source=mc needs the policy's tokenizer")
@@ -99,7 +109,8 @@ def action_values(labels: pa.Table, source: str, critic: str | Path | None, toke
 
 
 def advantage_rows(labels: pa.Table, value_of: dict, c) -> tuple[dict[str, list], dict]:
-    """The kept (state, distinct action) rows and the statistics of the whole labels table."""
+    """The kept (state, distinct action) rows and the statistics of the labels table (`summarize`
+    combines those of several shards)."""
     out: dict[str, list] = {f: [] for f in SCHEMA.names}
     gaps, kept_states = [], 0
     rows = labels.select(["state_index", "problem_id", "ids", "depth", "action_ids", "action_text",
@@ -120,15 +131,23 @@ def advantage_rows(labels: pa.Table, value_of: dict, c) -> tuple[dict[str, list]
                          ("value", d.value), ("advantage", d.advantage), ("weight", d.weight),
                          ("count", d.count), ("outcome_rate", d.outcome_rate)):
                 out[k].append(v)
-    adv = np.array(out["advantage"]) if out["advantage"] else np.zeros(1)
-    return out, {
+    return out, {"states": len(rows), "states_kept": kept_states, "fraction_kept": kept_states / max(len(rows), 1),
+                 "gap_sum": float(np.sum(gaps))}
+
+
+def summarize(table: pa.Table, infos: list[dict], c) -> dict:
+    """The statistics of the whole stage from its rows and its shards' counts."""
+    states, kept = sum(i["states"] for i in infos), sum(i["states_kept"] for i in infos)
+    adv = np.array(table.column("advantage").to_pylist()) if table.num_rows else np.zeros(1)
+    return {
         "source": c.source,
         "weighting": c.weighting,
-        "states": len(rows),
-        "states_kept": kept_states,
-        "fraction_kept": kept_states / max(len(rows), 1),
-        "actions_kept": len(out["advantage"]),
-        "mean_gap": float(np.mean(gaps)) if gaps else 0.0,
+        "shards": len(infos),
+        "states": states,
+        "states_kept": kept,
+        "fraction_kept": kept / max(states, 1),
+        "actions_kept": table.num_rows,
+        "mean_gap": sum(i["gap_sum"] for i in infos) / states if states else 0.0,
         "advantage_mean": float(adv.mean()),
         "advantage_abs_mean": float(np.abs(adv).mean()),
         "advantage_std": float(adv.std()),
@@ -140,9 +159,9 @@ def advantage_rows(labels: pa.Table, value_of: dict, c) -> tuple[dict[str, list]
 
 def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Path, out_dir: str | Path,
                    task, tokenizer=None, progress: bool = True) -> dict:
-    """Score every candidate action; write the kept (state, action, advantage) rows to `out_dir`.
-    One shard, made by one process (scoring is a forward pass per distinct s + a: small next to
-    the sampling and training stages)."""
+    """Score every candidate action; write the kept (state, action, advantage) rows to `out_dir`, in
+    shards of SHARD_STATES labelled states dealt to the processes (a killed run resumes at the
+    missing shards; each process loads the critic once)."""
     c = cfg.advantages
     stage = ShardedStage(out_dir, "advantages", SCHEMA, fingerprint(cfg, critic, labels_dir))
     if (done := stage.done()) is not None:
@@ -159,10 +178,18 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
                               f"`stepdapo prm import` has values only): the advantages need the label stage's "
                               f"candidate actions")
 
-    def make_shard(_: int) -> tuple[dict, dict]:
-        return advantage_rows(labels, action_values(labels, c.source, critic, tokenizer, task, c.shared_prefix), c)
+    loaded = []  # this process's critic, loaded for its first shard
 
-    return stage.run(1, make_shard, lambda table, infos: infos[0])
+    def make_shard(i: int) -> tuple[dict, dict]:
+        part = labels.slice(i * SHARD_STATES, SHARD_STATES)
+        if c.source == "critic" and not loaded:
+            loaded.append(load_critic(critic))
+        values = action_values(part, c.source, loaded[0] if loaded else None, tokenizer, task, c.shared_prefix,
+                               training_bf16(cfg.bf16), cfg.max_batch_tokens, cfg.logits_chunk_tokens)
+        return advantage_rows(part, values, c)
+
+    n_shards = max(1, -(-labels.num_rows // SHARD_STATES))
+    return stage.run(n_shards, make_shard, lambda table, infos: summarize(table, infos, c))
 
 
 def read_advantages(directory: str | Path) -> pa.Table:

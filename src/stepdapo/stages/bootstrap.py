@@ -135,7 +135,7 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: 
         if base is None:
             tokenizer = char_tokenizer()
             model = tiny_llama(tokenizer, b.model, seed=cfg.seed) if checkpoint is None else \
-                LlamaForCausalLM.from_pretrained(checkpoint)
+                LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
             return model, tokenizer
         # the task's plain prompt format: the SFT teaches it, no chat template needed
         model, tokenizer = load_policy(base if checkpoint is None or lora else checkpoint)
@@ -169,7 +169,9 @@ def bootstrap(cfg: RunConfig, out_dir: str | Path, progress: bool = True, base: 
                                  warmup_ratio=b.warmup_ratio, weight_decay=b.weight_decay, adam_betas=(0.9, 0.98),
                                  use_cpu=True if base is None else None,
                                  bf16=training_bf16(cfg.bf16) and base is not None, seed=cfg.seed + r - 1,
-                                 report_to=cfg.report_to, progress=progress, run_name=f"{stage.dir}/round-{r}")
+                                 report_to=cfg.report_to,
+                                 gradient_checkpointing=cfg.gradient_checkpointing, progress=progress,
+                                 run_name=f"{stage.dir}/round-{r}")
             trainer = Trainer(model=model, args=args, train_dataset=train,
                               data_collator=SFTCollator(tokenizer.pad_token_id))
             check_lora_supported(trainer, lora)

@@ -55,7 +55,8 @@ from stepdapo.models import (
     load_critic,
     model_fingerprint,
 )
-from stepdapo.precision import training_bf16
+from stepdapo.logprobs import LOGITS_CHUNK, MAX_BATCH_TOKENS
+from stepdapo.precision import autocast, training_bf16
 from stepdapo.runner import ModelStage, on_main, stage_fingerprint
 from stepdapo.report import plot_reliability
 from stepdapo.stages.labels import read_labels
@@ -219,7 +220,7 @@ def new_critic(init: str | Path, pad_id: int, c: CriticConfig, initial_value: fl
             lora.task_type = "CAUSAL_LM"
             model.policy = get_peft_model(model.policy, lora)
         return model
-    model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = pad_id
     model.config.id2label, model.config.label2id = {0: "value_logit"}, {"value_logit": 0}
     if c.lora_r > 0:  # SEQ_CLS keeps the new value head ("score") fully trainable
@@ -230,7 +231,7 @@ def new_critic(init: str | Path, pad_id: int, c: CriticConfig, initial_value: fl
 
 def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueExample], tok, c: CriticConfig,
                  args: TrainingArguments, prompt_len: dict[str, int], model_dir: Path, published: Path,
-                 continuing: bool = False, resume: str | None = None):
+                 continuing: bool = False, resume: str | None = None, logits_chunk: int = LOGITS_CHUNK):
     """The critic (`new_critic`) trained on `train` (continuing from the Trainer checkpoint
     `resume`) and saved to `model_dir` (to be published as `published`); returns (the Trainer, its
     TrainOutput)."""
@@ -238,6 +239,8 @@ def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueEx
     torch.manual_seed(args.seed)  # the new value head's initialisation, whatever ran before in the process
     targets = [t for e in train for t in ((e.target,) if isinstance(e, ValueExample) else e.targets)]
     model = new_critic(init, pad_id, c, float(np.mean(targets)), continuing)
+    if isinstance(model, LogRatioCritic):
+        model.logits_chunk = logits_chunk
     # token targets: one example per rollout, no state shared between examples to group by
     shared = c.shared_prefix and not c.token_targets
     trainer = CriticTrainer(model=model, args=args, train_dataset=train, data_collator=_ValueCollator(shared, prompt_len),
@@ -249,7 +252,8 @@ def train_critic(init: str | Path, train: list[ValueExample] | list[TokenValueEx
     return trainer, result
 
 
-def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -> dict | None:
+def step_ranking(model, tok, labels, task, problems: dict, examples_held: set,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS) -> dict | None:
     """At held-out states with both a right and a wrong non-terminal next step among the sampled
     actions (as the task judges single steps): how often V(s+right) > V(s+wrong) (ties: 1/2)."""
     if not task.supports_step_checks:
@@ -274,7 +278,8 @@ def step_ranking(model, tok, labels, task, problems: dict, examples_held: set) -
                 pair_problem.append(pid)
     if not pairs_right:
         return {"pairs": 0, "right_above_wrong": None}
-    v = critic_values(model, pairs_right + pairs_wrong, tok.pad_token_id, prompt_lens=prompt_lens * 2)
+    v = critic_values(model, pairs_right + pairs_wrong, tok.pad_token_id, prompt_lens=prompt_lens * 2,
+                      max_batch_tokens=max_batch_tokens)
     vr, vw = np.array(v[:len(pairs_right)]), np.array(v[len(pairs_right):])
     score = (vr > vw) + 0.5 * (vr == vw)
     return {"pairs": len(pairs_right), "problems": len(set(pair_problem)),
@@ -297,7 +302,7 @@ def processbench_quality(model, tok, task) -> dict | None:
 
 
 def evaluate_critic(model, tok, train_states: list[ValueExample], held: list[ValueExample], labels, task,
-                    calibrate: bool = False) -> dict:
+                    calibrate: bool = False, max_batch_tokens: int = MAX_BATCH_TOKENS) -> dict:
     """The critic's quality on the held-out states and on (up to 2000) training states, each metric
     next to the constant prediction of the training states' mean target; with `calibrate`, the
     Platt map fitted on the held-out states and (`heldout_calibrated`) the quality of its
@@ -307,11 +312,11 @@ def evaluate_critic(model, tok, train_states: list[ValueExample], held: list[Val
 
     def values(examples: list[ValueExample]) -> list[float]:
         return critic_values(model, [e.input_ids for e in examples], tok.pad_token_id,
-                             prompt_lens=[prompt_len[e.problem_id] for e in examples])
+                             prompt_lens=[prompt_len[e.problem_id] for e in examples], max_batch_tokens=max_batch_tokens)
     pred, target, groups = values(held), [e.target for e in held], [e.problem_id for e in held]
     q = quality(pred, target, baseline, groups=groups)
     problems = {p.id: p for p in task.problems("train")}
-    q["step_ranking"] = step_ranking(model, tok, labels, task, problems, {e.problem_id for e in held})
+    q["step_ranking"] = step_ranking(model, tok, labels, task, problems, {e.problem_id for e in held}, max_batch_tokens)
     tr_sample = train_states[:2000]
     q_train = quality(values(tr_sample), [e.target for e in tr_sample], baseline)
     out = {"constant_prediction": baseline, "heldout": q,
@@ -405,10 +410,10 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
                              batch_size=c.batch_size, batch_key="critic.batch_size", grad_accum=c.grad_accum, lr=c.lr,
                              lr_scheduler=c.lr_scheduler, warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay,
                              logs=10, checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed,
-                             report_to=cfg.report_to,
+                             report_to=cfg.report_to, gradient_checkpointing=cfg.gradient_checkpointing,
                              progress=progress, run_name=str(stage.dir))
         trainer, result = train_critic(init, train, tok, c, args, prompt_lengths(labels), stage.model_dir, stage.dir,
-                                       continuing, resume)
+                                       continuing, resume, cfg.logits_chunk_tokens)
         global_step, processes, dev = trainer.state.global_step, trainer.args.world_size, trainer.args.device
         del trainer
         release_memory()
@@ -416,8 +421,12 @@ def run_critic(cfg: RunConfig, init: str | Path, labels_dir: str | Path, out_dir
 
         def evaluate() -> dict:  # on the saved critic: what is published, however training was sharded
             model = load_critic(stage.model_dir)[0].to(dev)
-            metrics = evaluate_critic(model, tok, train_states, held, labels, task, calibrate=c.calibrate)
-            metrics["processbench"] = processbench_quality(model, tok, task)
+            if isinstance(model, LogRatioCritic):
+                model.logits_chunk = cfg.logits_chunk_tokens
+            with autocast(training_bf16(cfg.bf16), dev):  # at the precision the advantages will score with
+                metrics = evaluate_critic(model, tok, train_states, held, labels, task, calibrate=c.calibrate,
+                                          max_batch_tokens=cfg.max_batch_tokens)
+                metrics["processbench"] = processbench_quality(model, tok, task)
             plot_reliability(metrics["heldout"], stage.model_dir / "reliability.png", "critic on held-out states")
             return metrics
 

@@ -6,7 +6,7 @@ equal data. Its config section is `dpo` (`DPOConfig`); it runs when `baselines` 
                                          - (log pi_theta(y-|x) - log pi_ref(y-|x))) ) ]
 
 log pi is summed over the solution's tokens (stepdapo.logprobs), log pi_ref computed once before
-training on rank 0 (as the actor's); the optimizer and schedule are the actor's, without warmup.
+training, split over the processes (as the actor's); the optimizer and schedule are the actor's, without warmup.
 
 Logged training metrics (in the summary's `log`, and to the trackers in `report_to`):
   loss              the DPO loss;
@@ -65,12 +65,14 @@ class OutcomeDPOTrainer(MetricsTrainer):
     """A Trainer whose loss is `dpo_loss` on (chosen, rejected) solutions' summed log-probs; it logs
     the module docstring's metrics."""
 
-    def __init__(self, *args, beta: float, pad_id: int, shared_prefix: bool = True, **kwargs):
+    def __init__(self, *args, beta: float, pad_id: int, shared_prefix: bool = True, logits_chunk: int = 4096,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.beta, self.pad_id, self.shared_prefix = beta, pad_id, shared_prefix
+        self.beta, self.pad_id, self.shared_prefix, self.logits_chunk = beta, pad_id, shared_prefix, logits_chunk
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id, self.shared_prefix)
+        logps = sequence_logprobs(model, inputs["prompts"], inputs["completions"], self.pad_id, self.shared_prefix,
+                                  self.logits_chunk)
         ref = inputs["ref_logps"].to(logps.device)
         n = len(logps) // 2
         loss = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
@@ -101,7 +103,7 @@ def train_pairs(cfg: RunConfig, b, policy: str | Path, pairs: list[dict], stage:
                 progress: bool = True) -> dict:
     """DPO from `policy` on `pairs` ({"prompt", "chosen", "rejected"} token ids) with the settings `b`
     (beta, lr, epochs, batch_size, shared_prefix: the `dpo` or `step_dpo` section), through `stage`:
-    log pi_ref once before training on rank 0, the actor's optimizer and schedule without warmup.
+    log pi_ref once before training (split over the processes), the actor's optimizer and schedule without warmup.
     The caller has checked `policy` (models.check_model_dir) before reading its data."""
     t0 = time.perf_counter()
     prompts = [p["prompt"] for p in pairs] * 2
@@ -112,13 +114,15 @@ def train_pairs(cfg: RunConfig, b, policy: str | Path, pairs: list[dict], stage:
         args = training_args(stage.checkpoints, steps=train_steps(len(pairs), b.batch_size, b.epochs),
                              batch_size=b.batch_size, batch_key=f"{stage.name}.batch_size", lr=b.lr,
                              adam_betas=(0.9, 0.95), checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed,
-                             report_to=cfg.report_to, progress=progress, run_name=str(stage.dir))
-        ref = ref_logprobs(stage, model, prompts, completions, tok.pad_token_id, args.device, b.shared_prefix)
+                             report_to=cfg.report_to, gradient_checkpointing=cfg.gradient_checkpointing,
+                             progress=progress, run_name=str(stage.dir))
+        ref = ref_logprobs(stage, model, prompts, completions, tok.pad_token_id, args.device, b.shared_prefix, cfg)
         for p, chosen, rejected in zip(pairs, ref[:len(pairs)], ref[len(pairs):]):
             p["ref_chosen"], p["ref_rejected"] = chosen, rejected
         model.train()
         trainer = OutcomeDPOTrainer(model=model, args=args, train_dataset=pairs, data_collator=_PairCollator(),
-                                    beta=b.beta, pad_id=tok.pad_token_id, shared_prefix=b.shared_prefix)
+                                    beta=b.beta, pad_id=tok.pad_token_id, shared_prefix=b.shared_prefix,
+                                    logits_chunk=cfg.logits_chunk_tokens)
         resume = stage.last_checkpoint()
         result = fit(trainer, tok, stage.model_dir, cfg.report_to, resume)
         return {"pairs": len(pairs), "steps": args.max_steps,

@@ -67,6 +67,7 @@ def train(cfg: RunConfig, policy: str | Path, iteration: str | Path, out_dir: st
         args = training_args(stage.checkpoints, steps=train_steps(len(examples), b.batch_size, b.epochs),
                              batch_size=b.batch_size, batch_key="rft.batch_size", lr=b.lr, adam_betas=(0.9, 0.95),
                              checkpoints=4, bf16=training_bf16(cfg.bf16), seed=cfg.seed, report_to=cfg.report_to,
+                             gradient_checkpointing=cfg.gradient_checkpointing,
                              progress=progress, run_name=str(stage.dir))
         model.train()
         trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=SFTCollator(tok.pad_token_id))

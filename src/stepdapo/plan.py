@@ -436,7 +436,8 @@ def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> t
                                   cols["action_ids"], cols["action_terminal"], cols["rollout_ids"],
                                   step_ends=lambda ids: split_steps(ids, is_delim),
                                   action_states=c.action_states, rollout_prefixes=c.rollout_prefixes))
-    _, adv = advantage_rows(labels, action_values(labels, "mc", None, tok, task), cfg.advantages)
+    kept_rows, adv = advantage_rows(labels, action_values(labels, "mc", None, tok, task), cfg.advantages)
+    adv["actions_kept"] = len(kept_rows["advantage"])  # the kept (state, action) rows
     pairs = len(dpo_pairs(solutions, cfg.dpo.pairs_per_problem))
     most_pairs = n * min(cfg.dpo.pairs_per_problem, cfg.states.keep_per_problem - 1)
     clip = lambda x: min(1.0, max(x, 1e-3))  # noqa: E731

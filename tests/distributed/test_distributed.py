@@ -155,3 +155,25 @@ def test_critic_killed_in_the_middle_resumes_from_its_checkpoint(one_and_two, sm
     once = json.loads((tmp_path / "once" / "stepdapo_critic.json").read_text())
     # the same optimizer steps on the same batches, reloaded from a checkpoint: equal up to float noise
     assert abs(resumed["heldout"]["bce"] - once["heldout"]["bce"]) < 1e-3 * once["heldout"]["bce"]
+
+
+def test_advantages_from_two_processes_equal_one_process_row_for_row(one_and_two, small_model_dir, tmp_path):
+    """The advantages stage scores the labels' shards (label.shard_size=7 here: several) dealt to the
+    ranks, each rank loading the critic once: the same rows and statistics as one process."""
+    import json
+
+    from stepdapo.stages.advantages import read_advantages
+
+    labels = one_and_two / "p1" / "labels"
+    r = stepdapo("critic", "--model", str(small_model_dir), "--labels", str(labels), "--out", str(tmp_path / "critic"),
+                 "threads=1", "critic.epochs=1", "critic.batch_size=16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for procs in (1, 2):
+        r = stepdapo("advantages", "--critic", str(tmp_path / "critic"), "--labels", str(labels),
+                     "--out", str(tmp_path / f"adv{procs}"), "threads=1", "advantages.min_gap=0", procs=procs)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = read_advantages(tmp_path / "adv1"), read_advantages(tmp_path / "adv2")
+    assert one.num_rows > 0 and one.to_pylist() == two.to_pylist()
+    s1, s2 = (json.loads((tmp_path / f"adv{p}" / "summary.json").read_text()) for p in (1, 2))
+    assert s1["shards"] >= 3
+    assert {k: v for k, v in s1.items() if k != "seconds"} == {k: v for k, v in s2.items() if k != "seconds"}

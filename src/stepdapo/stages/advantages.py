@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from stepdapo.algorithms import advantage_gap, distinct_actions, keeps_state, state_advantages, value_examples
-from stepdapo.config import RunConfig, to_dict
+from stepdapo.config import LabelConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
 from stepdapo.steps import delimiter_token_mask, split_steps
 from stepdapo.models import check_critic, critic_values, is_log_ratio_critic, load_critic, model_fingerprint
@@ -38,8 +38,6 @@ from stepdapo.precision import autocast, training_bf16
 from stepdapo.runner import ShardedStage, device, read_stage, stage_fingerprint
 from stepdapo.stages.labels import read_labels
 from stepdapo.stages.states import IDS
-
-SHARD_STATES = 512  # labelled states per shard: the unit of resuming and of splitting over processes
 
 SCHEMA = pa.schema([
     ("state_index", pa.int32()),
@@ -160,8 +158,9 @@ def summarize(table: pa.Table, infos: list[dict], c) -> dict:
 def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | Path, out_dir: str | Path,
                    task, tokenizer=None, progress: bool = True) -> dict:
     """Score every candidate action; write the kept (state, action, advantage) rows to `out_dir`, in
-    shards of SHARD_STATES labelled states dealt to the processes (a killed run resumes at the
-    missing shards; each process loads the critic once)."""
+    shards of the labels' own shard size (`label.shard_size` of the run that made them, so the layout
+    is fixed by the labels' fingerprint) dealt to the processes: a killed run resumes at the missing
+    shards; each process loads the critic once."""
     c = cfg.advantages
     stage = ShardedStage(out_dir, "advantages", SCHEMA, fingerprint(cfg, critic, labels_dir))
     if (done := stage.done()) is not None:
@@ -178,17 +177,20 @@ def run_advantages(cfg: RunConfig, critic: str | Path | None, labels_dir: str | 
                               f"`stepdapo prm import` has values only): the advantages need the label stage's "
                               f"candidate actions")
 
+    labels_fp = stage_fingerprint(labels_dir, "labels")
+    made_with = (labels_fp.get("label") if isinstance(labels_fp, dict) else None) or {}
+    shard_states = made_with.get("shard_size") or LabelConfig().shard_size
     loaded = []  # this process's critic, loaded for its first shard
 
     def make_shard(i: int) -> tuple[dict, dict]:
-        part = labels.slice(i * SHARD_STATES, SHARD_STATES)
+        part = labels.slice(i * shard_states, shard_states)
         if c.source == "critic" and not loaded:
             loaded.append(load_critic(critic))
         values = action_values(part, c.source, loaded[0] if loaded else None, tokenizer, task, c.shared_prefix,
                                training_bf16(cfg.bf16), cfg.max_batch_tokens, cfg.logits_chunk_tokens)
         return advantage_rows(part, values, c)
 
-    n_shards = max(1, -(-labels.num_rows // SHARD_STATES))
+    n_shards = max(1, -(-labels.num_rows // shard_states))
     return stage.run(n_shards, make_shard, lambda table, infos: summarize(table, infos, c))
 
 

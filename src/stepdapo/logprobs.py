@@ -164,7 +164,7 @@ def sequence_logprobs(model, prompts: list[list[int]], completions: list[list[in
     K = score.shape[1]
     # the last K+1 positions; the first K of them score the last K tokens (only the scored ones projected)
     _, _, features, head = forward_hidden(model, logits_chunk, K + 1, input_ids=ids, attention_mask=attn,
-                                          position_ids=pos)
+                                          position_ids=pos, use_cache=False)  # no KV cache to build and drop
     logp = token_logprobs(features[:, :-1][score], ids[:, -K:][score], head, logits_chunk)
     rows = torch.arange(len(prompts), device=device)[:, None].expand(-1, K)[score]
     return torch.zeros(len(prompts), device=device, dtype=logp.dtype).index_add(0, rows, logp)

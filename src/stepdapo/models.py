@@ -578,7 +578,7 @@ def _solution_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     T = input_ids.shape[1]
     _, hidden, features, head = forward_hidden(model, logits_chunk, T - first + 1, input_ids=input_ids,
-                                               attention_mask=attention_mask)
+                                               attention_mask=attention_mask, use_cache=False)
     # positions first-1..T-2 predict tokens first..T-1
     return hidden, _masked_logprobs(features[:, :-1], input_ids[:, first:], counted, head, logits_chunk)
 

@@ -232,3 +232,35 @@ def test_distinct_actions_by_hand():
     assert [d.weight for d in distinct_actions(actions, values, adv, [True] * 4, "unique")] == [1.0] * 3
     with pytest.raises(ValueError):
         distinct_actions(actions, values, adv, [True] * 4, "sqrt")
+
+
+def _split_steps_loop(token_ids, is_delim):
+    """The rule of `steps.split_steps`, token by token (its former implementation)."""
+    ends, content = [], False
+    for i, t in enumerate(token_ids):
+        if not is_delim[t]:
+            content = True
+        elif content and (i + 1 == len(token_ids) or not is_delim[token_ids[i + 1]]):
+            ends.append(i + 1)
+            content = False
+    if not ends or ends[-1] != len(token_ids):
+        ends.append(len(token_ids))
+    return ends
+
+
+def test_vectorised_split_steps_equals_the_token_by_token_rule():
+    """Runs of delimiters, leading and trailing ones, a sequence of delimiters only, empty ones:
+    the vectorised split gives the loop's step ends on 3000 random sequences."""
+    import random
+
+    import torch
+
+    from stepdapo.steps import split_steps
+
+    is_delim = torch.zeros(10, dtype=torch.bool)
+    is_delim[[1, 2]] = True  # two delimiter tokens ("\n" and "\n\n", say)
+    rng = random.Random(0)
+    cases = [[], [1], [1, 2], [3], [1, 3], [3, 1], [1, 1, 3, 2, 2, 4, 1], [3, 3, 2]]
+    cases += [[rng.choice([1, 2, 3, 4, 5]) for _ in range(rng.randint(0, 12))] for _ in range(3000)]
+    for ids in cases:
+        assert split_steps(ids, is_delim) == _split_steps_loop(ids, is_delim), ids

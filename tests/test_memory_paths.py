@@ -362,3 +362,34 @@ def test_reference_logprobs_split_over_processes_equal_one_process(tmp_path, mon
     assert all(parts[r][0] for r in range(3))  # every rank had prompts to score
     assert {i for r in range(3) for i in parts[r][0]} == set(range(len(prompts)))
     assert got == pytest.approx(want, abs=1e-5)
+
+
+# -- refusals at the start of a run -------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, overrides, refused", [
+    ({"ACCELERATE_USE_FSDP": "true"}, [], "critic.log_ratio_beta"),
+    ({"ACCELERATE_USE_FSDP": "true"}, ["critic.log_ratio_beta=0", "actor.lora_r=8"], "actor.lora_r=8"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+     ["critic.log_ratio_beta=0", "critic.lora_r=4"], "critic.lora_r=4"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+     ["critic.log_ratio_beta=0", "critic.lora_r=4"], None),  # ZeRO-2 keeps whole parameters: LoRA merges
+    ({"ACCELERATE_USE_FSDP": "true"}, ["critic.log_ratio_beta=0"], None),
+    ({}, ["actor.lora_r=8"], None),  # DDP / one process: everything runs
+])
+def test_what_a_trainer_would_refuse_hours_in_is_refused_before_the_run_starts(tmp_path, monkeypatch, env,
+                                                                              overrides, refused):
+    from stepdapo import pipeline
+    from stepdapo.config import load_config
+    from stepdapo.errors import ConfigError
+
+    for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(None, overrides)
+    if refused is None:
+        pipeline.check_run_supported(cfg)
+        return
+    with pytest.raises(ConfigError, match=refused.replace(".", r"\.")):
+        pipeline.run(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made

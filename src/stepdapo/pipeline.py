@@ -35,6 +35,7 @@ from stepdapo.models import check_model_dir, import_model, set_threads
 from stepdapo.paths import existing_output_dir
 from stepdapo.precision import describe
 from stepdapo.runner import is_main, on_main
+from stepdapo.training import check_run_supported
 from stepdapo.stages.actor import run_actor
 from stepdapo.stages.advantages import run_advantages
 from stepdapo.stages.baselines import BASELINES
@@ -63,6 +64,7 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> RunReport
     from stepdapo.report import write_report
 
     out = Path(out_dir)
+    check_run_supported(cfg)  # what a trainer would refuse hours in, refused now
     if cfg.model is not None:  # a broken starting model is an error before the run directory is made
         check_model_dir(cfg.model)
     on_main(lambda: _claim(out, cfg))

@@ -109,6 +109,42 @@ def _checkpointing_args(on: bool) -> dict:
     return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
+def sharded_launch() -> str | None:
+    """How `accelerate launch` set up this run's training, from the environment it gives the
+    processes: "FSDP", "ZeRO-3" (parameters sharded), "DeepSpeed" (ZeRO-1/2) or None (DDP, one process)."""
+    import os
+
+    on = lambda name: os.environ.get(name, "").lower() in ("1", "true")  # noqa: E731
+    if on("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if on("ACCELERATE_USE_DEEPSPEED"):
+        return "ZeRO-3" if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else "DeepSpeed"
+    return None
+
+
+def check_run_supported(cfg) -> None:
+    """The refusals the trainers would make when their stage starts, hours into a run (after the
+    sampling stages), made before it starts: LoRA with sharded parameters, the log-ratio critic with
+    FSDP or DeepSpeed. A ConfigError naming every setting to change."""
+    from stepdapo.errors import ConfigError
+
+    how = sharded_launch()
+    if how is None:
+        return
+    problems = []
+    if how in ("FSDP", "ZeRO-3"):
+        sections = [("actor", cfg.actor.lora_r), ("critic", cfg.critic.lora_r)]
+        if cfg.model is not None and cfg.bootstrap.finetune_model:
+            sections.append(("bootstrap", cfg.bootstrap.lora_r))
+        problems += [f"{name}.lora_r={r}: LoRA with {how} is not supported yet (use {name}.lora_r=0, or DDP)"
+                     for name, r in sections if r > 0]
+    if cfg.iterations > 0 and cfg.critic.log_ratio_beta > 0 and cfg.advantages.source == "critic":
+        problems.append(f"critic.log_ratio_beta={cfg.critic.log_ratio_beta}: the log-ratio critic holds two models in "
+                        f"one module and is not supported with {how} yet (use DDP, or critic.log_ratio_beta=0)")
+    if problems:
+        raise ConfigError(f"this run is launched with {how}: " + "; ".join(problems))
+
+
 def check_lora_supported(trainer: Trainer, lora: bool) -> None:
     """LoRA is merged on rank 0 from its whole weights: not possible yet when they are sharded."""
     from transformers.integrations import is_deepspeed_zero3_enabled

@@ -240,10 +240,34 @@ def test_forward_only_passes_stay_within_max_batch_tokens(monkeypatch):
 
 # -- gradient checkpointing ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_checkpointed_training_equals_uncheckpointed(shared):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_prefixes_equal_per_pair_rows(attention):
+    """Each prefix and its continuations packed into one row under a 4-D mask (an empty continuation
+    included): the per-pair values and gradients, with either attention implementation."""
+    from stepdapo.logprobs import group_pairs, packed_sequence_logprobs
+
+    model, (prompts, completions) = _policy(), _pairs()
+    model.config._attn_implementation = attention
+    completions[3] = []
+    prefixes, members = group_pairs(prompts)
+    order = [i for m in members for i in m]
+    plain = _value_and_grads(model, lambda m: sequence_logprobs(m, [prompts[i] for i in order],
+                                                                [completions[i] for i in order], PAD))
+    packed = _value_and_grads(model, lambda m: packed_sequence_logprobs(
+        m, prefixes, [[completions[i] for i in g] for g in members], PAD, logits_chunk=3))
+    _close(packed, plain)
+
+
+@pytest.mark.parametrize("shared", [False, True, "rows"])
+def test_checkpointed_training_equals_uncheckpointed(shared, monkeypatch):
     """Loss and gradients with every layer checkpointed equal those without; shared prefixes (no KV
-    cache under checkpointing) fall back to a row per pair, with the same result."""
+    cache under checkpointing) are packed into one row per prefix, or ("rows": an attention that
+    takes no 4-D mask) run a row per pair, with the same result."""
+    import stepdapo.logprobs as lp
+
+    if shared == "rows":
+        monkeypatch.setattr(lp, "packs", lambda model: False)
+    shared = bool(shared)
     model, (prompts, completions) = _policy().train(), _pairs()
     plain = _value_and_grads(model, lambda m: sequence_logprobs(m, prompts, completions, PAD, shared, logits_chunk=3))
     enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.2x

@@ -536,10 +536,12 @@ class RunConfig(Section):
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass instead of keeping them (every trainer:
     bootstrap fine-tuning, critic, actor, baselines): activation memory from one layer's per
-    micro-batch instead of every layer's, for ~1.3x the compute. Under it the trainers that share
-    prefixes (`actor`, `dpo`, `step_dpo`, `critic.shared_prefix`) run each (prefix, continuation) as
-    its own row (the KV cache they would share is what checkpointing drops): the same loss and
-    gradients, more tokens. Forward-only passes are not affected."""
+    micro-batch instead of every layer's, for ~1.3x the compute. Under it the actor and the DPO
+    baselines, which share each prefix among its continuations through the KV cache that
+    checkpointing drops, pack a prefix and its continuations into one row under a 4-D attention mask
+    instead (sdpa or eager attention; a row per pair with flash-attention); `critic.shared_prefix`
+    runs a row per sequence. The same loss and gradients either way. Forward-only passes are not
+    affected."""
     max_batch_tokens: int = Field(32768, ge=64, le=2**31)
     """tokens (rows x padded length) per batch of every forward-only pass: critic scoring, reference
     and final log-probs, critic evaluation. Bounds their activation and logit memory whatever the

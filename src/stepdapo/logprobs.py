@@ -146,16 +146,17 @@ def sequence_logprobs(model, prompts: list[list[int]], completions: list[list[in
     """Sum of log pi(completion token | prefix) for each pair; differentiable through `model`.
     With `shared_prefix`, each distinct prompt is computed once for all its completions
     (`grouped_sequence_logprobs`): the same values, fewer tokens through the model; a model training
-    under gradient checkpointing (no KV cache) runs every pair as its own row instead.
+    under gradient checkpointing (no KV cache) packs each prompt and its completions into one row
+    (`packed_sequence_logprobs`), or, with an attention that takes no 4-D mask, runs a row per pair.
     Log-probs come from the hidden states, `logits_chunk` positions at a time (`token_logprobs`)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if all(len(c) == 0 for c in completions):
         return torch.zeros(len(prompts))
-    if shared_prefix and keeps_cache(model):
+    if shared_prefix and (keeps_cache(model) or packs(model)):
         prefixes, members = group_pairs(prompts)
-        values = grouped_sequence_logprobs(model, prefixes, [[completions[i] for i in m] for m in members], pad_id,
-                                           logits_chunk)
+        grouped = grouped_sequence_logprobs if keeps_cache(model) else packed_sequence_logprobs
+        values = grouped(model, prefixes, [[completions[i] for i in m] for m in members], pad_id, logits_chunk)
         where = torch.empty(len(prompts), dtype=torch.long)
         where[[i for m in members for i in m]] = torch.arange(len(prompts))
         return values[where.to(values.device)]  # back in the pairs' order (indexing keeps the gradient)
@@ -310,6 +311,73 @@ def grouped_logprobs(model, prefixes: list[list[int]], rows: list[int], continua
         call=lambda **inputs: forward_hidden(model, logits_chunk, K, **inputs))
     features = torch.cat([prefix_features[rows, -1:], features[:, :-1]], 1)  # [N, K, *]: column k scores token k
     return prefix_logp, _masked_logprobs(features, ids, mask.bool(), head, logits_chunk), hidden
+
+
+# -- packed shared prefixes: for training under gradient checkpointing --------------------------------
+#
+# Gradient checkpointing drops the KV cache the scheme above reuses. Packing needs none: each prefix
+# and all its continuations are ONE row, [prefix, c_1, c_2, ...], with a 4-D attention mask in which
+# a continuation token sees the prefix and the earlier tokens of its own continuation only, and
+# positions that restart at the prefix's end for every continuation. The same attention scores over
+# the same keys as the per-pair rows (so the same log-probs and gradients), each prefix computed once,
+# and a plain forward pass that checkpointing, DDP and FSDP handle as any other.
+
+PACKED_ATTENTION = ("sdpa", "eager")  # the attention implementations that take a custom 4-D mask
+
+
+def packs(model) -> bool:
+    """Whether `model`'s attention takes the packed rows' 4-D mask (sdpa, eager; not flash-attention)."""
+    config = getattr(_unwrapped(model), "config", None)
+    return getattr(config, "_attn_implementation", None) in PACKED_ATTENTION
+
+
+def packed_sequence_logprobs(model, prefixes: list[list[int]], continuations: list[list[list[int]]],
+                             pad_id: int = 0, logits_chunk: int = LOGITS_CHUNK) -> torch.Tensor:
+    """`grouped_sequence_logprobs` (each prefix once for all its continuations, the values flattened
+    in that order) with every group packed into one row and no KV cache; differentiable."""
+    device = next(model.parameters()).device
+    flat = [c for cs in continuations for c in cs]
+    if not flat or all(len(c) == 0 for c in flat):
+        return torch.zeros(len(flat), device=device)
+    if any(len(p) == 0 for p in prefixes):
+        raise ValueError("every prefix needs at least one token")
+    rows = [p + [t for c in cs for t in c] for p, cs in zip(prefixes, continuations)]
+    B, L = len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    segment = torch.full((B, L), -1, dtype=torch.long)  # 0: the prefix; j + 1: continuation j; -1: padding
+    feature_at, scored, owner = [], [], []  # each continuation token: the column whose features score it
+    k = 0
+    for b, (p, cs) in enumerate(zip(prefixes, continuations)):
+        ids[b, :len(rows[b])] = torch.tensor(rows[b])
+        pos[b, :len(p)] = torch.arange(len(p))
+        segment[b, :len(p)] = 0
+        at = len(p)
+        for j, c in enumerate(cs):
+            pos[b, at:at + len(c)] = torch.arange(len(p), len(p) + len(c))
+            segment[b, at:at + len(c)] = j + 1
+            for t in range(len(c)):  # token t: after the prefix's last token, then after its own t - 1
+                feature_at.append((b, len(p) - 1 if t == 0 else at + t - 1))
+                scored.append(c[t])
+                owner.append(k)
+            at += len(c)
+            k += 1
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    allow = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    allow |= torch.eye(L, dtype=torch.bool)  # padding queries see themselves (a row with no key is NaN)
+    if getattr(_unwrapped(model).config, "_attn_implementation", None) == "eager":  # eager adds the mask
+        mask = torch.where(allow, 0.0, torch.finfo(torch.float32).min)[:, None]
+    else:
+        mask = allow[:, None]
+    _, _, features, head = forward_hidden(model, logits_chunk, L, input_ids=ids.to(device),
+                                          attention_mask=mask.to(device), position_ids=pos.to(device),
+                                          use_cache=False)
+    where = torch.tensor(feature_at, device=device)
+    logp = token_logprobs(features[where[:, 0], where[:, 1]], torch.tensor(scored, device=device), head,
+                          logits_chunk)
+    return torch.zeros(len(flat), dtype=logp.dtype, device=device).index_add(
+        0, torch.tensor(owner, device=device), logp)
 
 
 def group_pairs(prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:

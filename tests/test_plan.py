@@ -159,9 +159,12 @@ def test_assumptions_scale_the_uncertain_counts():
 
 
 def test_seconds_and_flops_follow_the_throughputs():
+    """Forward-only work is split over the processes, except the critic's evaluation, which rank 0
+    runs alone (at 1/processes of the forward rate)."""
     plan = plan_of(small_cfg(), processes=2)
     for s in plan["stages"]:
-        want = (s["prefill_tokens"] / 1000 + s["forward_tokens"] * 2 / 1000 + s["new_tokens"] / 100
+        rank0 = 2 if s["stage"].endswith("/critic") else 1
+        want = (s["prefill_tokens"] / 1000 + s["forward_tokens"] * rank0 / 1000 + s["new_tokens"] / 100
                 + s["trained_tokens"] / 10)
         assert s["seconds"] == pytest.approx(want, rel=1e-3)
         fwd = s["prefill_tokens"] + s["new_tokens"] + s["forward_tokens"]
@@ -239,7 +242,7 @@ def test_cli_prints_a_table_and_writes_json(tmp_path, capsys):
                  "from 10 reference solutions"):
         assert word in text, word
     plan = json.loads(out.read_text())
-    assert set(plan) == {"config", "parameters", "throughput", "estimates", "assumptions", "stages", "total"}
+    assert set(plan) == {"config", "parameters", "throughput", "estimates", "assumptions", "stages", "total", "memory"}
     assert plan["throughput"]["gen_tok_s"] == 100 and plan["parameters"] > 0
     assert plan["assumptions"]["gap_kept"] == {"value": 0.5, "upper_bound": False, "source": "given",
                                                "doc": plan["assumptions"]["gap_kept"]["doc"]}
@@ -412,3 +415,271 @@ def test_every_baseline_is_counted():
     rft = stage(plan, "iter-1/rft")  # 10 problems x 2 kept solutions, 3 epochs of batch 16
     assert rft["counts"]["solutions"] == 20 and rft["counts"]["steps"] == math.ceil(20 / 16 * 3)
     assert rft["trained_tokens"] == rft["counts"]["steps"] * 16 * (P + L) and rft["upper_bound"]
+
+
+# -- memory per GPU ---------------------------------------------------------------------------------
+
+from stepdapo.plan import (GiB, HEADROOM, KNOWN_SHAPES, MemorySetup, ModelShape, Shape, find_fix,  # noqa: E402
+                           memory_lengths, stage_memory)
+
+LLAMA8B = ModelShape(**KNOWN_SHAPES["llama-3.1-8b"], source="test")
+
+
+def memory_of(cfg, stage_name, shape=LLAMA8B, processes=1, fsdp=False, gpu=None):
+    """One stage's memory (bytes), on the small config's shapes (character tokenizer)."""
+    train = [Shape(P, [6, 12, 18, 22])]  # the SMALL config's problems
+    lengths = memory_lengths(cfg, train, train, Assumptions(), None)
+    return stage_memory(stage_name, MemorySetup(cfg, processes, fsdp, gpu), shape, lengths)
+
+
+def test_parameter_counts_match_transformers_built_on_the_meta_device():
+    """The shape's arithmetic against the models transformers builds (no weights, no network):
+    Llama-3.1-8B's shape is its 8,030,261,248 parameters (8.03e9, as published); its value-head
+    critic (AutoModelForSequenceClassification, 1 label) loses the untied LM head; tied models
+    (SmolLM2, Qwen2.5 without its q/k/v biases) count the embedding once."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    assert LLAMA8B.params() == 8_030_261_248
+    assert LLAMA8B.params() == pytest.approx(8.03e9, rel=0.01)
+    for name in ("llama-3.1-8b", "smollm2-135m", "qwen2.5-math-1.5b"):
+        s = ModelShape(**KNOWN_SHAPES[name])
+        c = LlamaConfig(hidden_size=s.hidden_size, intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
+                        num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads, vocab_size=s.vocab_size,
+                        tie_word_embeddings=s.tied, num_labels=1)
+        with torch.device("meta"):
+            lm = sum(p.numel() for p in LlamaForCausalLM(c).parameters())
+            vh = sum(p.numel() for p in LlamaForSequenceClassification(c).parameters())
+        assert s.params() == lm, name
+        assert s.params(value_head=True) == vh, name
+    assert ModelShape(**KNOWN_SHAPES["smollm2-135m"]).params() == 134_515_008  # SmolLM2-135M's published count
+    assert ModelShape(**KNOWN_SHAPES["qwen2.5-math-1.5b"]).params() == pytest.approx(1.54e9, rel=0.01)
+
+
+def test_lora_parameters_are_what_peft_adds():
+    """r x (in + out) on every linear layer of every decoder layer (peft's all-linear: not the LM head)."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = char_tokenizer()
+    cfg = load_config(None).bootstrap.model
+    model = tiny_llama(tok, cfg)
+    shape = ModelShape(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads, cfg.num_heads, len(tok), True)
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert shape.lora_params(4) == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+
+def test_full_fine_tuning_weights_gradients_and_adam_state():
+    """Full fine-tuning: float32 weights (4 B/param), gradients (4) and AdamW's two states (8) = 16
+    B/param on one process; DDP on 8 processes adds its gradient buckets (another 4: 20 B/param);
+    FSDP on 8 shards the 16 B/param and adds the gathered layers (2 in flight + 1's gradients) and the
+    root unit (embeddings, LM head, norm) in bf16."""
+    P = 8_030_261_248
+    cfg = small_cfg("bf16=true")
+    one = memory_of(cfg, "iter-1/actor")
+    assert (one.weights, one.gradients, one.optimizer) == (4 * P, 4 * P, 8 * P)
+    assert one.weights + one.gradients + one.optimizer == 16 * P
+    ddp = memory_of(cfg, "iter-1/actor", processes=8)  # states_per_batch 16: 2 a process
+    assert ddp.weights + ddp.gradients + ddp.optimizer == 20 * P
+    fsdp = memory_of(cfg, "iter-1/actor", processes=8, fsdp=True)
+    layer = 4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336 + 2 * 4096  # q, o, k, v, MLP, norms
+    root = 2 * 128256 * 4096 + 4096  # embeddings, untied LM head, final norm
+    assert layer == LLAMA8B.layer_params() and 32 * layer + root == P
+    assert fsdp.gradients == pytest.approx(4 * P / 8) and fsdp.optimizer == pytest.approx(8 * P / 8)
+    assert fsdp.weights == pytest.approx(4 * P / 8 + 2 * (3 * layer + root))
+    # in GiB: 8.03e9 x 16 B = 119.7 GiB on one process
+    assert (one.weights + one.gradients + one.optimizer) / GiB == pytest.approx(119.66, abs=0.01)
+
+
+def test_lora_trains_only_the_adapters():
+    P, r = 8_030_261_248, 16
+    lora = 32 * r * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 2 * (4096 + 14336) + (14336 + 4096))  # q, o; k, v; gate, up; down
+    assert LLAMA8B.lora_params(r) == lora == 41_943_040  # the usual 41.9M of an all-linear r=16 LoRA on 8B
+    m = memory_of(small_cfg("actor.lora_r=16"), "iter-1/actor", processes=8)
+    assert m.weights == 4 * (P + lora)  # the frozen base and the adapters
+    assert m.gradients == 2 * 4 * lora and m.optimizer == 8 * lora  # DDP's buckets: the adapters only
+    assert memory_of(small_cfg("actor.lora_r=16"), "iter-1/actor", processes=8, fsdp=True).refused  # not supported
+
+
+def test_gradient_checkpointing_keeps_each_layers_input_and_one_layer():
+    """Float32 (no autocast copies), the critic (no shared prefix, no vocabulary logits): without
+    checkpointing every layer's activations, L x T x p with p = 368,640 B per token and layer for
+    Llama-3.1-8B in float32 (norms 2 x (2 x 4 x 4096 + 4 x 4096), attention 4 x (4096 + 4096 + 2 x
+    1024), MLP 4 x 4 x 14336); with it each layer's float32 input (L x T x 4096 x 4) plus one layer
+    recomputed (T x p): 13.2 x less."""
+    p = 2 * (2 * 4 * 4096 + 4 * 4096) + 4 * (4096 + 4096 + 2 * 1024) + 4 * 4 * 14336
+    assert p == 368_640 == LLAMA8B.layer_activation_bytes(4)
+    cfg = small_cfg("critic.log_ratio_beta=0")
+    m = memory_of(cfg, "iter-1/critic")
+    examples = memory_lengths(cfg, [Shape(P, [6, 12, 18, 22])], [], Assumptions(), None)["critic"]
+    assert sorted({v for v, _ in examples}) == [P, P + 6, P + 12, P + 18]  # states and rollout prefixes
+    T = 4 * padded_length(examples, 4)  # critic.batch_size 4 on one process, padded to the longest
+    assert m.activations_no_ckpt == pytest.approx(32 * T * p)
+    assert m.activations_ckpt == pytest.approx(32 * T * 4096 * 4 + T * p)
+    ratio = m.activations_no_ckpt / m.activations_ckpt
+    assert ratio == pytest.approx(32 * p / (32 * 4096 * 4 + p)) and ratio == pytest.approx(13.21, abs=0.01)
+    assert m.activations == m.activations_no_ckpt and m.logits == 0
+    on = memory_of(small_cfg("critic.log_ratio_beta=0", "gradient_checkpointing=true"), "iter-1/critic")
+    assert on.activations == on.activations_ckpt == pytest.approx(m.activations_ckpt) and on.checkpointing
+
+
+def test_log_ratio_critic_holds_two_language_models():
+    """log_ratio_beta > 0: pi_theta trained (weights, gradients, AdamW) plus pi_ref frozen (weights
+    only) and a 1-output head, and both models' chunked logits; 0: one value-head model, no
+    vocabulary logits. Scoring (advantages): two float32 language models against one."""
+    N, h, V = 8_030_261_248, 4096, 128256
+    pv = LLAMA8B.params(value_head=True)
+    two, one = memory_of(small_cfg(), "iter-1/critic"), memory_of(small_cfg("critic.log_ratio_beta=0"), "iter-1/critic")
+    assert two.weights == 4 * (N + h + 1) + 4 * N and two.optimizer == 8 * (N + h + 1)
+    assert one.weights == 4 * pv and one.optimizer == 8 * pv and pv == N - V * h + h
+    tokens = 4 * padded_length(memory_lengths(small_cfg(), [Shape(P, [6, 12, 18, 22])], [], Assumptions(),
+                                              None)["critic"], 4)
+    assert two.logits == 2 * 2 * min(tokens, 4096) * V * 4 and one.logits == 0
+    adv2, adv1 = memory_of(small_cfg(), "iter-1/advantages"), memory_of(small_cfg("critic.log_ratio_beta=0"),
+                                                                         "iter-1/advantages")
+    assert adv2.weights == 2 * 4 * N and adv1.weights == 4 * pv
+    assert adv2.logits == 2 * 2 * 4096 * V * 4 and adv1.logits == 0  # batches of max_batch_tokens >= the chunk
+
+
+def test_sampling_memory():
+    """HF: weights in the sampler's dtype, the KV cache of batch_size rows x (prompt + max_new_tokens);
+    vLLM: gpu_memory_utilization of the GPU."""
+    m = memory_of(small_cfg("generation.dtype=bfloat16"), "iter-1/label")
+    rows, new = 512, 64  # label.batch_size, label.max_new_tokens
+    kv = 2 * 32 * 1024 * 2  # bytes a token: keys and values, 32 layers, 8 heads x 128, bf16
+    assert m.weights == 2 * 8_030_261_248 and m.gradients == m.optimizer == 0
+    assert rows * (P + new) * kv <= m.kv_cache <= rows * (P + 18 + new) * kv
+    v = memory_of(small_cfg("generation.backend=vllm", "generation.gpu_memory_utilization=0.5"), "iter-1/label", gpu=80)
+    assert v.peak == 0.5 * 80 * GiB and v.fits
+    assert memory_of(small_cfg("generation.backend=vllm"), "iter-1/label").peak is None  # no GPU size given
+
+
+def fix_overrides(fix: str) -> tuple[list[str], bool]:
+    words = fix.split()
+    return [w for w in words if "=" in w], "--fsdp" in words
+
+
+@pytest.mark.parametrize("extra, processes", [((), 8), (("generation.backend=vllm",), 8), ((), 1),
+                                              (("critic.log_ratio_beta=0", "baselines=[dpo,step_dpo,rft,mc_dapo]"), 8)])
+def test_every_fix_brings_its_stage_under_the_limit(extra, processes):
+    """Llama-3.1-8B's shape on 40 GB GPUs: a stage that does not fit names a setting, and the plan
+    made again with it (config overrides, --fsdp) has that stage under 90% of the GPU, at the peak
+    the fix said; or says that nothing it tried fits, and then nothing it tries does."""
+    def plan(overrides, fsdp):
+        return make_plan(small_cfg("bf16=true", "critic.batch_size=8", "actor.states_per_batch=8",
+                                   "dpo.batch_size=8", "step_dpo.batch_size=8", "rft.batch_size=8",
+                                   "bootstrap.batch_size=8", *extra, *overrides),
+                         THR, tokenizer=char_tokenizer(), params=1000, processes=processes, fsdp=fsdp,
+                         gpu_memory=40, shape=LLAMA8B)
+
+    before = plan([], False)["memory"]
+    missing = [m for m in before["stages"] if m["fits"] is False]
+    assert any(m["fix"] for m in missing), "the test should exercise fixes"
+    for m in missing:
+        if m["fix"] is None:  # e.g. an 8B log-ratio critic (two float32 language models) beside its sampler
+            assert m["fixed_peak"] is None
+            continue
+        assert m["fixed_peak"] <= HEADROOM * 40
+        overrides, fsdp = fix_overrides(m["fix"])
+        after = next(s for s in plan(overrides, fsdp)["memory"]["stages"] if s["stage"] == m["stage"])
+        assert after["fits"] and after["peak"] == pytest.approx(m["fixed_peak"], abs=1e-3), (m["fix"], after)
+    for m in before["stages"]:
+        assert m["fits"] is not None or m["kind"] == "train (CPU)"
+        if m["fits"]:
+            assert m["peak"] <= HEADROOM * 40
+
+
+def test_the_first_fix_in_order_of_preference():
+    """Checkpointing first where it is enough; --fsdp where only sharding is (8B's 20 B/param under DDP)."""
+    cfg = small_cfg("bf16=true", "critic.log_ratio_beta=0", "critic.batch_size=64")
+    big = MemorySetup(cfg, 1, False, 80)
+
+    shape = ModelShape(**KNOWN_SHAPES["qwen2.5-math-1.5b"])
+    lengths = memory_lengths(cfg, [Shape(400, [200, 400, 600, 800])], [], Assumptions(), None)
+    m = stage_memory("iter-1/critic", big, shape, lengths)
+    assert m.fits is False
+    fix, peak = find_fix("iter-1/critic", big, shape, lengths)
+    assert fix == "gradient_checkpointing=true" and peak <= 0.9 * 80 * GiB
+    ddp = MemorySetup(small_cfg("bf16=true", "critic.log_ratio_beta=0"), 8, False, 80)
+    lengths = memory_lengths(ddp.cfg, [Shape(P, [6, 12, 18, 22])], [], Assumptions(), None)
+    assert stage_memory("iter-1/critic", ddp, LLAMA8B, lengths).fits is False
+    assert find_fix("iter-1/critic", ddp, LLAMA8B, lengths)[0] == "--fsdp"
+
+
+def test_rank0_sync_timeout_warning(monkeypatch):
+    """Only the critic's evaluation still runs on rank 0 alone (reference and final log-probs,
+    advantages and prm-eval are split over the processes): a warning when it would pass
+    STEPDAPO_SYNC_TIMEOUT_S at the plan's throughputs; none from the default (CPU) throughputs."""
+    monkeypatch.setenv("STEPDAPO_SYNC_TIMEOUT_S", "1")
+    plan = plan_of(small_cfg(), processes=8)
+    warnings = plan["memory"]["sync_warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("iter-1/critic: rank 0 alone")
+    assert make_plan(small_cfg(), None, tokenizer=char_tokenizer(), params=1000,
+                     processes=8)["memory"]["sync_warnings"] == []
+    monkeypatch.setenv("STEPDAPO_SYNC_TIMEOUT_S", "7200")
+    assert plan_of(small_cfg(), processes=8)["memory"]["sync_warnings"] == []
+
+
+def test_cli_prints_the_memory_table(tmp_path, capsys):
+    cfg = write_cfg(tmp_path)
+    out = tmp_path / "plan.json"
+    rc = main(["plan", str(cfg), *SMALL, "--gpu-memory", "0.01", "--processes", "2", "states.n_problems=10",
+               "critic.batch_size=4", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    text = " ".join(capsys.readouterr().out.split())
+    for word in ("memory per GPU (GB = GiB): 2 processes, DDP, 0.01 GB GPUs", "the tiny model (config section",
+                 "DOES NOT FIT iter-1/critic", "fix:", "left out: the CUDA context"):
+        assert word in text, word
+    mem = json.loads(out.read_text())["memory"]
+    assert mem["processes"] == 2 and mem["gpu_memory_gb"] == 0.01 and not mem["fsdp"]
+    assert [m["stage"] for m in mem["stages"]] == [s["stage"] for s in json.loads(out.read_text())["stages"]]
+    assert next(m for m in mem["stages"] if m["stage"] == "bootstrap")["kind"] == "train (CPU)"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu-memory", "0"], "--gpu-memory must be each GPU's memory in GB, a positive number"),
+    (["--gpu-memory", "-80"], "--gpu-memory must be"),
+    (["--gpu-memory", "inf"], "--gpu-memory must be"),
+    (["--gpu-memory", "nan"], "--gpu-memory must be"),
+    (["--fsdp"], "--fsdp shards over several processes"),
+    (["--model-shape", "no-such.json"], "--model-shape no-such.json: cannot read it"),
+    (["--model-shape", "{bad}"], "not JSON"),
+    (["--model-shape", "{partial}"], "no intermediate_size, num_hidden_layers"),
+])
+def test_cli_memory_bad_input_exits_2(tmp_path, capsys, args, message):
+    cfg = write_cfg(tmp_path)
+    (tmp_path / "bad.json").write_text("{hidden_size: 1")
+    (tmp_path / "partial.json").write_text('{"hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10}')
+    args = [a.format(bad=tmp_path / "bad.json", partial=tmp_path / "partial.json") for a in args]
+    rc = main(["plan", str(cfg), *SMALL, *args])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stepdapo plan: error:") and message in err, err
+
+
+def test_a_model_not_here_is_planned_from_its_shape(tmp_path, capsys):
+    """A hub name not on this machine: the error says what to give; --model-shape (a config.json)
+    gives the shape and, with --tokenizer, the parameter count; a well-known name its known shape."""
+    tok_dir = tmp_path / "tok"
+    tok = char_tokenizer()
+    tok.save_pretrained(tok_dir)
+    tiny_llama(tok, load_config(None).bootstrap.model).config.save_pretrained(tok_dir)
+    cfg = write_cfg(tmp_path)
+    rc = main(["plan", str(cfg), *SMALL, "model=/nowhere/Some-Model-7B"])
+    assert rc == 2 and "--model-shape" in capsys.readouterr().err
+    shape = tmp_path / "config.json"
+    shape.write_text(json.dumps({"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                                 "tie_word_embeddings": False}))
+    out = tmp_path / "plan.json"
+    rc = main(["plan", str(cfg), *SMALL, "model=/nowhere/Some-Model-7B", "--tokenizer", str(tok_dir),
+               "--model-shape", str(shape), "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    plan = json.loads(out.read_text())
+    assert plan["parameters"] == 8_030_261_248 and "(--model-shape)" in plan["memory"]["shape_source"]
+    rc = main(["plan", str(cfg), *SMALL, "model=/nowhere/Meta-Llama-3.1-8B-Instruct", "--tokenizer", str(tok_dir),
+               "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    plan = json.loads(out.read_text())
+    assert plan["parameters"] == 8_030_261_248
+    assert plan["memory"]["shape_source"].startswith("the known shape of llama-3.1-8b")

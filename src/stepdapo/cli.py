@@ -327,7 +327,7 @@ def cmd_plan(args) -> int:
     from rich.console import Console
 
     from stepdapo.plan import (COUNTS, Throughput, default_throughput, format_plan, make_plan, model_info,
-                               parse_assumptions, pilot)
+                               model_shape, parse_assumptions, pilot)
     from stepdapo.store import write_json
 
     cfg = load_config(args.config, args.overrides)
@@ -345,13 +345,32 @@ def cmd_plan(args) -> int:
         raise ConfigError("plan: --probe measures the throughputs; do not also give --gen-tok-s etc.")
     if not 1 <= args.processes <= 2**20:
         raise ConfigError(f"plan: --processes must be in [1, {2**20}], got {args.processes}")
+    if args.gpu_memory is not None and not (0 < args.gpu_memory <= 2**20 and math.isfinite(args.gpu_memory)):
+        raise ConfigError(f"plan: --gpu-memory must be each GPU's memory in GB, a positive number (e.g. 80), "
+                          f"got {args.gpu_memory:g}")
+    if args.fsdp and args.processes < 2:
+        raise ConfigError("plan: --fsdp shards over several processes: give --processes N (N >= 2)")
+    shape = model_shape(cfg, args.model_shape) if args.model_shape is not None else None
+    # a model that is not on this machine: a stand-in tokenizer and its parameter count (given, or
+    # from --model-shape or a well-known name's shape)
+    stand_in = {}
+    if args.tokenizer is not None or args.params is not None:
+        if args.params is not None and not 1 <= args.params <= 1e15:  # also refuses inf and nan
+            raise ConfigError(f"plan: --params must be a parameter count in [1, 1e15], got {args.params:g}")
+        params, params_from = (int(args.params) if args.params is not None else None), "given"
+        if params is None and args.tokenizer is not None:
+            shape = shape or model_shape(cfg)
+            if shape is not None:
+                params, params_from = shape.params(), f"from {shape.source}"
+        tok, params, how = model_info(cfg, args.tokenizer, params, params_from)
+        stand_in = {"tokenizer": tok, "params": params, "model_how": how}
     throughput = None
     if args.gpu_flops is not None:
         throughput = Throughput(gpu_flops=args.gpu_flops, source="--gpu-flops")
     elif any_given:
         missing = [k for k, v in given.items() if v is None]
         if missing:
-            base = default_throughput(args.params or model_info(cfg)[1])
+            base = default_throughput(stand_in.get("params") or model_info(cfg)[1])
             given.update({k: getattr(base, k) for k in missing})
         throughput = Throughput(**given, source="given" + (f"; {', '.join(missing)} from the defaults" if missing else ""))
 
@@ -372,15 +391,8 @@ def cmd_plan(args) -> int:
         for name in measured:
             setattr(assumptions, name, getattr(from_pilot, name))
 
-    # a model that is not on this machine: a stand-in tokenizer and its parameter count
-    stand_in = {}
-    if args.tokenizer is not None or args.params is not None:
-        if args.params is not None and not 1 <= args.params <= 1e15:  # also refuses inf and nan
-            raise ConfigError(f"plan: --params must be a parameter count in [1, 1e15], got {args.params:g}")
-        tok, params, how = model_info(cfg, args.tokenizer, int(args.params) if args.params is not None else None)
-        stand_in = {"tokenizer": tok, "params": params, "model_how": how}
     plan = make_plan(cfg, throughput, assumptions, probe_throughput=args.probe, processes=args.processes,
-                     sampled=sampled, **stand_in)
+                     sampled=sampled, gpu_memory=args.gpu_memory, fsdp=args.fsdp, shape=shape, **stand_in)
     plan["estimates"] += notes
     for name in measured:
         plan["assumptions"][name]["source"] = "pilot"
@@ -578,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-tok-s", type=float, help="trained tokens per second, forward + backward (all processes)")
     p.add_argument("--forward-tok-s", type=float, help="forward-only and prefill tokens per second (all processes)")
     p.add_argument("--probe", action="store_true", help="measure the throughputs on this machine (a few seconds)")
-    p.add_argument("--processes", type=int, default=1, help="processes the run will use (torchrun / accelerate); "
-                   "the throughputs are for all of them, but critic scoring and reference log-probs run on one")
+    p.add_argument("--processes", type=int, default=1, help="processes the run will use (torchrun / accelerate), "
+                   "one a GPU; the throughputs are for all of them, but the critic's evaluation runs on one")
     p.add_argument("--gpu-flops", type=float, help="FLOP/s to divide the FLOPs by, e.g. 4e14 (peak x utilisation)")
     p.add_argument("--assume", action="append", metavar="NAME=VALUE",
                    help="set an assumption (default: its upper bound 1.0), e.g. distinct_states=0.5")
@@ -591,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
                    ".gguf file) instead of the model's, for a model that is not on this machine; with --params")
     p.add_argument("--params", type=float, metavar="N", help="the model's parameter count (e.g. 8.03e9), for a "
                    "model that is not on this machine; with --tokenizer")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="each GPU's memory in GB, e.g. 80: marks every "
+                   "stage whose estimated peak passes 90%% of it and says what setting fixes it")
+    p.add_argument("--fsdp", action="store_true", help="the trainers shard parameters, gradients and optimizer "
+                   "state over the --processes (accelerate's FSDP config); default DDP: each process holds them all")
+    p.add_argument("--model-shape", metavar="CONFIG.json", help="the model's HF config.json (or a directory with "
+                   "one), for a model that is not on this machine: its shape for the memory estimate (and, with "
+                   "--tokenizer, its parameter count)")
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. label.rollouts=8")
     p.epilog = CONFIG_HELP

@@ -552,6 +552,10 @@ def test_sampling_memory():
     v = memory_of(small_cfg("generation.backend=vllm", "generation.gpu_memory_utilization=0.5"), "iter-1/label", gpu=80)
     assert v.peak == 0.5 * 80 * GiB and v.fits
     assert memory_of(small_cfg("generation.backend=vllm"), "iter-1/label").peak is None  # no GPU size given
+    # prm-eval: the critic (here two float32 language models) scores beside vLLM's share
+    pe = memory_of(small_cfg("generation.backend=vllm"), "iter-1/prm-eval", gpu=80)
+    assert pe.weights == 2 * 4 * 8_030_261_248 and pe.engine == 0.85 * 80 * GiB
+    assert pe.peak == pe.weights + pe.engine + pe.activations + pe.logits and not pe.fits
 
 
 def fix_overrides(fix: str) -> tuple[list[str], bool]:

@@ -1169,7 +1169,9 @@ def stage_memory(stage: str, setup: MemorySetup, shape: ModelShape, lengths: dic
             t = cfg.prm.batch_size * padded_length(lengths["prm_sequences"], cfg.prm.batch_size)
             f = _forward_pass(shape, cfg, t, _critic_models(cfg)[1])  # float32, no autocast
             m.weights += _critic_weights(shape, cfg)
-            m.activations, m.logits = max(m.activations, f["activations"]), max(m.logits, f["logits"])
+            # the HF sampler's cache and prefill logits are gone when the critic scores: the larger of the two
+            if f["activations"] + f["logits"] > m.activations + m.logits + m.kv_cache:
+                m.activations, m.logits, m.kv_cache = f["activations"], f["logits"], 0.0
             m.notes.append(f"and the critic (float32) scoring prm.batch_size = {cfg.prm.batch_size} samples a batch")
     elif kind == "advantages":
         m = StageMemory(stage, "forward")

@@ -296,3 +296,49 @@ def test_best_of_n_table_by_hand():
     assert mean["best-of-N (last)@4"] == 0.5  # problem 1: 0.9 is sample 4 (wrong); problem 2: sample 4 (right)
     assert mean["best-of-N (product)@4"] == 1.0  # 0.7 -> right; 0.3 ties go to the first of them, sample 2 (right)
     assert all(v["ci95"][0] <= v["mean"] <= v["ci95"][1] for v in t.values())
+
+
+def test_prm_eval_with_vllm_gives_the_gpu_to_the_critic(small_model_dir, critic_dirs, tmp_path, monkeypatch):
+    """vLLM holds gpu_memory_utilization of the GPU while its engine is up: the prm-eval stage shuts
+    the engine down before it loads the critic, and drops the critic before the next shard samples
+    (a new engine). The table is the one the same samples give with both kept (the HF backend)."""
+    import stepdapo.stages.prm_eval as prm_eval
+    from stepdapo.config import load_config
+    from stepdapo.generation.hf import HFGenerator
+    from stepdapo.models import load_policy
+
+    events = []
+
+    class Recording(HFGenerator):
+        def generate(self, *a, **kw):
+            events.append("sample")
+            return super().generate(*a, **kw)
+
+    def policy_generator(policy, delimiter, batch_size, progress, engine=None):
+        loaded = []
+
+        def get():
+            if not loaded:
+                events.append("engine up")
+                loaded.append(Recording(*load_policy(policy), delimiter, batch_size, progress=False))
+            return loaded[0]
+        get.loaded = loaded
+        return get
+
+    real_load = prm_eval.load_critic
+    monkeypatch.setattr(prm_eval, "policy_generator", policy_generator)
+    monkeypatch.setattr(prm_eval, "release_engine", lambda: events.append("engine down"))
+    monkeypatch.setattr(prm_eval, "load_critic", lambda d: events.append("critic loaded") or real_load(d))
+    monkeypatch.setattr(prm_eval, "PROBLEMS_PER_SHARD", 3)
+    tables = {}
+    for backend in ("hf", "vllm"):
+        events.clear()
+        cfg = load_config(None, ["prm.problems=6", "prm.best_of_n=[1,2]", f"generation.backend={backend}"])
+        s = prm_eval.run_prm_eval(cfg, small_model_dir, critic_dirs["log_ratio"], tmp_path / backend, TASK,
+                                  progress=False)
+        tables[backend] = s["table"]
+        if backend == "vllm":
+            assert events == ["engine up", "sample", "engine down", "critic loaded"] * 2
+        else:
+            assert events == ["engine up", "sample", "critic loaded", "sample"]
+    assert tables["vllm"] == tables["hf"]

@@ -394,9 +394,10 @@ def batched_grouped_logprobs(model, prompts: list[list[int]], completions: list[
                              batch_size: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
                              logits_chunk: int = LOGITS_CHUNK) -> list[float]:
     """`batched_sequence_logprobs` with each distinct prompt computed once: pairs are grouped by
-    prompt, groups batched in order of prompt length, a batch's padded tokens (its prefixes' rows x
-    the longest prefix, plus its continuations' rows x the longest continuation) within
-    `max_batch_tokens` (and its pairs within `batch_size` if given; one group may exceed either)."""
+    prompt, groups batched in order of prompt length, a batch's continuation rows x (the longest
+    prefix + the longest continuation) within `max_batch_tokens` (each row attends over its own copy
+    of its prefix's keys/values), and its pairs within `batch_size` if given; one group may exceed
+    either."""
     prefixes, members = group_pairs(prompts)
     order = sorted(range(len(prefixes)), key=lambda g: (len(prefixes[g]), g))
     out = [0.0] * len(prompts)
@@ -405,8 +406,10 @@ def batched_grouped_logprobs(model, prompts: list[list[int]], completions: list[
         batch, n, longest = [], 0, 0
 
         def fits(g: int) -> bool:
+            # every continuation row attends over its own copy of its prefix's keys/values: the batch's
+            # memory is that of rows x (longest prefix + longest continuation), as without sharing
             rows, k = n + len(members[g]), max(longest, max(len(completions[i]) for i in members[g]))
-            tokens = (len(batch) + 1) * len(prefixes[g]) + rows * k  # ascending prefixes: g's is the longest
+            tokens = rows * (len(prefixes[g]) + k)  # ascending prefixes: g's is the longest
             return tokens <= max_batch_tokens and (batch_size is None or rows <= batch_size)
 
         while start < len(order) and (not batch or fits(order[start])):

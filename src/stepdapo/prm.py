@@ -31,6 +31,7 @@ import torch
 from stepdapo.errors import DataError, excerpt
 from stepdapo.generation import encode_prompts
 from stepdapo.steps import split_steps
+from stepdapo.logprobs import MAX_BATCH_TOKENS
 from stepdapo.models import critic_token_logits, is_log_ratio_critic
 
 Encoded = tuple[list[int], list[int], list[int]]  # (prompt ids, solution ids, each step's end in the solution ids)
@@ -86,22 +87,23 @@ def _read_positions(ids: list[int], prompt_len: int, ends: list[int], pad_id: in
 
 
 @torch.no_grad()
-def score_ids(critic, pad_id: int, solutions: list[Encoded], batch_size: int = 32, progress: bool = False
-              ) -> list[list[float]]:
+def score_ids(critic, pad_id: int, solutions: list[Encoded], batch_size: int | None = 32, progress: bool = False,
+              max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[list[float]]:
     """Each step's value V(prompt + solution[:step end]) of each encoded solution: one forward pass
-    per batch of `batch_size` whole solutions (of similar lengths; right-padded, so that the
-    padding comes after every token read). A log-ratio critic's forward holds [batch, length,
-    vocabulary] log-probabilities: lower `batch_size` for a large vocabulary."""
+    per batch of whole solutions of similar lengths (right-padded, so that the padding comes after
+    every token read), at most `batch_size` of them (None: no row limit) and `max_batch_tokens`
+    padded tokens (a longer solution alone)."""
     from tqdm.auto import tqdm
+
+    from stepdapo.logprobs import token_batches
 
     critic.eval()
     log_ratio = is_log_ratio_critic(critic)
-    order = sorted(range(len(solutions)), key=lambda i: len(solutions[i][0]) + len(solutions[i][1]))
+    batches = token_batches([len(p) + len(x) for p, x, _ in solutions], max_batch_tokens, batch_size)
     out: list[list[float]] = [[] for _ in solutions]
     with tqdm(total=sum(len(p) + len(x) for p, x, _ in solutions), unit="tok", unit_scale=True, desc="prm score",
               disable=not progress) as bar:
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+        for idx in batches:
             seqs = [solutions[i][0] + solutions[i][1] for i in idx]
             plens = [len(solutions[i][0]) for i in idx]
             logits = critic_token_logits(critic, seqs, pad_id, plens if log_ratio else None)
@@ -382,11 +384,15 @@ AGGREGATIONS = {"min": min, "last": lambda v: v[-1], "product": lambda v: float(
 TEST_TIME_METHODS = ["pass", "random", "majority", "weighted vote (last)"] + [f"best-of-N ({g})" for g in AGGREGATIONS]
 
 
-def sample_scores(gen, critic, tokenizer, task, problems: list, n: int, params, batch_size: int = 256) -> list[dict]:
+def sample_scores(gen, critic, tokenizer, task, problems: list, n: int, params, batch_size: int | None = 256,
+                  max_batch_tokens: int = MAX_BATCH_TOKENS, bf16: bool = False) -> list[dict]:
     """`n` samples of each problem from `gen` (the policy the critic values), verified and scored: per
     problem the samples' correctness, answers and their step values aggregated (`AGGREGATIONS`).
     The values are of V(prompt) and every step's prefix but the last (the answer line, which the
-    critic never sees in training); a one-step solution has only V(prompt)."""
+    critic never sees in training); a one-step solution has only V(prompt). `critic` may be a
+    function that returns it, called once the samples are drawn (e.g. after a vLLM engine that held
+    the GPU's memory is shut down). The critic scores under bf16 autocast with `bf16`."""
+    from stepdapo.precision import autocast
     from stepdapo.tasks import verify_all
 
     prompts = encode_prompts(gen.tokenizer, [task.prompt(p, gen.tokenizer) for p in problems])
@@ -394,8 +400,11 @@ def sample_scores(gen, critic, tokenizer, task, problems: list, n: int, params, 
     verdicts = verify_all(task, [p for p in problems for _ in range(n)], [s.text for ss in samples for s in ss])
     encoded = [(prompt, s.token_ids, [0] + split_steps(s.token_ids, gen.is_delim)[:-1])
                for prompt, ss in zip(prompts, samples) for s in ss]
-    with torch.no_grad():
-        values = score_ids(critic, tokenizer.pad_token_id, encoded, batch_size=batch_size)
+    if callable(critic) and not isinstance(critic, torch.nn.Module):
+        critic = critic()
+    with torch.no_grad(), autocast(bf16, next(critic.parameters()).device):
+        values = score_ids(critic, tokenizer.pad_token_id, encoded, batch_size=batch_size,
+                           max_batch_tokens=max_batch_tokens)
     rows = []
     for i, p in enumerate(problems):
         vd, vs = verdicts[i * n:(i + 1) * n], values[i * n:(i + 1) * n]

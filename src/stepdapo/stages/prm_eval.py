@@ -13,12 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+from transformers import AutoTokenizer
 
 from stepdapo.config import RunConfig, to_dict
-from stepdapo.generation import SamplingParams, policy_generator, sampler_fingerprint
-from stepdapo.models import load_critic, model_fingerprint
+from stepdapo.generation import SamplingParams, policy_generator, release_engine, sampler_fingerprint
+from stepdapo.models import is_log_ratio_critic, load_critic, model_fingerprint
+from stepdapo.precision import training_bf16
 from stepdapo.prm import AGGREGATIONS, best_of_n_table, sample_scores
 from stepdapo.runner import ShardedStage, device, shard_seed
+from stepdapo.training import release_memory
 from stepdapo.tasks import task_settings
 
 SCHEMA = pa.schema([("problem_id", pa.string()), ("correct", pa.list_(pa.bool_())), ("answer", pa.list_(pa.string())),
@@ -44,16 +47,33 @@ def run_prm_eval(cfg: RunConfig, policy: str | Path, critic_dir: str | Path, out
     n = max(c.best_of_n)
     sampler = policy_generator(policy, task.step_delimiter, c.batch_size, progress, engine=cfg.generation)
     loaded: list = []
+    # vLLM keeps gpu_memory_utilization of the GPU while it is up: with it the engine is shut down
+    # before the critic is loaded to score, and the critic dropped before the next shard samples
+    gives_way = cfg.generation.backend == "vllm"
+    tok = AutoTokenizer.from_pretrained(critic_dir)  # the critic's (its pad id pads its batches)
+
+    def critic_on_device():
+        if gives_way:
+            release_engine()
+            sampler.loaded.clear()
+            loaded.clear()
+        if not loaded:
+            critic = load_critic(critic_dir)[0]
+            if is_log_ratio_critic(critic):
+                critic.logits_chunk = cfg.logits_chunk_tokens
+            loaded.append(critic.to(device()).eval())
+        return loaded[0]
 
     def make_shard(si: int) -> tuple[dict, dict]:
-        if not loaded:
-            critic, tok = load_critic(critic_dir)
-            loaded.append((critic.to(device()).eval(), tok))
-        critic, tok = loaded[0]
         chunk = problems[si * PROBLEMS_PER_SHARD:(si + 1) * PROBLEMS_PER_SHARD]
         params = SamplingParams(temperature=c.temperature, max_new_tokens=c.max_new_tokens,
                                 seed=shard_seed(cfg.seed, "prm-eval", si))
-        rows = sample_scores(sampler(), critic, tok, task, chunk, n, params, batch_size=c.batch_size)
+        # the critic scores at the precision it was judged in (the trainers')
+        rows = sample_scores(sampler(), critic_on_device, tok, task, chunk, n, params, batch_size=c.batch_size,
+                             max_batch_tokens=cfg.max_batch_tokens, bf16=training_bf16(cfg.bf16))
+        if gives_way:
+            loaded.clear()
+            release_memory()
         return {f: [r[f] for r in rows] for f in SCHEMA.names}, {}
 
     def summarize(table: pa.Table, infos: list[dict]) -> dict:

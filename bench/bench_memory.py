@@ -2,19 +2,22 @@
 threads; each measurement in a fresh process, the variants interleaved, 3 repetitions):
 
   scoring      `batched_sequence_logprobs` (no gradient) of 16 rows x 512 tokens: log-probs from
-               hidden states in chunks of 1024 positions (`logits_chunk_tokens`, the default path)
-               against HF's full logits + log_softmax (`logits_chunk_tokens=0`, the old path);
+               hidden states in chunks of 1024 positions (`logits_chunk_tokens`) against HF's full
+               logits + log_softmax (`logits_chunk_tokens=0`, the old path);
   training     one forward + backward of the DAPO actor's log-probs on 8 states x 4 actions
-               (state 384 tokens, actions 32): shared prefix through the KV cache (the default),
-               without and with gradient checkpointing (which packs each state and its actions
-               into one row), and the old full-logits path.
+               (state 384 tokens, actions 32: 1024 scored positions), chunks of 256 positions: shared
+               prefix through the KV cache (the default), without and with gradient checkpointing
+               (which packs each state and its actions into one row), and the old full-logits path.
+               (The default chunk, 4096, is one chunk here: as much logit memory as the old path,
+               bounded by 4096 positions' logits however long the batch.)
 
 Models: a random-initialised model of Qwen2.5-0.5B's shape cut to 4 layers (its 152k vocabulary and
 896 hidden: the logits dominate as in the real model) and, when ../shared/tools/get-smollm2 has
-fetched it, SmolLM2-135M (49k vocabulary, 30 layers). Peak = growth of the process's max RSS over
-the measured call (after a warm-up call), in MB.
+fetched it, SmolLM2-135M (49k vocabulary, 30 layers). Peak = the most resident memory (polled
+every 2 ms) during the measured call above the resident memory just before it (after a warm-up
+call and malloc_trim), in MB.
 
-    python bench/bench_memory.py          # ~10 min on a 2-core CPU; writes bench/results/memory.{md,json}
+    python bench/bench_memory.py          # ~16 min on a 2-core CPU; writes bench/results/memory.{md,json}
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 PROBE = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from stepdapo.logprobs import batched_sequence_logprobs, sequence_logprobs
 model_name, what, variant = sys.argv[2], sys.argv[3], sys.argv[4]
@@ -47,7 +50,7 @@ else:
     from stepdapo.models import load_policy
     model = load_policy(model_name)[0]
 V = model.config.vocab_size
-chunk = {"chunked": 1024, "plain": 0, "checkpointed": 1024}.get(variant, 1024)
+chunk = {"plain": 0}.get(variant, 1024 if what == "scoring" else 256)
 if what == "scoring":
     model.eval()
     prompts = torch.randint(1, V, (16, 256)).tolist()
@@ -67,12 +70,21 @@ else:
     tokens = 8 * 384 + 32 * 32
 run(prompts[:1], [completions[0][:4]])  # warm-up: the allocator, lazy initialisation
 model.zero_grad(set_to_none=True)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import ctypes, os, threading
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what building the model left free
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+before, peak, done = rss(), [0], threading.Event()
+def poll():  # the process's resident memory every 2 ms: max RSS cannot be reset after building the model
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+threading.Thread(target=poll, daemon=True).start()
 t0 = time.perf_counter()
 run(prompts, completions)
 seconds = time.perf_counter() - t0
-print(json.dumps({"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
-                  "seconds": seconds, "tokens": tokens}))
+done.set()
+print(json.dumps({"peak_mb": (max(peak[0], rss()) - before) / 2**20, "seconds": seconds, "tokens": tokens}))
 """
 
 
@@ -97,7 +109,7 @@ def cpu_name() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "memory"))
     a = ap.parse_args(argv)
@@ -126,7 +138,7 @@ def main(argv=None) -> int:
                                                                                        runs.items()}}, indent=1))
     lines = ["# Memory of the log-prob paths (`python bench/bench_memory.py`)", "",
              f"{meta['cpu']}, {a.threads} threads, float32 ({meta['bf16']}), torch {meta['torch']}; "
-             f"median of {a.reps} interleaved runs, each in a fresh process. Peak = growth of max RSS over the call.",
+             f"median of {a.reps} interleaved runs, each in a fresh process. Peak = resident memory polled every 2 ms during the call, above its level just before.",
              "", "| model | pass | variant | peak MB | seconds | tokens/s |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['pass']} | {r['variant']} | {r['peak_mb_median']:.0f} | "

@@ -552,10 +552,16 @@ def test_sampling_memory():
     v = memory_of(small_cfg("generation.backend=vllm", "generation.gpu_memory_utilization=0.5"), "iter-1/label", gpu=80)
     assert v.peak == 0.5 * 80 * GiB and v.fits
     assert memory_of(small_cfg("generation.backend=vllm"), "iter-1/label").peak is None  # no GPU size given
-    # prm-eval: the critic (here two float32 language models) scores beside vLLM's share
+    # prm-eval with vLLM: the engine is shut down before the critic (here two float32 language models)
+    # loads to score, so the peak is the larger of the two, not their sum
     pe = memory_of(small_cfg("generation.backend=vllm"), "iter-1/prm-eval", gpu=80)
-    assert pe.weights == 2 * 4 * 8_030_261_248 and pe.engine == 0.85 * 80 * GiB
-    assert pe.peak == pe.weights + pe.engine + pe.activations + pe.logits and not pe.fits
+    critic = 2 * 4 * 8_030_261_248
+    assert pe.weights == critic and pe.engine == 0 and pe.peak == pe.weights + pe.activations + pe.logits
+    assert pe.peak > 0.85 * 80 * GiB and not pe.fits  # 64 GB of critic weights and their scoring
+    small = memory_of(small_cfg("generation.backend=vllm", "critic.log_ratio_beta=0"), "iter-1/prm-eval", gpu=80)
+    assert small.peak == small.engine == 0.85 * 80 * GiB and small.fits  # one 32 GB model: vLLM's share is the peak
+    hf = memory_of(small_cfg(), "iter-1/prm-eval", gpu=80)  # the HF sampler's model stays beside the critic
+    assert hf.weights == critic + memory_of(small_cfg(), "iter-1/label", gpu=80).weights
 
 
 def fix_overrides(fix: str) -> tuple[list[str], bool]:

@@ -1165,14 +1165,24 @@ def stage_memory(stage: str, setup: MemorySetup, shape: ModelShape, lengths: dic
     if kind in SAMPLERS:
         m = StageMemory(stage, "sample+score" if kind == "prm-eval" else "sample")
         _sampling(shape, setup, kind, lengths, m)
-        if kind == "prm-eval":  # the critic scores each batch of samples, the sampler still loaded
-            t = cfg.prm.batch_size * padded_length(lengths["prm_sequences"], cfg.prm.batch_size)
-            f = _forward_pass(shape, cfg, t, _critic_models(cfg)[1])  # float32, no autocast
-            m.weights += _critic_weights(shape, cfg)
-            # the HF sampler's cache and prefill logits are gone when the critic scores: the larger of the two
-            if f["activations"] + f["logits"] > m.activations + m.logits + m.kv_cache:
-                m.activations, m.logits, m.kv_cache = f["activations"], f["logits"], 0.0
-            m.notes.append(f"and the critic (float32) scoring prm.batch_size = {cfg.prm.batch_size} samples a batch")
+        if kind == "prm-eval":  # the critic scores each shard's samples once they are drawn
+            longest = padded_length(lengths["prm_sequences"], cfg.prm.batch_size)
+            t = min(cfg.prm.batch_size * longest, max(cfg.max_batch_tokens, longest))
+            f = _forward_pass(shape, cfg, t, _critic_models(cfg)[1], 0.0, 2 if training_bf16(cfg.bf16) else 4)
+            critic = _critic_weights(shape, cfg)
+            if cfg.generation.backend == "vllm":  # the engine is shut down before the critic loads (prm_eval.py)
+                if m.engine is not None and critic + f["activations"] + f["logits"] > m.engine:
+                    m.engine, m.weights = 0.0, critic
+                    m.activations, m.logits, m.kv_cache = f["activations"], f["logits"], 0.0
+                m.notes.append("and, with the engine shut down, the critic (float32 weights) scoring batches of "
+                               f"<= max_batch_tokens = {cfg.max_batch_tokens}")
+            else:
+                m.weights += critic  # beside the HF sampler's model
+                # the HF sampler's cache and prefill logits are gone when the critic scores: the larger of the two
+                if f["activations"] + f["logits"] > m.activations + m.logits + m.kv_cache:
+                    m.activations, m.logits, m.kv_cache = f["activations"], f["logits"], 0.0
+                m.notes.append(f"and the critic (float32 weights) scoring batches of <= max_batch_tokens = "
+                               f"{cfg.max_batch_tokens} beside the sampler's model")
     elif kind == "advantages":
         m = StageMemory(stage, "forward")
         f = _forward_pass(shape, cfg, cfg.max_batch_tokens, _critic_models(cfg)[1],
@@ -1483,7 +1493,7 @@ def format_memory(mem: dict) -> list:
              f"{mem['parameters']:,} parameters",
              f"memory: training bf16 autocast {'on' if mem['bf16'] else 'off'} ({mem['bf16_why']}), float32 master "
              f"weights, AdamW; sampling in {mem['sampling_dtype']}; forward-only passes: float32 weights at the "
-             f"trainers' precision (prm-eval's scoring float32); "
+             f"trainers' precision (prm-eval's critic too, after vLLM's engine is shut down); "
              f"gradient_checkpointing={'true' if ckpt else 'false'} (the act. column in parentheses: the other "
              f"setting)",
              f"memory: left out: {mem['left_out']}"]

@@ -417,3 +417,15 @@ def test_what_a_trainer_would_refuse_hours_in_is_refused_before_the_run_starts(t
     with pytest.raises(ConfigError, match=refused.replace(".", r"\.")):
         pipeline.run(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_the_trainers_ddp_timeout_is_the_sync_timeout(tmp_path, monkeypatch):
+    """A rank waiting inside a Trainer collective (e.g. on rank 0 evaluating the critic) waits as long
+    as at our own synchronisation points: STEPDAPO_SYNC_TIMEOUT_S, not the Trainer's 30 minutes."""
+    from stepdapo.training import training_args
+
+    for seconds in ("7200", "600"):
+        monkeypatch.setenv("STEPDAPO_SYNC_TIMEOUT_S", seconds)
+        args = training_args(tmp_path, steps=1, batch_size=1, lr=1e-3, seed=0, report_to=[], progress=False,
+                             run_name="t", use_cpu=True)
+        assert args.ddp_timeout == int(seconds)

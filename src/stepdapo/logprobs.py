@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaModel
 
 # transformers 5.x renamed the forward argument `past_key_values` to `cache` (the old name warns)
@@ -101,8 +102,6 @@ def token_logprobs(features: torch.Tensor, targets: torch.Tensor, head=None,
     for s in range(0, n, max(step, 1)):
         f, t = features[s:s + step], targets[s:s + step]
         if grad and step < n:
-            from torch.utils.checkpoint import checkpoint
-
             pieces.append(checkpoint(_chunk_logprobs, f, t, head, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(f, t, head))

@@ -415,11 +415,13 @@ def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> t
     import tempfile
     from pathlib import Path
 
+    import pyarrow as pa
+
     from stepdapo.algorithms import value_examples
     from stepdapo.steps import delimiter_token_mask, split_steps
     from stepdapo.models import load_tokenizer, set_threads
     from stepdapo.stages.dpo import dpo_pairs
-    from stepdapo.stages.advantages import action_values, advantage_rows
+    from stepdapo.stages.advantages import SCHEMA, action_values, advantage_rows, summarize
     from stepdapo.stages.labels import read_labels, run_labels
     from stepdapo.stages.states import read_solutions, run_states
     from stepdapo.tasks import get_task
@@ -454,8 +456,8 @@ def pilot(cfg: RunConfig, model: str, n_problems: int = 32, generator=None) -> t
                                   cols["action_ids"], cols["action_terminal"], cols["rollout_ids"],
                                   step_ends=lambda ids: split_steps(ids, is_delim),
                                   action_states=c.action_states, rollout_prefixes=c.rollout_prefixes))
-    kept_rows, adv = advantage_rows(labels, action_values(labels, "mc", None, tok, task), cfg.advantages)
-    adv["actions_kept"] = len(kept_rows["advantage"])  # the kept (state, action) rows
+    kept_rows, info = advantage_rows(labels, action_values(labels, "mc", None, tok, task), cfg.advantages)
+    adv = summarize(pa.Table.from_pydict(kept_rows, SCHEMA), [info], cfg.advantages)  # as the stage's summary
     pairs = len(dpo_pairs(solutions, cfg.dpo.pairs_per_problem))
     most_pairs = n * min(cfg.dpo.pairs_per_problem, cfg.states.keep_per_problem - 1)
     clip = lambda x: min(1.0, max(x, 1e-3))  # noqa: E731

@@ -39,7 +39,7 @@ import torch
 
 from stepdapo.config import ActorConfig, RunConfig, to_dict
 from stepdapo.errors import StageInputError
-from stepdapo.logprobs import batched_sequence_logprobs, group_pairs, sequence_logprobs
+from stepdapo.logprobs import LOGITS_CHUNK, batched_sequence_logprobs, group_pairs, sequence_logprobs
 from stepdapo.losses import dapo_loss
 from stepdapo.models import check_model_dir, load_policy, model_fingerprint
 from stepdapo.precision import autocast, training_bf16
@@ -76,7 +76,7 @@ class DAPOTrainer(MetricsTrainer):
     """A Trainer whose loss is `dapo_loss` on summed action log-probs; it logs the module
     docstring's metrics (the Trainer itself logs loss, grad_norm and learning_rate)."""
 
-    def __init__(self, *args, beta: float, pad_id: int, shared_prefix: bool = True, logits_chunk: int = 4096,
+    def __init__(self, *args, beta: float, pad_id: int, shared_prefix: bool = True, logits_chunk: int = LOGITS_CHUNK,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.beta = beta

@@ -129,8 +129,7 @@ def advantage_rows(labels: pa.Table, value_of: dict, c) -> tuple[dict[str, list]
                          ("value", d.value), ("advantage", d.advantage), ("weight", d.weight),
                          ("count", d.count), ("outcome_rate", d.outcome_rate)):
                 out[k].append(v)
-    return out, {"states": len(rows), "states_kept": kept_states, "fraction_kept": kept_states / max(len(rows), 1),
-                 "gap_sum": float(np.sum(gaps))}
+    return out, {"states": len(rows), "states_kept": kept_states, "gap_sum": float(np.sum(gaps))}
 
 
 def summarize(table: pa.Table, infos: list[dict], c) -> dict:

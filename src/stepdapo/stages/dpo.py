@@ -24,7 +24,7 @@ import torch
 
 from stepdapo.config import RunConfig, to_dict
 from stepdapo.errors import StageInputError
-from stepdapo.logprobs import sequence_logprobs
+from stepdapo.logprobs import LOGITS_CHUNK, sequence_logprobs
 from stepdapo.losses import dpo_loss
 from stepdapo.models import check_model_dir, load_policy, model_fingerprint
 from stepdapo.precision import training_bf16
@@ -65,7 +65,7 @@ class OutcomeDPOTrainer(MetricsTrainer):
     """A Trainer whose loss is `dpo_loss` on (chosen, rejected) solutions' summed log-probs; it logs
     the module docstring's metrics."""
 
-    def __init__(self, *args, beta: float, pad_id: int, shared_prefix: bool = True, logits_chunk: int = 4096,
+    def __init__(self, *args, beta: float, pad_id: int, shared_prefix: bool = True, logits_chunk: int = LOGITS_CHUNK,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.beta, self.pad_id, self.shared_prefix, self.logits_chunk = beta, pad_id, shared_prefix, logits_chunk

@@ -27,7 +27,7 @@ from bench_pipeline import machine  # noqa: E402
 from stepdapo.config import load_config  # noqa: E402
 from stepdapo.stages.critic import check_critic, heldout  # noqa: E402
 from stepdapo.stages.labels import read_labels  # noqa: E402
-from stepdapo.summaries import read_report  # noqa: E402
+from stepdapo.summaries import CriticSummary, read_report  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STAGE_KINDS = ("bootstrap", "states", "label", "critic", "critic-more", "prm-eval", "advantages", "actor", "eval", "mc_dapo")
@@ -42,8 +42,7 @@ def critic_row(run: Path, stage: Path) -> dict:
     s = json.loads((stage / "stepdapo_critic.json").read_text())
     problems = set(read_labels(stage.parent / "labels").column("problem_id").to_pylist())
     held = {p for p in problems if heldout(p, cfg.critic.heldout_fraction)}
-    judged = s.get("heldout_calibrated") if cfg.critic.calibrate and s.get("heldout_calibrated") else s["heldout"]
-    problem = check_critic(judged, cfg.critic.min_brier_gain, cfg.critic.min_step_ranking)
+    problem = check_critic(CriticSummary(**s).judged(), cfg.critic.min_brier_gain, cfg.critic.min_step_ranking)
     h, hc, rank = s["heldout"], s.get("heldout_calibrated") or {}, s["heldout"].get("step_ranking") or {}
     return {"run": str(run), "critic": f"{stage.parent.name}/{stage.name}", "seed": cfg.seed,
             "bf16": str(cfg.bf16),
@@ -66,8 +65,7 @@ def accuracy(ev) -> str:
             f"({'–' if flaw is None else f'{100 * flaw:.1f}'}; {'–' if wf is None else f'{100 * wf:.1f}'})")
 
 
-def iteration_rows(run: Path) -> list[dict]:
-    report = read_report(run / "report.json")
+def iteration_rows(run: Path, report) -> list[dict]:
     sft = report.iterations[0].eval
     rows = []
     for it in report.iterations[1:]:
@@ -87,7 +85,8 @@ def main():
     args = ap.parse_args()
     rows = [critic_row(run, stage) for run in args.runs
             for stage in sorted(run.glob("iter-*/critic*")) if (stage / "stepdapo_critic.json").is_file()]
-    iterations = [r for run in args.runs if (run / "report.json").is_file() for r in iteration_rows(run)]
+    reports = {run: read_report(run / "report.json") for run in args.runs if (run / "report.json").is_file()}
+    iterations = [r for run, report in reports.items() for r in iteration_rows(run, report)]
     m = machine()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"machine": m, "critics": rows, "iterations": iterations},
@@ -120,13 +119,11 @@ def main():
     md += ["", "Seconds per stage kind, summed over iterations (as measured by the run that did the work; a run "
            "resumed in another process or from another run's SFT model counts only what it did):", "",
            "| run | precision | " + " | ".join(STAGE_KINDS) + " | all stages |", "|---|---|" + "---|" * len(STAGE_KINDS) + "---|"]
-    for run in args.runs:
-        if (run / "report.json").is_file():
-            report = read_report(run / "report.json")
-            kinds = {k: sum(v for s, v in report.timings.items() if s.split("/")[-1] == k) for k in STAGE_KINDS}
-            prec = ((report.precision or {}).get("bf16") or {}).get("used")
-            md.append(f"| {run} | {'bf16' if prec else 'float32'} | " + " | ".join(f"{v:.0f}" for v in kinds.values())
-                      + f" | {sum(report.timings.values()):.0f} |")
+    for run, report in reports.items():
+        kinds = {k: sum(v for s, v in report.timings.items() if s.split("/")[-1] == k) for k in STAGE_KINDS}
+        prec = ((report.precision or {}).get("bf16") or {}).get("used")
+        md.append(f"| {run} | {'bf16' if prec else 'float32'} | " + " | ".join(f"{v:.0f}" for v in kinds.values())
+                  + f" | {sum(report.timings.values()):.0f} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -16,6 +16,14 @@ The sweep gives every method the same budget: a grid of 4 settings (learning rat
 for RFT, which has no beta), judged by the mean greedy accuracy over the tuning runs; the report then
 runs each method's chosen setting on the report runs, seeds the sweep never saw (another task data
 seed too). Writes bench/results/methods-sweep.{json,md} and methods.{json,md}.
+
+`--model smollm2` sweeps SmolLM2's grid (learning rates 1e-5 / 3e-5, around the 2e-5 its config's actor
+uses, which 5e-5 overshot there: configs/arithmetic-smollm2.yaml) and writes methods-sweep-smollm2.* and
+methods-smollm2.* instead:
+
+    python bench/bench_methods.py sweep --model smollm2 --runs runs/smol-tune-s7
+    python bench/bench_methods.py report --model smollm2 --runs runs/smol-report-s1 runs/smol-report-s2
+    python bench/bench_methods.py report --model smollm2 --add --runs runs/smol-report-s3  # one more, later
 """
 
 from __future__ import annotations
@@ -33,14 +41,21 @@ from stepdapo.stages.evaluate import run_evaluate
 from stepdapo.tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"
-LRS = ("1e-4", "3e-4")
-GRIDS = {  # method -> its settings (config overrides); the same count (4) for every method
-    "dapo": [[f"actor.lr={lr}", f"actor.beta={b}"] for lr in LRS for b in ("0.3", "1.0")],
-    "mc_dapo": [[f"mc_dapo.lr={lr}", f"mc_dapo.beta={b}"] for lr in LRS for b in ("0.3", "1.0")],
-    "step_dpo": [[f"step_dpo.lr={lr}", f"step_dpo.beta={b}"] for lr in LRS for b in ("0.1", "0.3")],
-    "dpo": [[f"dpo.lr={lr}", f"dpo.beta={b}"] for lr in LRS for b in ("0.1", "0.3")],
-    "rft": [[f"rft.lr={lr}", f"rft.epochs={e}"] for lr in LRS for e in ("1", "3")],
-}
+
+
+def grids(lrs: tuple[str, str]) -> dict[str, list[list[str]]]:
+    """method -> its settings (config overrides); the same count (4) for every method."""
+    return {
+        "dapo": [[f"actor.lr={lr}", f"actor.beta={b}"] for lr in lrs for b in ("0.3", "1.0")],
+        "mc_dapo": [[f"mc_dapo.lr={lr}", f"mc_dapo.beta={b}"] for lr in lrs for b in ("0.3", "1.0")],
+        "step_dpo": [[f"step_dpo.lr={lr}", f"step_dpo.beta={b}"] for lr in lrs for b in ("0.1", "0.3")],
+        "dpo": [[f"dpo.lr={lr}", f"dpo.beta={b}"] for lr in lrs for b in ("0.1", "0.3")],
+        "rft": [[f"rft.lr={lr}", f"rft.epochs={e}"] for lr in lrs for e in ("1", "3")],
+    }
+
+
+# model -> (its grids, the suffix of its result files)
+MODELS = {"tiny": (grids(("1e-4", "3e-4")), ""), "smollm2": (grids(("1e-5", "3e-5")), "-smollm2")}
 TITLES = {"dapo": "DAPO, critic advantages", **{k: b.title for k, b in BASELINES.items()}}
 
 
@@ -62,7 +77,7 @@ def train_and_eval(run: Path, method: str, setting: list[str]) -> dict:
     train_s = time.perf_counter() - t0
     ev = run_evaluate(cfg, out, out.with_name(out.name + "-eval"), get_task(cfg.task), progress=False)
     return {"run": str(run), "seed": cfg.seed, "task_seed": cfg.task.arithmetic.seed, "method": method,
-            "setting": setting, "greedy": ev["accuracy"], "greedy_ci95": ev["ci95"],
+            "setting": setting, "n_test": ev["n"], "greedy": ev["accuracy"], "greedy_ci95": ev["ci95"],
             "sampled": ev.get("sampled_accuracy"), "sampled_ci95": ev.get("sampled_ci95"),
             "flaw_steps": ev.get("greedy_flaw_step_accuracy"), "other_steps": ev.get("greedy_other_step_accuracy"),
             "well_formed": ev.get("greedy_well_formed"), "tokens": summary.get("tokens"),
@@ -81,59 +96,112 @@ def machine_line() -> str:
             f"transformers {m['transformers']}, Python {m['python']}.")
 
 
-def sweep(runs: list[Path]) -> None:
+def n_test(rows: list[dict]) -> str:
+    return "/".join(sorted({str(r["n_test"]) for r in rows}))
+
+
+def sweep(runs: list[Path], model: str) -> None:
     rows = []
-    for method, grid in GRIDS.items():
+    for method, grid in MODELS[model][0].items():
         for setting in grid:
             for run in runs:
                 rows.append(train_and_eval(run, method, setting))
                 print(f"{method} {tag(setting)} {run.name}: greedy {pct(rows[-1]['greedy'])}", flush=True)
+    write_sweep(runs, rows, [], model)
+
+
+def extra(runs: list[Path], model: str, method: str, setting: list[str]) -> None:
+    """One more setting of a method on the tuning runs, OUTSIDE the equal budget: shown under the grid
+    (e.g. to see whether the best setting at a grid's edge hides a better one beyond it), never chosen."""
+    path = RESULTS / f"methods-sweep{MODELS[model][1]}.json"
+    saved = json.loads(path.read_text())
+    if [str(r) for r in runs] != saved["runs"]:
+        raise SystemExit(f"{path} was swept on {saved['runs']}: an extra setting must run on the same runs")
+    extras = [r for r in saved.get("extra", []) if not (r["method"] == method and r["setting"] == setting)]
+    for run in runs:
+        extras.append(train_and_eval(run, method, setting))
+        print(f"{method} {tag(setting)} {run.name}: greedy {pct(extras[-1]['greedy'])}", flush=True)
+    write_sweep(runs, saved["rows"], extras, model)
+
+
+def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: str) -> None:
+    """The sweep's tables (every method's grid, its chosen setting in bold) and JSON (rows, chosen, extras)."""
+    grids_, suffix = MODELS[model]
+    model_arg = "" if model == "tiny" else f" --model {model}"
+    alone = len(runs) == 1
     chosen = {}
     md = ["# The methods' tuning sweep (issue 24)", "",
-          f"`python bench/bench_methods.py sweep --runs {' '.join(map(str, runs))}`", "", machine_line(), "",
-          "Each method trained from the same iteration-1 pi_ref on the same samples of each tuning run, with each "
-          "of its 4 settings; greedy pass@1 % on the run's test problems (1000), mean over the runs. The chosen "
-          "setting (bold) is the best mean; ties go to the first in the grid.", ""]
-    for method, grid in GRIDS.items():
+          f"`python bench/bench_methods.py sweep{model_arg} --runs {' '.join(map(str, runs))}`", "", machine_line(),
+          "", "Each method trained from the same iteration-1 pi_ref on the same samples of each tuning run, with each "
+          f"of its 4 settings; greedy pass@1 % on the run's test problems ({n_test(rows)}), mean over the runs. The "
+          "chosen setting (bold) is the best mean; ties go to the first in the grid."
+          + (" In brackets: the greedy solutions' well-formed rate, flaw-case and ordinary steps right (%), and "
+             "seconds of the method's training." if alone else ""), ""]
+
+    def cells(rs):
+        return [pct(r["greedy"]) + (f" ({pct(r['well_formed'])}; {pct(r['flaw_steps'])}; {pct(r['other_steps'])}; "
+                                    f"{r['train_seconds']:.0f} s)" if alone else "") for r in rs]
+
+    for method, grid in grids_.items():
         md += [f"## {TITLES[method]}", "", "| setting | " + " | ".join(r.name for r in runs) + " | mean |",
                "|---|" + "---|" * (len(runs) + 1)]
         means = []
         for setting in grid:
-            accs = [r["greedy"] for r in rows if r["method"] == method and r["setting"] == setting]
-            means.append(statistics.mean(accs))
-            md.append(f"| {tag(setting)} | " + " | ".join(pct(a) for a in accs) + f" | {pct(means[-1])} |")
+            rs = [r for r in rows if r["method"] == method and r["setting"] == setting]
+            means.append(statistics.mean(r["greedy"] for r in rs))
+            md.append(f"| {tag(setting)} | " + " | ".join(cells(rs)) + f" | {pct(means[-1])} |")
         best = max(range(len(grid)), key=lambda i: (means[i], -i))
         chosen[method] = grid[best]
         md[-len(grid) + best] = md[-len(grid) + best].replace(f"| {tag(grid[best])} |", f"| **{tag(grid[best])}** |", 1)
+        for setting in {tuple(r["setting"]) for r in extras if r["method"] == method}:
+            rs = [r for r in extras if r["method"] == method and tuple(r["setting"]) == setting]
+            md.append(f"| {tag(list(setting))} (extra, not chosen) | " + " | ".join(cells(rs))
+                      + f" | {pct(statistics.mean(r['greedy'] for r in rs))} |")
         md.append("")
+    if extras:
+        md += ["Rows marked extra ran outside the equal budget (`python bench/bench_methods.py extra ...`): they show "
+               "what lies beyond a grid's edge and are never chosen.", ""]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "methods-sweep.json").write_text(json.dumps({"runs": [str(r) for r in runs], "rows": rows,
-                                                            "chosen": chosen}, indent=2))
-    (RESULTS / "methods-sweep.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"methods-sweep{suffix}.json").write_text(json.dumps(
+        {"runs": [str(r) for r in runs], "rows": rows, "chosen": chosen, "extra": extras}, indent=2))
+    (RESULTS / f"methods-sweep{suffix}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
-def report(runs: list[Path]) -> None:
-    chosen = json.loads((RESULTS / "methods-sweep.json").read_text())["chosen"]
-    rows = []
+def report(runs: list[Path], model: str, add: bool) -> None:
+    """`add`: keep the rows of the report runs already in the results file (same chosen settings) and add
+    these runs' rows, so report seeds can be run in different sessions (run directories are not kept)."""
+    suffix = MODELS[model][1]
+    chosen = json.loads((RESULTS / f"methods-sweep{suffix}.json").read_text())["chosen"]
+    old_runs, rows = [], []
+    saved_path = RESULTS / f"methods{suffix}.json"
+    if add and saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        if saved["chosen"] != chosen:
+            raise SystemExit(f"{saved_path} was made with other chosen settings than {RESULTS}/methods-sweep{suffix}.json")
+        old_runs = [r for r in saved["runs"] if r not in {str(x) for x in runs}]
+        rows = [r for r in saved["rows"] if r["run"] in old_runs]
     for run in runs:
         for method, setting in chosen.items():
             rows.append(train_and_eval(run, method, setting))
             print(f"{method} {tag(setting)} {run.name}: greedy {pct(rows[-1]['greedy'])}", flush=True)
-    (RESULTS / "methods.json").write_text(json.dumps({"runs": [str(r) for r in runs], "chosen": chosen,
-                                                      "rows": rows}, indent=2))
-    write_report(runs, chosen, rows)
+    all_runs = [Path(r) for r in old_runs] + list(runs)
+    saved_path.write_text(json.dumps({"runs": [str(r) for r in all_runs], "chosen": chosen, "rows": rows}, indent=2))
+    write_report(all_runs, chosen, rows, model)
 
 
-def write_report(runs, chosen, rows) -> None:
+def write_report(runs, chosen, rows, model: str) -> None:
+    suffix = MODELS[model][1]
+    model_arg = "" if model == "tiny" else f" --model {model}"
     methods = list(chosen)
     by = {(r["method"], r["run"]): r for r in rows}
     md = ["# DAPO against every baseline, equally tuned, on the same samples (issue 24)", "",
-          f"`python bench/bench_methods.py report --runs {' '.join(map(str, runs))}`", "", machine_line(), "",
+          f"`python bench/bench_methods.py report{model_arg} --runs {' '.join(map(str, runs))}`", "", machine_line(), "",
           "Each method trains from the run's iteration-1 pi_ref (the bootstrapped SFT model) on what iteration 1 "
           "sampled (and, for DAPO, MC-DAPO and Step-DPO, the Monte-Carlo rollouts from it), with the setting the "
-          "sweep on the tuning runs chose (bench/results/methods-sweep.md); these report runs (other run seeds and "
-          "task data seeds) were used for nothing else. Greedy pass@1 % on each run's 1000 test problems.", "",
+          f"sweep on the tuning runs chose (bench/results/methods-sweep{suffix}.md); these report runs (other run seeds "
+          f"and task data seeds) were used for nothing else. Greedy pass@1 % on each run's {n_test(rows)} test "
+          "problems.", "",
           "| method (chosen setting) | " + " | ".join(f"{Path(r).name.replace('bench-pipeline-', '')}" for r in runs)
           + " | min / median / max | mean |", "|---|" + "---|" * (len(runs) + 2)]
     for m in methods:
@@ -170,22 +238,35 @@ def write_report(runs, chosen, rows) -> None:
             if m != "dapo":
                 n = sum(by[("dapo", str(r))]["greedy"] >= by[(m, str(r))]["greedy"] for r in runs)
                 md.append(f"- {TITLES[m]}: {n} of {len(runs)}")
-    (RESULTS / "methods.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"methods{suffix}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=["sweep", "report", "rewrite"])
+    ap.add_argument("phase", choices=["sweep", "extra", "report", "rewrite"],
+                    help="rewrite: the sweep's and the report's files again from their JSON")
     ap.add_argument("--runs", nargs="+", type=Path, default=[])
+    ap.add_argument("--model", choices=list(MODELS), default="tiny", help="whose grid and result files")
+    ap.add_argument("--add", action="store_true", help="report: keep the report runs already in the results file")
+    ap.add_argument("--method", help="extra: the method")
+    ap.add_argument("--setting", nargs="+", default=[], help="extra: its config overrides, e.g. step_dpo.lr=3e-6")
     args = ap.parse_args()
     if args.phase == "sweep":
-        sweep(args.runs)
+        sweep(args.runs, args.model)
+    elif args.phase == "extra":
+        if args.method not in MODELS[args.model][0] or not args.setting:
+            ap.error("extra needs --method (one of the grid's methods) and --setting")
+        extra(args.runs, args.model, args.method, args.setting)
     elif args.phase == "report":
-        report(args.runs)
+        report(args.runs, args.model, args.add)
     else:
-        saved = json.loads((RESULTS / "methods.json").read_text())
-        write_report([Path(r) for r in saved["runs"]], saved["chosen"], saved["rows"])
+        suffix = MODELS[args.model][1]
+        swept = json.loads((RESULTS / f"methods-sweep{suffix}.json").read_text())
+        write_sweep([Path(r) for r in swept["runs"]], swept["rows"], swept.get("extra", []), args.model)
+        if (RESULTS / f"methods{suffix}.json").exists():
+            saved = json.loads((RESULTS / f"methods{suffix}.json").read_text())
+            write_report([Path(r) for r in saved["runs"]], saved["chosen"], saved["rows"], args.model)
 
 
 if __name__ == "__main__":

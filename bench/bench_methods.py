@@ -96,6 +96,14 @@ def machine_line() -> str:
             f"transformers {m['transformers']}, Python {m['python']}.")
 
 
+def model_flag(model: str) -> str:
+    return "" if model == "tiny" else f" --model {model}"
+
+
+def of(rows: list[dict], method: str, setting) -> list[dict]:
+    return [r for r in rows if r["method"] == method and list(r["setting"]) == list(setting)]
+
+
 def n_test(rows: list[dict]) -> str:
     return "/".join(sorted({str(r["n_test"]) for r in rows}))
 
@@ -117,7 +125,7 @@ def extra(runs: list[Path], model: str, method: str, setting: list[str]) -> None
     saved = json.loads(path.read_text())
     if [str(r) for r in runs] != saved["runs"]:
         raise SystemExit(f"{path} was swept on {saved['runs']}: an extra setting must run on the same runs")
-    extras = [r for r in saved.get("extra", []) if not (r["method"] == method and r["setting"] == setting)]
+    extras = [r for r in saved.get("extra", []) if r not in of(saved.get("extra", []), method, setting)]
     for run in runs:
         extras.append(train_and_eval(run, method, setting))
         print(f"{method} {tag(setting)} {run.name}: greedy {pct(extras[-1]['greedy'])}", flush=True)
@@ -127,11 +135,10 @@ def extra(runs: list[Path], model: str, method: str, setting: list[str]) -> None
 def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: str) -> None:
     """The sweep's tables (every method's grid, its chosen setting in bold) and JSON (rows, chosen, extras)."""
     grids_, suffix = MODELS[model]
-    model_arg = "" if model == "tiny" else f" --model {model}"
     alone = len(runs) == 1
     chosen = {}
     md = ["# The methods' tuning sweep (issue 24)", "",
-          f"`python bench/bench_methods.py sweep{model_arg} --runs {' '.join(map(str, runs))}`", "", machine_line(),
+          f"`python bench/bench_methods.py sweep{model_flag(model)} --runs {' '.join(map(str, runs))}`", "", machine_line(),
           "", "Each method trained from the same iteration-1 pi_ref on the same samples of each tuning run, with each "
           f"of its 4 settings; greedy pass@1 % on the run's test problems ({n_test(rows)}), mean over the runs. The "
           "chosen setting (bold) is the best mean; ties go to the first in the grid."
@@ -147,14 +154,14 @@ def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: s
                "|---|" + "---|" * (len(runs) + 1)]
         means = []
         for setting in grid:
-            rs = [r for r in rows if r["method"] == method and r["setting"] == setting]
+            rs = of(rows, method, setting)
             means.append(statistics.mean(r["greedy"] for r in rs))
             md.append(f"| {tag(setting)} | " + " | ".join(cells(rs)) + f" | {pct(means[-1])} |")
         best = max(range(len(grid)), key=lambda i: (means[i], -i))
         chosen[method] = grid[best]
         md[-len(grid) + best] = md[-len(grid) + best].replace(f"| {tag(grid[best])} |", f"| **{tag(grid[best])}** |", 1)
-        for setting in {tuple(r["setting"]) for r in extras if r["method"] == method}:
-            rs = [r for r in extras if r["method"] == method and tuple(r["setting"]) == setting]
+        for setting in dict.fromkeys(tuple(r["setting"]) for r in extras if r["method"] == method):  # in run order
+            rs = of(extras, method, setting)
             md.append(f"| {tag(list(setting))} (extra, not chosen) | " + " | ".join(cells(rs))
                       + f" | {pct(statistics.mean(r['greedy'] for r in rs))} |")
         md.append("")
@@ -192,11 +199,10 @@ def report(runs: list[Path], model: str, add: bool) -> None:
 
 def write_report(runs, chosen, rows, model: str) -> None:
     suffix = MODELS[model][1]
-    model_arg = "" if model == "tiny" else f" --model {model}"
     methods = list(chosen)
     by = {(r["method"], r["run"]): r for r in rows}
     md = ["# DAPO against every baseline, equally tuned, on the same samples (issue 24)", "",
-          f"`python bench/bench_methods.py report{model_arg} --runs {' '.join(map(str, runs))}`", "", machine_line(), "",
+          f"`python bench/bench_methods.py report{model_flag(model)} --runs {' '.join(map(str, runs))}`", "", machine_line(), "",
           "Each method trains from the run's iteration-1 pi_ref (the bootstrapped SFT model) on what iteration 1 "
           "sampled (and, for DAPO, MC-DAPO and Step-DPO, the Monte-Carlo rollouts from it), with the setting the "
           f"sweep on the tuning runs chose (bench/results/methods-sweep{suffix}.md); these report runs (other run seeds "

@@ -106,6 +106,13 @@ def of(rows: list[dict], method: str, setting) -> list[dict]:
     return [r for r in rows if r["method"] == method and list(r["setting"]) == list(setting)]
 
 
+def at_edge(grid: list[list[str]], setting: list[str]) -> str | None:
+    """'lowest' or 'highest' where the setting's learning rate (its first override) is at the grid's end."""
+    lrs = sorted({float(s[0].split("=", 1)[1]) for s in grid})
+    lr = float(setting[0].split("=", 1)[1])
+    return "lowest" if lr == lrs[0] else "highest" if lr == lrs[-1] else None
+
+
 def n_test(rows: list[dict]) -> str:
     return "/".join(sorted({str(r["n_test"]) for r in rows}))
 
@@ -162,11 +169,14 @@ def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: s
         best = max(range(len(grid)), key=lambda i: (means[i], -i))
         chosen[method] = grid[best]
         md[-len(grid) + best] = md[-len(grid) + best].replace(f"| {tag(grid[best])} |", f"| **{tag(grid[best])}** |", 1)
+        edge = at_edge(grid, grid[best])
         for setting in dict.fromkeys(tuple(r["setting"]) for r in extras if r["method"] == method):  # in run order
             rs = of(extras, method, setting)
             md.append(f"| {tag(list(setting))} (extra, not chosen) | " + " | ".join(cells(rs))
                       + f" | {pct(statistics.mean(r['greedy'] for r in rs))} |")
         md.append("")
+        if edge:
+            md += [f"The chosen learning rate is the grid's {edge}: a better one may lie beyond it.", ""]
     if extras:
         md += ["Rows marked extra ran outside the equal budget (`python bench/bench_methods.py extra ...`): they show "
                "what lies beyond a grid's edge and are never chosen.", ""]

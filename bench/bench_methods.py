@@ -58,7 +58,8 @@ def grids(lrs: tuple[str, ...]) -> dict[str, list[list[str]]]:
 # SmolLM2's grid reaches down to 3e-6 because at 1e-5 both DPO losses chose the grid's lowest rate and an
 # extra run at 3e-6 gained 9-17 points (bench/results/methods-sweep-smollm2.md): a 2-rate grid was unfair to them.
 MODELS = {"tiny": (grids(("1e-4", "3e-4")), ""), "smollm2": (grids(("3e-6", "1e-5", "3e-5")), "-smollm2")}
-TITLES = {"dapo": "DAPO, critic advantages", **{k: b.title for k, b in BASELINES.items()}}
+TITLES = {"sft": "pi_ref (the SFT model every method starts from)", "dapo": "DAPO, critic advantages",
+          **{k: b.title for k, b in BASELINES.items()}}
 
 
 def tag(setting: list[str]) -> str:
@@ -78,12 +79,22 @@ def train_and_eval(run: Path, method: str, setting: list[str]) -> dict:
         summary = BASELINES[method].train(cfg, policy, it1, out, progress=False)
     train_s = time.perf_counter() - t0
     ev = run_evaluate(cfg, out, out.with_name(out.name + "-eval"), get_task(cfg.task), progress=False)
+    return row(run, cfg, method, setting, ev, summary.get("tokens"), summary.get("seconds", train_s))
+
+
+def sft_row(run: Path) -> dict:
+    """pi_ref itself, untrained (the run's own iteration-0 evaluation): where every method starts."""
+    cfg = load_config(run / "config.yaml", [])
+    ev = json.loads((run / "report.json").read_text())["iterations"][0]["eval"]
+    return row(run, cfg, "sft", [], ev, None, None)
+
+
+def row(run: Path, cfg, method: str, setting: list[str], ev: dict, tokens, seconds) -> dict:
     return {"run": str(run), "seed": cfg.seed, "task_seed": cfg.task.arithmetic.seed, "method": method,
             "setting": setting, "n_test": ev["n"], "greedy": ev["accuracy"], "greedy_ci95": ev["ci95"],
             "sampled": ev.get("sampled_accuracy"), "sampled_ci95": ev.get("sampled_ci95"),
             "flaw_steps": ev.get("greedy_flaw_step_accuracy"), "other_steps": ev.get("greedy_other_step_accuracy"),
-            "well_formed": ev.get("greedy_well_formed"), "tokens": summary.get("tokens"),
-            "train_seconds": summary.get("seconds", train_s)}
+            "well_formed": ev.get("greedy_well_formed"), "tokens": tokens, "train_seconds": seconds}
 
 
 def pct(x) -> str:
@@ -200,7 +211,11 @@ def report(runs: list[Path], model: str, add: bool) -> None:
             raise SystemExit(f"{saved_path} was made with other chosen settings than {RESULTS}/methods-sweep{suffix}.json")
         old_runs = [r for r in saved["runs"] if r not in {str(x) for x in runs}]
         rows = [r for r in saved["rows"] if r["run"] in old_runs]
+        # a results file from before the SFT row existed: add the row where the run is still here
+        have = {x["run"] for x in of(rows, "sft", [])}
+        rows += [sft_row(Path(r)) for r in old_runs if r not in have and (Path(r) / "report.json").exists()]
     for run in runs:
+        rows.append(sft_row(run))
         for method, setting in chosen.items():
             rows.append(train_and_eval(run, method, setting))
             print(f"{method} {tag(setting)} {run.name}: greedy {pct(rows[-1]['greedy'])}", flush=True)
@@ -211,7 +226,9 @@ def report(runs: list[Path], model: str, add: bool) -> None:
 
 def write_report(runs, chosen, rows, model: str) -> None:
     suffix = MODELS[model][1]
-    methods = list(chosen)
+    by = {(r["method"], r["run"]): r for r in rows}
+    # pi_ref's own row where every run has one (results files made before it existed have none)
+    methods = (["sft"] if all(("sft", str(r)) in by for r in runs) else []) + list(chosen)
     by = {(r["method"], r["run"]): r for r in rows}
     md = ["# DAPO against every baseline, equally tuned, on the same samples (issue 24)", "",
           f"`python bench/bench_methods.py report{model_flag(model)} --runs {' '.join(map(str, runs))}`", "", machine_line(), "",
@@ -224,7 +241,7 @@ def write_report(runs, chosen, rows, model: str) -> None:
           + " | min / median / max | mean |", "|---|" + "---|" * (len(runs) + 2)]
     for m in methods:
         accs = [by[(m, str(r))]["greedy"] for r in runs]
-        md.append(f"| {TITLES[m]} ({tag(chosen[m])}) | " + " | ".join(pct(a) for a in accs)
+        md.append(f"| {TITLES[m]}{f' ({tag(chosen[m])})' if m in chosen else ''} | " + " | ".join(pct(a) for a in accs)
                   + f" | {pct(min(accs))} / {pct(statistics.median(accs))} / {pct(max(accs))} "
                   f"| {pct(statistics.mean(accs))} |")
     md += ["", "Means over the runs of each column (greedy and sampled pass@1 with the mean of the runs' 95% interval "
@@ -249,11 +266,11 @@ def write_report(runs, chosen, rows, model: str) -> None:
         md.append(f"| {TITLES[m]} | {pct(avg(m, 'greedy'))}{ci(m, 'greedy_ci95')} | {pct(avg(m, 'sampled'))}"
                   f"{ci(m, 'sampled_ci95')} | {pct(avg(m, 'flaw_steps'))} | {pct(avg(m, 'other_steps'))} | "
                   f"{pct(avg(m, 'well_formed'))} | {'–' if tok is None else f'{tok:,.0f}'} | "
-                  f"{avg(m, 'train_seconds'):.0f} |")
+                  f"{'–' if (sec := avg(m, 'train_seconds')) is None else f'{sec:.0f}'} |")
     if "dapo" in methods:
         md += ["", "Runs where DAPO (critic) is at or above each method (greedy):", ""]
         for m in methods:
-            if m != "dapo":
+            if m not in ("dapo", "sft"):
                 n = sum(by[("dapo", str(r))]["greedy"] >= by[(m, str(r))]["greedy"] for r in runs)
                 md.append(f"- {TITLES[m]}: {n} of {len(runs)}")
     (RESULTS / f"methods{suffix}.md").write_text("\n".join(md) + "\n")

@@ -21,27 +21,21 @@ Reads parquet and JSON only (and the SFT model's tokenizer): no model runs.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
 from stepdapo.config import load_config
+from stepdapo.runner import read_stage
+from stepdapo.stages import evaluate
+from stepdapo.stages.advantages import read_advantages
+from stepdapo.stages.labels import read_labels
 from stepdapo.tasks import get_task
-
-STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
-
-
-def table(directory: Path) -> list[dict]:
-    files = sorted(glob.glob(str(directory / "shard-*.parquet")))
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+from stepdapo.tasks.arithmetic import _STEP_RE as STEP  # the task's own step line: "a+b=c"
 
 
 def next_flaw_trigger(task, problem, prefix: str) -> int | None:
@@ -64,7 +58,7 @@ def test_by_trigger(task, problems: dict, eval_dir: Path) -> dict[int, list[int]
     """trigger -> [right, all] over the greedy solutions' flaw-case steps (each judged from the line
     before it, as `ArithmeticTask.analyze` judges them)."""
     out: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    for r in table(eval_dir):
+    for r in read_stage(eval_dir, "eval", evaluate.SCHEMA).to_pylist():
         chain = task.chain_of(problems[r["problem_id"]])
         lines = r["greedy_text"].split("\n")
         running = chain.first % task.cfg.modulus
@@ -104,7 +98,7 @@ def one_run(run: Path) -> list[str]:
     beta = cfg.actor.beta
     states = {}  # state_index -> (trigger, problem, prefix)
     stats: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for r in table(run / "iter-1" / "labels"):
+    for r in read_labels(run / "iter-1" / "labels").to_pylist():
         p, prefix = train[r["problem_id"]], tok.decode(r["ids"][r["prompt_len"]:])
         t = next_flaw_trigger(task, p, prefix)
         if t is None:
@@ -118,7 +112,7 @@ def one_run(run: Path) -> list[str]:
         stats[t]["ceiling"] += [-lp for lp, ok in zip(r["action_logprob"], rights) if ok]
     for source in ("advantages", "mc-advantages"):
         kept = set()
-        for a in table(run / "iter-1" / source):
+        for a in read_advantages(run / "iter-1" / source).to_pylist():
             if a["state_index"] not in states:
                 continue
             t, p, prefix = states[a["state_index"]]

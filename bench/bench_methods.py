@@ -13,7 +13,10 @@ greedy pass@1 on the test problems, sampled pass@1). Resumable: a finished train
 is read back.
 
 The sweep gives every method the same budget: a grid of settings (2 learning rates for the tiny model, 3 for
-SmolLM2, x 2 betas, or x 2 epoch counts for RFT, which has no beta), judged by the mean greedy accuracy over the tuning runs; the report then
+SmolLM2, x 2 betas, or x 2 epoch counts for RFT, which has no beta), judged by the mean greedy accuracy over the tuning runs,
+then one step past each edge of the grid that the method's best grid setting sits at (`beyond_edges`: the
+next learning rate or beta on LADDERS, the other value kept), by the same rule for every method, so that
+no method is judged by where its grid happened to end; the report then
 runs each method's chosen setting on the report runs, seeds the sweep never saw (another task data
 seed too). Writes bench/results/methods-sweep.{json,md} and methods.{json,md}.
 
@@ -43,25 +46,52 @@ from stepdapo.tasks import get_task
 RESULTS = Path(__file__).parent / "results"
 
 
-def grids(lrs: tuple[str, ...]) -> dict[str, list[list[str]]]:
-    """method -> its settings (config overrides); the same count (2 per learning rate) for every method."""
+# each axis's values in order: a grid's "next value beyond its edge" is the neighbour on this ladder
+LADDERS = {"lr": ("1e-6", "3e-6", "1e-5", "3e-5", "1e-4", "3e-4", "1e-3"),
+           "beta": ("0.03", "0.1", "0.3", "1.0", "3.0"), "epochs": ("1", "3", "5")}
+
+
+def grid_axes(lrs: tuple[str, ...]) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    """method -> its two axes (config key, values): the same count (2 per learning rate) for every method."""
     return {
-        "dapo": [[f"actor.lr={lr}", f"actor.beta={b}"] for lr in lrs for b in ("0.3", "1.0")],
-        "mc_dapo": [[f"mc_dapo.lr={lr}", f"mc_dapo.beta={b}"] for lr in lrs for b in ("0.3", "1.0")],
-        "step_dpo": [[f"step_dpo.lr={lr}", f"step_dpo.beta={b}"] for lr in lrs for b in ("0.1", "0.3")],
-        "dpo": [[f"dpo.lr={lr}", f"dpo.beta={b}"] for lr in lrs for b in ("0.1", "0.3")],
-        "rft": [[f"rft.lr={lr}", f"rft.epochs={e}"] for lr in lrs for e in ("1", "3")],
+        "dapo": [("actor.lr", lrs), ("actor.beta", ("0.3", "1.0"))],
+        "mc_dapo": [("mc_dapo.lr", lrs), ("mc_dapo.beta", ("0.3", "1.0"))],
+        "step_dpo": [("step_dpo.lr", lrs), ("step_dpo.beta", ("0.1", "0.3"))],
+        "dpo": [("dpo.lr", lrs), ("dpo.beta", ("0.1", "0.3"))],
+        "rft": [("rft.lr", lrs), ("rft.epochs", ("1", "3"))],
     }
 
 
-# model -> (its grids, the suffix of its result files)
+def grid(axes: list[tuple[str, tuple[str, ...]]]) -> list[list[str]]:
+    """The settings (config overrides) of a method's grid: every value of the first axis x every value of the second."""
+    (k1, v1), (k2, v2) = axes
+    return [[f"{k1}={a}", f"{k2}={b}"] for a in v1 for b in v2]
+
+
+def beyond_edges(axes: list[tuple[str, tuple[str, ...]]], setting: list[str]) -> list[list[str]]:
+    """One step past every edge of the grid that `setting` sits at, the other axis kept at its value: a
+    setting at the grid's lowest learning rate gets the next lower one on LADDERS, at its highest beta the
+    next higher beta. The same rule for every method, so a method whose best lies just outside its grid is
+    not judged by the grid's edge."""
+    out = []
+    for i, (key, values) in enumerate(axes):
+        ladder = LADDERS[key.rsplit(".", 1)[1]]
+        v = setting[i].split("=", 1)[1]
+        at = ladder.index(v)
+        for end, step in ((values[0], -1), (values[-1], +1)):
+            if v == end and 0 <= at + step < len(ladder):
+                beyond = list(setting)
+                beyond[i] = f"{key}={ladder[at + step]}"
+                out.append(beyond)
+    return out
+
+
+# model -> (its grids' axes, the suffix of its result files)
 # SmolLM2's grid reaches down to 3e-6 because at 1e-5 both DPO losses chose the grid's lowest rate and an
 # extra run at 3e-6 gained 9-17 points (bench/results/methods-sweep-smollm2.md): a 2-rate grid was unfair to them.
-MODELS = {"tiny": (grids(("1e-4", "3e-4")), ""), "smollm2": (grids(("3e-6", "1e-5", "3e-5")), "-smollm2")}
+MODELS = {"tiny": (grid_axes(("1e-4", "3e-4")), ""), "smollm2": (grid_axes(("3e-6", "1e-5", "3e-5")), "-smollm2")}
 TITLES = {"sft": "pi_ref (the SFT model every method starts from)", "dapo": "DAPO, critic advantages",
           **{k: b.title for k, b in BASELINES.items()}}
-
-
 def tag(setting: list[str]) -> str:
     return ",".join(s.split(".", 1)[1] for s in setting)
 
@@ -117,11 +147,22 @@ def of(rows: list[dict], method: str, setting) -> list[dict]:
     return [r for r in rows if r["method"] == method and list(r["setting"]) == list(setting)]
 
 
-def at_edge(grid: list[list[str]], setting: list[str]) -> str | None:
-    """'lowest' or 'highest' where the setting's learning rate (its first override) is at the grid's end."""
-    lrs = sorted({float(s[0].split("=", 1)[1]) for s in grid})
-    lr = float(setting[0].split("=", 1)[1])
-    return "lowest" if lr == lrs[0] else "highest" if lr == lrs[-1] else None
+def edges_reached(settings: list[list[str]], chosen: list[str]) -> list[str]:
+    """'the lowest lr', 'the highest beta', ...: where the chosen setting sits at the end of the values tried on an axis."""
+    out = []
+    for i, override in enumerate(chosen):
+        key, v = override.split("=", 1)
+        tried = sorted({float(st[i].split("=", 1)[1]) for st in settings})
+        name = key.rsplit(".", 1)[1]
+        out += [f"the lowest {name}"] if float(v) == tried[0] else [f"the highest {name}"] if float(v) == tried[-1] else []
+    return out
+
+
+def choose(rows: list[dict], method: str, settings: list[list[str]]) -> tuple[list[str], float]:
+    """The setting with the best mean greedy accuracy over the runs (ties: the first in `settings`), and that mean."""
+    means = [statistics.mean(r["greedy"] for r in of(rows, method, st)) for st in settings]
+    best = max(range(len(settings)), key=lambda i: (means[i], -i))
+    return settings[best], means[best]
 
 
 def n_test(rows: list[dict]) -> str:
@@ -129,13 +170,29 @@ def n_test(rows: list[dict]) -> str:
 
 
 def sweep(runs: list[Path], model: str) -> None:
-    rows = []
-    for method, grid in MODELS[model][0].items():
-        for setting in grid:
+    """Every method's grid on the tuning runs, then one step past each grid edge its best setting sits at
+    (`beyond_edges`; skipped when that best is already 100%, which nothing can beat as ties go to the
+    first), once; the choice is the best of all these."""
+    rows, edges = [], {}
+
+    def train_all(method, settings):
+        for setting in settings:
             for run in runs:
                 rows.append(train_and_eval(run, method, setting))
                 print(f"{method} {tag(setting)} {run.name}: greedy {pct(rows[-1]['greedy'])}", flush=True)
-    write_sweep(runs, rows, [], model)
+
+    for method, axes in MODELS[model][0].items():
+        train_all(method, grid(axes))
+    for method, axes in MODELS[model][0].items():
+        best, mean = choose(rows, method, grid(axes))
+        edges[method] = [] if mean == 1.0 else beyond_edges(axes, best)
+        train_all(method, edges[method])
+    path = RESULTS / f"methods-sweep{MODELS[model][1]}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    # extras of an earlier sweep on the same runs stay, unless this sweep now ran them
+    extras = [r for r in saved.get("extra", []) if saved["runs"] == [str(x) for x in runs]
+              and not of(rows, r["method"], r["setting"])]
+    write_sweep(runs, rows, extras, model, edges)
 
 
 def extra(runs: list[Path], model: str, method: str, setting: list[str]) -> None:
@@ -149,19 +206,25 @@ def extra(runs: list[Path], model: str, method: str, setting: list[str]) -> None
     for run in runs:
         extras.append(train_and_eval(run, method, setting))
         print(f"{method} {tag(setting)} {run.name}: greedy {pct(extras[-1]['greedy'])}", flush=True)
-    write_sweep(runs, saved["rows"], extras, model)
+    write_sweep(runs, saved["rows"], extras, model, saved.get("edges"))
 
 
-def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: str) -> None:
-    """The sweep's tables (every method's grid, its chosen setting in bold) and JSON (rows, chosen, extras)."""
+def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: str,
+                edges: dict[str, list[list[str]]] | None) -> None:
+    """The sweep's tables (every method's grid and the settings past its edges, the chosen one in bold) and
+    JSON (rows, edges, chosen, extras). `edges` None: a sweep from before the edge step, its grid alone."""
     grids_, suffix = MODELS[model]
     alone = len(runs) == 1
     chosen = {}
     md = ["# The methods' tuning sweep (issue 24)", "",
           f"`python bench/bench_methods.py sweep{model_flag(model)} --runs {' '.join(map(str, runs))}`", "", machine_line(),
           "", "Each method trained from the same iteration-1 pi_ref on the same samples of each tuning run, with each "
-          f"of its {len(next(iter(grids_.values())))} settings; greedy pass@1 % on the run's test problems ({n_test(rows)}), mean over the runs. The "
-          "chosen setting (bold) is the best mean; ties go to the first in the grid."
+          f"of its {len(grid(next(iter(grids_.values()))))} grid settings"
+          + (", then with one step past each edge of the grid that its best grid setting sat at (the next learning "
+             "rate, beta or epoch count on the ladder, the other value kept; not when that best was already 100%, "
+             "which nothing can beat)" if edges is not None else "")
+          + f"; greedy pass@1 % on the run's test problems ({n_test(rows)}), mean over the runs. The "
+          "chosen setting (bold) is the best mean of all these; ties go to the first in the table."
           + (" In brackets: the greedy solutions' well-formed rate, flaw-case and ordinary steps right (%), and "
              "seconds of the method's training." if alone else ""), ""]
 
@@ -169,31 +232,37 @@ def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: s
         return [pct(r["greedy"]) + (f" ({pct(r['well_formed'])}; {pct(r['flaw_steps'])}; {pct(r['other_steps'])}; "
                                     f"{r['train_seconds']:.0f} s)" if alone else "") for r in rs]
 
-    for method, grid in grids_.items():
+    for method, axes in grids_.items():
         md += [f"## {TITLES[method]}", "", "| setting | " + " | ".join(r.name for r in runs) + " | mean |",
                "|---|" + "---|" * (len(runs) + 1)]
-        means = []
-        for setting in grid:
+        past = (edges or {}).get(method, [])
+        settings = grid(axes) + past
+        best, _ = choose(rows, method, settings)
+        chosen[method] = best
+        for setting in settings:
             rs = of(rows, method, setting)
-            means.append(statistics.mean(r["greedy"] for r in rs))
-            md.append(f"| {tag(setting)} | " + " | ".join(cells(rs)) + f" | {pct(means[-1])} |")
-        best = max(range(len(grid)), key=lambda i: (means[i], -i))
-        chosen[method] = grid[best]
-        md[-len(grid) + best] = md[-len(grid) + best].replace(f"| {tag(grid[best])} |", f"| **{tag(grid[best])}** |", 1)
-        edge = at_edge(grid, grid[best])
+            name = f"**{tag(setting)}**" if setting == best else tag(setting)
+            md.append(f"| {name}{' (past the grid edge)' if setting in past else ''} | " + " | ".join(cells(rs))
+                      + f" | {pct(statistics.mean(r['greedy'] for r in rs))} |")
         for setting in dict.fromkeys(tuple(r["setting"]) for r in extras if r["method"] == method):  # in run order
             rs = of(extras, method, setting)
             md.append(f"| {tag(list(setting))} (extra, not chosen) | " + " | ".join(cells(rs))
                       + f" | {pct(statistics.mean(r['greedy'] for r in rs))} |")
         md.append("")
-        if edge:
-            md += [f"The chosen learning rate is the grid's {edge}: a better one may lie beyond it.", ""]
+        if edges is not None and not past and edges_reached(grid(axes), best):
+            md += ["Nothing was run past the grid's edges: its best grid setting was already at 100%.", ""]
+        if reached := edges_reached(settings, best):
+            md += [f"The chosen setting has {' and '.join(reached)} tried"
+                   + (" (past the grid's edge included)" if past else
+                      ", and this sweep predates the step past the grid's edges" if edges is None else "")
+                   + ": a better one may lie beyond it.", ""]
     if extras:
         md += ["Rows marked extra ran outside the equal budget (`python bench/bench_methods.py extra ...`): they show "
                "what lies beyond a grid's edge and are never chosen.", ""]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"methods-sweep{suffix}.json").write_text(json.dumps(
-        {"runs": [str(r) for r in runs], "rows": rows, "chosen": chosen, "extra": extras}, indent=2))
+        {"runs": [str(r) for r in runs], "rows": rows, "chosen": chosen, "extra": extras,
+         **({"edges": edges} if edges is not None else {})}, indent=2))
     (RESULTS / f"methods-sweep{suffix}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
@@ -298,7 +367,8 @@ def main():
     else:
         suffix = MODELS[args.model][1]
         swept = json.loads((RESULTS / f"methods-sweep{suffix}.json").read_text())
-        write_sweep([Path(r) for r in swept["runs"]], swept["rows"], swept.get("extra", []), args.model)
+        write_sweep([Path(r) for r in swept["runs"]], swept["rows"], swept.get("extra", []), args.model,
+                    swept.get("edges"))
         if (RESULTS / f"methods{suffix}.json").exists():
             saved = json.loads((RESULTS / f"methods{suffix}.json").read_text())
             write_report([Path(r) for r in saved["runs"]], saved["chosen"], saved["rows"], args.model)

@@ -22,7 +22,8 @@ seed too). Writes bench/results/methods-sweep.{json,md} and methods.{json,md}.
 
 `--model smollm2` sweeps SmolLM2's grid (learning rates 3e-6 / 1e-5 / 3e-5, around the 2e-5 its config's
 actor uses, which 5e-5 overshot there: configs/arithmetic-smollm2.yaml) and writes methods-sweep-smollm2.* and
-methods-smollm2.* instead:
+methods-smollm2.* instead; its report also evaluates 4 samples per problem (sampled pass@1), which the
+config's own evaluation skips:
 
     python bench/bench_methods.py sweep --model smollm2 --runs runs/smol-tune-s7
     python bench/bench_methods.py report --model smollm2 --runs runs/smol-report-s1 runs/smol-report-s2
@@ -86,18 +87,27 @@ def beyond_edges(axes: list[tuple[str, tuple[str, ...]]], setting: list[str]) ->
     return out
 
 
-# model -> (its grids' axes, the suffix of its result files)
+# model -> (its grids' axes, the suffix of its result files, the report's evaluation overrides)
 # SmolLM2's grid reaches down to 3e-6 because at 1e-5 both DPO losses chose the grid's lowest rate and an
 # extra run at 3e-6 gained 9-17 points (bench/results/methods-sweep-smollm2.md): a 2-rate grid was unfair to them.
-MODELS = {"tiny": (grid_axes(("1e-4", "3e-4")), ""), "smollm2": (grid_axes(("3e-6", "1e-5", "3e-5")), "-smollm2")}
+# The report's evaluation overrides: SmolLM2's config evaluates greedy only (`eval.samples: 0`, for its runs'
+# time), and the report's table also gives sampled pass@1 (~1 min more per method and run at 4 samples).
+MODELS = {"tiny": (grid_axes(("1e-4", "3e-4")), "", []),
+          "smollm2": (grid_axes(("3e-6", "1e-5", "3e-5")), "-smollm2", ["eval.samples=4"])}
 TITLES = {"sft": "pi_ref (the SFT model every method starts from)", "dapo": "DAPO, critic advantages",
           **{k: b.title for k, b in BASELINES.items()}}
 def tag(setting: list[str]) -> str:
     return ",".join(s.split(".", 1)[1] for s in setting)
 
 
-def train_and_eval(run: Path, method: str, setting: list[str]) -> dict:
-    """Train `method` with `setting` from the run's iteration-1 pi_ref on its iteration-1 data, evaluate."""
+def eval_dir(out: Path, eval_overrides: list[str]) -> Path:
+    """Where a model's evaluation goes: `<model>-eval`, or `<model>-eval-<overrides>` for other eval settings."""
+    return out.with_name(out.name + "-eval" + (f"-{tag(eval_overrides)}" if eval_overrides else ""))
+
+
+def train_and_eval(run: Path, method: str, setting: list[str], eval_overrides: list[str] = ()) -> dict:
+    """Train `method` with `setting` from the run's iteration-1 pi_ref on its iteration-1 data, evaluate
+    (with the run's eval settings, `eval_overrides` applied)."""
     cfg = load_config(run / "config.yaml", setting)
     report = json.loads((run / "report.json").read_text())
     policy = Path(report["iterations"][0]["model"])
@@ -108,14 +118,18 @@ def train_and_eval(run: Path, method: str, setting: list[str]) -> dict:
     else:
         summary = BASELINES[method].train(cfg, policy, it1, out, progress=False)
     train_s = time.perf_counter() - t0
-    ev = run_evaluate(cfg, out, out.with_name(out.name + "-eval"), get_task(cfg.task), progress=False)
+    ecfg = load_config(run / "config.yaml", setting + list(eval_overrides))
+    ev = run_evaluate(ecfg, out, eval_dir(out, eval_overrides), get_task(cfg.task), progress=False)
     return row(run, cfg, method, setting, ev, summary.get("tokens"), summary.get("seconds", train_s))
 
 
-def sft_row(run: Path) -> dict:
-    """pi_ref itself, untrained (the run's own iteration-0 evaluation): where every method starts."""
-    cfg = load_config(run / "config.yaml", [])
-    ev = json.loads((run / "report.json").read_text())["iterations"][0]["eval"]
+def sft_row(run: Path, eval_overrides: list[str] = ()) -> dict:
+    """pi_ref itself, untrained: where every method starts (the run's own iteration-0 evaluation, or with
+    `eval_overrides` its evaluation with those settings)."""
+    cfg = load_config(run / "config.yaml", list(eval_overrides))
+    it0 = json.loads((run / "report.json").read_text())["iterations"][0]
+    ev = it0["eval"] if not eval_overrides else run_evaluate(
+        cfg, it0["model"], eval_dir(run / "bench-methods" / "sft", eval_overrides), get_task(cfg.task), progress=False)
     return row(run, cfg, "sft", [], ev, None, None)
 
 
@@ -270,30 +284,33 @@ def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: s
 def report(runs: list[Path], model: str, add: bool) -> None:
     """`add`: keep the rows of the report runs already in the results file (same chosen settings) and add
     these runs' rows, so report seeds can be run in different sessions (run directories are not kept)."""
-    suffix = MODELS[model][1]
+    suffix, eval_overrides = MODELS[model][1:]
     chosen = json.loads((RESULTS / f"methods-sweep{suffix}.json").read_text())["chosen"]
     old_runs, rows = [], []
     saved_path = RESULTS / f"methods{suffix}.json"
     if add and saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        if saved["chosen"] != chosen:
-            raise SystemExit(f"{saved_path} was made with other chosen settings than {RESULTS}/methods-sweep{suffix}.json")
+        if saved["chosen"] != chosen or saved.get("eval_overrides", []) != eval_overrides:
+            raise SystemExit(f"{saved_path} was made with other chosen settings than {RESULTS}/methods-sweep{suffix}.json"
+                             f" or other evaluation settings than {eval_overrides}: report on all its runs again")
         old_runs = [r for r in saved["runs"] if r not in {str(x) for x in runs}]
         rows = [r for r in saved["rows"] if r["run"] in old_runs]
         # a results file from before the SFT row existed: add the row where the run is still here
         have = {x["run"] for x in of(rows, "sft", [])}
-        rows += [sft_row(Path(r)) for r in old_runs if r not in have and (Path(r) / "report.json").exists()]
+        rows += [sft_row(Path(r), eval_overrides) for r in old_runs
+                 if r not in have and (Path(r) / "report.json").exists()]
     for run in runs:
-        rows.append(sft_row(run))
+        rows.append(sft_row(run, eval_overrides))
         for method, setting in chosen.items():
-            rows.append(train_and_eval(run, method, setting))
+            rows.append(train_and_eval(run, method, setting, eval_overrides))
             print(f"{method} {tag(setting)} {run.name}: greedy {pct(rows[-1]['greedy'])}", flush=True)
     all_runs = [Path(r) for r in old_runs] + list(runs)
-    saved_path.write_text(json.dumps({"runs": [str(r) for r in all_runs], "chosen": chosen, "rows": rows}, indent=2))
-    write_report(all_runs, chosen, rows, model)
+    saved_path.write_text(json.dumps({"runs": [str(r) for r in all_runs], "chosen": chosen, "rows": rows,
+                                      "eval_overrides": eval_overrides}, indent=2))
+    write_report(all_runs, chosen, rows, model, eval_overrides)
 
 
-def write_report(runs, chosen, rows, model: str) -> None:
+def write_report(runs, chosen, rows, model: str, eval_overrides: list[str]) -> None:
     suffix = MODELS[model][1]
     by = {(r["method"], r["run"]): r for r in rows}
     # pi_ref's own row where every run has one (results files made before it existed have none)
@@ -305,7 +322,8 @@ def write_report(runs, chosen, rows, model: str) -> None:
           "sampled (and, for DAPO, MC-DAPO and Step-DPO, the Monte-Carlo rollouts from it), with the setting the "
           f"sweep on the tuning runs chose (bench/results/methods-sweep{suffix}.md); these report runs (other run seeds "
           f"and task data seeds) were used for nothing else. Greedy pass@1 % on each run's {n_test(rows)} test "
-          "problems.", "",
+          "problems" + (f", evaluated with the run's eval settings and {', '.join(eval_overrides)} (the sweep judged "
+                        "greedy accuracy alone, with the run's own settings)" if eval_overrides else "") + ".", "",
           "| method (chosen setting) | " + " | ".join(f"{Path(r).name.replace('bench-pipeline-', '')}" for r in runs)
           + " | min / median / max | mean |", "|---|" + "---|" * (len(runs) + 2)]
     for m in methods:
@@ -371,7 +389,8 @@ def main():
                     swept.get("edges"))
         if (RESULTS / f"methods{suffix}.json").exists():
             saved = json.loads((RESULTS / f"methods{suffix}.json").read_text())
-            write_report([Path(r) for r in saved["runs"]], saved["chosen"], saved["rows"], args.model)
+            write_report([Path(r) for r in saved["runs"]], saved["chosen"], saved["rows"], args.model,
+                         saved.get("eval_overrides", []))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ MODELS = {"tiny": (grid_axes(("1e-4", "3e-4")), "", []),
           "smollm2": (grid_axes(("3e-6", "1e-5", "3e-5")), "-smollm2", ["eval.samples=4"])}
 TITLES = {"sft": "pi_ref (the SFT model every method starts from)", "dapo": "DAPO, critic advantages",
           **{k: b.title for k, b in BASELINES.items()}}
+
+
 def tag(setting: list[str]) -> str:
     return ",".join(s.split(".", 1)[1] for s in setting)
 
@@ -227,7 +229,7 @@ def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: s
                 edges: dict[str, list[list[str]]] | None) -> None:
     """The sweep's tables (every method's grid and the settings past its edges, the chosen one in bold) and
     JSON (rows, edges, chosen, extras). `edges` None: a sweep from before the edge step, its grid alone."""
-    grids_, suffix = MODELS[model]
+    grids_, suffix = MODELS[model][:2]
     alone = len(runs) == 1
     chosen = {}
     md = ["# The methods' tuning sweep (issue 24)", "",
@@ -326,6 +328,13 @@ def write_report(runs, chosen, rows, model: str, eval_overrides: list[str]) -> N
                         "greedy accuracy alone, with the run's own settings)" if eval_overrides else "") + ".", "",
           "| method (chosen setting) | " + " | ".join(f"{Path(r).name.replace('bench-pipeline-', '')}" for r in runs)
           + " | min / median / max | mean |", "|---|" + "---|" * (len(runs) + 2)]
+    # the sweep may have moved on since this report was made (a later step past the grid's edges)
+    now = json.loads((RESULTS / f"methods-sweep{suffix}.json").read_text())["chosen"]
+    moved = [m for m in chosen if m in now and now[m] != chosen[m]]
+    if moved:
+        md[-2:-2] = ["**Not rerun with the sweep's current choices.** The sweep has chosen again since this report was "
+                     "made: " + "; ".join(f"{TITLES[m]} {tag(now[m])} (this report: {tag(chosen[m])})" for m in moved)
+                     + ". The rows below are of the settings in their names.", ""]
     for m in methods:
         accs = [by[(m, str(r))]["greedy"] for r in runs]
         md.append(f"| {TITLES[m]}{f' ({tag(chosen[m])})' if m in chosen else ''} | " + " | ".join(pct(a) for a in accs)

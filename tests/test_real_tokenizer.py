@@ -189,6 +189,18 @@ def test_chat_prompt_tokens(tok, tmp_path):
     assert tok.decode(ids) == text
 
 
+def test_prompts_encode_the_same_in_one_batch_as_one_by_one(tok, tmp_path):
+    """encode_prompts tokenizes a list in batched calls; a batch mixing templated prompts (which carry
+    their BOS) and plain ones (which get the tokenizer's) gives each the ids it gets alone."""
+    task = math_task(tmp_path)
+    templated = task.prompt(task.problems("train")[0], tok)
+    texts = [templated, "What is 3*4?\n", templated + "Let", "", "  spaced  \n\n"]
+    bos = tok.bos_token
+    one_by_one = [tok(t, add_special_tokens=not (bos and t.startswith(bos)))["input_ids"] for t in texts]
+    assert encode_prompts(tok, texts) == one_by_one
+    assert encode_prompts(tok, []) == []
+
+
 def test_states_keep_the_prompt_whole_and_export_its_template(tok, is_delim, tmp_path):
     """The prompt holds newlines and <|im_end|> (the pad and EOS token); states cut only the
     solution; the TRL export's prompt is the text the policy saw, template tokens included."""

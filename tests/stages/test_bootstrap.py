@@ -4,11 +4,27 @@ import torch
 from safetensors.torch import load_file
 
 from stepdapo.config import load_config
-from stepdapo.stages.bootstrap import bootstrap
+from stepdapo.models import char_tokenizer
+from stepdapo.stages.bootstrap import bootstrap, sft_examples
+from stepdapo.tasks import get_task
 
 ONE_ROUND = ["bootstrap.max_rounds=1", "bootstrap.check_problems=40"]  # a tiny model never meets the criterion
 SMALL = ONE_ROUND + ["task.arithmetic.n_demos=640", "bootstrap.batch_size=32", "bootstrap.model.hidden_size=32",
          "bootstrap.model.num_heads=2", "bootstrap.model.num_layers=1", "bootstrap.model.intermediate_size=64"]
+
+
+def test_sft_examples_are_prompt_then_solution_then_eos_with_the_prompt_masked():
+    """The demonstrations tokenized in batched calls: each example is the prompt's ids (as the sampling
+    stages encode it), the solution's, and EOS; prompt_len marks where the loss starts."""
+    task, tok = get_task(load_config(None, []).task), char_tokenizer()
+    examples = sft_examples(task, tok, n=50)
+    demos = list(task.demonstrations(50, None, frozenset()))
+    assert len(examples) == len(demos) == 50
+    for ex, (problem, solution) in zip(examples, demos):
+        prompt = tok(task.prompt(problem, tok))["input_ids"]
+        assert ex["input_ids"] == prompt + tok(solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ex["prompt_len"] == len(prompt)
+    assert sft_examples(task, tok, n=0) == []
 
 
 def test_same_seed_same_bootstrap_model(tmp_path):

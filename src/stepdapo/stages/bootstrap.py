@@ -61,12 +61,11 @@ class SFTCollator:
 
 def sft_examples(task, tokenizer, n: int | None = None, seed: int | str | None = None,
                  exclude: set[str] = frozenset()) -> list[dict]:
-    out = []
-    for problem, solution in task.demonstrations(n, seed, exclude):
-        prompt = encode_prompts(tokenizer, [task.prompt(problem, tokenizer)])[0]  # as the sampling stages do
-        completion = tokenizer(solution, add_special_tokens=False)["input_ids"]
-        out.append({"input_ids": prompt + completion + [tokenizer.eos_token_id], "prompt_len": len(prompt)})
-    return out
+    demos = list(task.demonstrations(n, seed, exclude))
+    prompts = encode_prompts(tokenizer, [task.prompt(problem, tokenizer) for problem, _ in demos])  # as the sampling stages do
+    completions = tokenizer([solution for _, solution in demos], add_special_tokens=False)["input_ids"] if demos else []
+    return [{"input_ids": prompt + completion + [tokenizer.eos_token_id], "prompt_len": len(prompt)}
+            for prompt, completion in zip(prompts, completions)]
 
 
 def check_sft(model, tokenizer, task, problems: list, b) -> dict:

@@ -253,7 +253,7 @@ def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: s
                "|---|" + "---|" * (len(runs) + 1)]
         past = (edges or {}).get(method, [])
         settings = grid(axes) + past
-        best, _ = choose(rows, method, settings)
+        best, best_mean = choose(rows, method, settings)
         chosen[method] = best
         for setting in settings:
             rs = of(rows, method, setting)
@@ -267,7 +267,10 @@ def write_sweep(runs: list[Path], rows: list[dict], extras: list[dict], model: s
         md.append("")
         if edges is not None and not past and edges_reached(grid(axes), best):
             md += ["Nothing was run past the grid's edges: its best grid setting was already at 100%.", ""]
-        if reached := edges_reached(settings, best):
+        if (reached := edges_reached(settings, best)) and best_mean == 1.0:
+            md += [f"The chosen setting has {' and '.join(reached)} tried, at 100% on these runs: the tuning runs "
+                   "cannot tell it from the settings that tie with it or lie beyond it.", ""]
+        elif reached:
             md += [f"The chosen setting has {' and '.join(reached)} tried"
                    + (" (past the grid's edge included)" if past else
                       ", and this sweep predates the step past the grid's edges" if edges is None else "")
